@@ -1,0 +1,27 @@
+"""The native extension `aepg_kernels._C` (C++ CPU and CUDA kernels), when it is built.
+
+Importing the package never fails because of it: `native_error()` says why it is missing."""
+from __future__ import annotations
+
+from typing import Optional
+
+try:  # pragma: no cover - depends on the build
+    from . import _C  # noqa: F401
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as error:
+    _C = None
+    _IMPORT_ERROR = str(error)
+
+
+def has_cpu_kernels() -> bool:
+    return _C is not None and bool(getattr(_C, "HAS_CPU", False))
+
+
+def has_cuda_kernels() -> bool:
+    return _C is not None and bool(getattr(_C, "HAS_CUDA", False))
+
+
+def native_error() -> str:
+    if _C is None:
+        return f"the native extension aepg_kernels._C is not built ({_IMPORT_ERROR})"
+    return "the native extension was built without these kernels"

@@ -1,0 +1,83 @@
+"""The public functional API: the policy-gradient loss family as one fused op.
+
+Per row, with index targets (method.md section 2):
+    loss_i = w_y [a (1-eps) (1-p_y)^gamma (-log p_y) + b (1-p_y) + beta H(p)]
+             + a eps / C * sum_k w_k (-log p_k)
+"mean" divides the sum over counted rows by the sum of their w_y, as nn.CrossEntropyLoss.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _op, reference
+from ._spec import Coefficient, Stat, canonicalize
+from .backends import resolve_backend
+
+
+class LossStats(NamedTuple):
+    """Per-row statistics (no gradient), shaped like a reduction="none" loss."""
+
+    entropy: Tensor        # H(p)
+    p_target: Tensor       # p_y, or sum_k q_k p_k for probability targets; 0 for ignored rows
+    sample_weight: Tensor  # the factor of (p - e_y) in the gradient: a(1-eps) w_focal + b p_y
+    lse: Tensor            # log sum_k exp(z_k)
+
+
+def policy_loss(input: Tensor, target: Tensor, *, ce_weight: Coefficient = 1.0, epg_weight: Coefficient = 0.0,
+                entropy_weight: float = 0.0, label_smoothing: float = 0.0, focal_gamma: float = 0.0,
+                weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                backend: str = "auto", return_stats: bool = False):
+    """The fused EPG-family loss. With the defaults it is exactly ``F.cross_entropy``.
+
+    Args:
+        input: logits of shape (C,), (N, C) or (N, C, d1, ...); fp16, bf16, fp32 or fp64.
+        target: class indices (int64/int32) of shape (), (N,) or (N, d1, ...), or class
+            probabilities of the input's shape.
+        ce_weight: a, the weight of the cross-entropy term (float or 0-d tensor).
+        epg_weight: b, the weight of the EPG term 1 - p_y (float or 0-d tensor).
+        entropy_weight: beta, the weight of H(p): > 0 lowers the entropy (EP), < 0 raises it (CP).
+        label_smoothing: eps in [0, 1], PyTorch's convention.
+        focal_gamma: gamma >= 0; the CE term becomes (1 - p_y)^gamma CE (index targets only).
+        weight, ignore_index, reduction: as in ``nn.CrossEntropyLoss``.
+        backend: "auto", "triton", "cuda", "cpu" or "eager" (see ``available_backends()``).
+        return_stats: also return ``LossStats`` (entropy, p_target, sample_weight, lse) per row.
+    """
+    logits, rows_target, weight, spec, row_shape = canonicalize(
+        input, target, weight=weight, ce_weight=ce_weight, epg_weight=epg_weight, entropy_weight=entropy_weight,
+        label_smoothing=label_smoothing, focal_gamma=focal_gamma, ignore_index=ignore_index, reduction=reduction)
+    backend = resolve_backend(backend, input.device)
+    if backend == "eager":
+        loss, stats = reference.policy_loss(logits, rows_target, weight, spec)
+    else:
+        loss, stats = _op.policy_loss(logits, rows_target, weight, spec, backend,
+                                      need_entropy=return_stats or spec.has_entropy_term)
+    if loss.dim():
+        loss = loss.reshape(row_shape)
+    if not return_stats:
+        return loss
+    rows = (stats[key].reshape(row_shape) for key in (Stat.ENTROPY, Stat.P_TARGET, Stat.SAMPLE_WEIGHT, Stat.LSE))
+    return loss, LossStats(*rows)
+
+
+def cross_entropy(input: Tensor, target: Tensor, **kwargs):
+    """Cross-entropy (a=1, b=0): ``F.cross_entropy`` through the fused kernels."""
+    return policy_loss(input, target, ce_weight=1.0, epg_weight=0.0, **kwargs)
+
+
+def epg_loss(input: Tensor, target: Tensor, **kwargs):
+    """Expected Policy Gradient loss 1 - p_y (a=0, b=1); its gradient is p_y (p - e_y)."""
+    return policy_loss(input, target, ce_weight=0.0, epg_weight=1.0, **kwargs)
+
+
+def aepg_loss(input: Tensor, target: Tensor, alpha: Coefficient, **kwargs):
+    """Annealed EPG: alpha CE + (1 - alpha) EPG, per-sample weight alpha + (1 - alpha) p_y.
+
+    alpha may be a 0-d tensor on the input's device (no recompilation, CUDA-graph friendly)."""
+    if isinstance(alpha, Tensor):
+        return policy_loss(input, target, ce_weight=alpha, epg_weight=1 - alpha, **kwargs)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1] or a 0-d tensor, got {alpha!r}")
+    return policy_loss(input, target, ce_weight=float(alpha), epg_weight=1.0 - float(alpha), **kwargs)

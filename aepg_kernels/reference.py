@@ -1,0 +1,162 @@
+"""The eager PyTorch composite: the mathematical reference of every backend.
+
+Plain differentiable PyTorch, in the accumulation dtype (fp32, or fp64 for fp64 inputs), written
+for clarity and stability rather than speed. It is `backend="eager"`, the parity target of the
+kernels in the tests, and the baseline of the benchmarks (eager and under torch.compile).
+See method.md section 2 for the formulas and section 4 for the stable forms.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ._spec import LossSpec, Reduction, Stat, accumulation_dtype
+
+
+def _coefficient(value, dtype: torch.dtype):
+    return value.to(dtype) if isinstance(value, torch.Tensor) else value
+
+
+def counted_row_weight(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """w_{y_i} for counted rows and 0 for ignored ones: the terms of the "mean" denominator.
+    Out-of-range indices are treated as counted (their loss is NaN) and never read."""
+    counted = target != ignore_index
+    if weight is None:
+        return counted.to(dtype)
+    n_classes = weight.shape[0]
+    safe = torch.where(counted & (target >= 0) & (target < n_classes), target, 0).long()
+    return torch.where(counted, weight.to(dtype)[safe], 0)
+
+
+def mean_denominator(target: torch.Tensor, weight: Optional[torch.Tensor], spec: LossSpec,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """What "mean" divides the summed loss by, as nn.CrossEntropyLoss: the summed weights of
+    the counted rows for index targets, the number of rows for probability targets."""
+    if spec.prob_target:
+        return torch.full((), target.shape[0], dtype=dtype, device=target.device)
+    return counted_row_weight(target, weight, spec.ignore_index, dtype).sum()
+
+
+def reduce_rows(row_loss: torch.Tensor, denominator: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    if reduction == Reduction.NONE:
+        return row_loss
+    total = row_loss.sum()
+    return total / denominator if reduction == Reduction.MEAN else total
+
+
+def _entropy(z: torch.Tensor, p: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    # H = lse - sum_k p_k z_k; masked classes (z = -inf, p = 0) contribute 0, never 0 * inf.
+    z_finite = torch.where(z == float("-inf"), 0.0, z)
+    return lse - (p * z_finite).sum(-1)
+
+
+def _focal_sample_weight(p_y, om, logp_y, gamma: float):
+    """w_f = (1-p)^g - g (1-p)^(g-1) p log p, written as (1-p)^g (1 - g p log(p) / (1-p))."""
+    if gamma == 0.0:
+        return torch.ones_like(p_y)
+    ratio = torch.where(om > 0, logp_y / om, -1.0)
+    return om.pow(gamma) * (1 - gamma * p_y * ratio)
+
+
+def _index_target_rows(z, logp, p, entropy, target, weight, spec: LossSpec, a, b):
+    n_classes = z.shape[-1]
+    counted = target != spec.ignore_index
+    in_range = (target >= 0) & (target < n_classes)
+    y = torch.where(counted & in_range, target, 0).long().unsqueeze(-1)
+    logp_y = logp.gather(-1, y).squeeze(-1)
+    p_y = logp_y.exp()
+    om = -torch.expm1(logp_y)  # 1 - p_y without cancellation near p_y = 1
+    w = None if weight is None else weight.to(z.dtype)
+    w_y = torch.ones_like(p_y) if w is None else w[y.squeeze(-1)]
+    eps, gamma = spec.label_smoothing, spec.focal_gamma
+
+    ce = -logp_y
+    if gamma > 0:  # clamp keeps d(om^g)/d om finite at om = 0 for g < 1 (its true limit is 0)
+        ce = om.clamp_min(torch.finfo(z.dtype).tiny).pow(gamma) * ce
+    loss = a * (1 - eps) * ce + b * om
+    if spec.has_entropy_term:
+        loss = loss + spec.entropy_weight * entropy
+    loss = w_y * loss
+    if eps > 0:
+        # weight 0 on a masked class: 0 * log 0 = 0, as everywhere else
+        smooth = -(logp if w is None else torch.where(w != 0, logp * w, 0.0)).sum(-1)
+        loss = loss + a * eps / n_classes * smooth
+
+    bad = counted & ~in_range
+    loss = torch.where(counted, loss, 0.0)
+    loss = torch.where(bad, float("nan"), loss)
+    with torch.no_grad():
+        sample_weight = a * (1 - eps) * _focal_sample_weight(p_y, om, logp_y, gamma) + b * p_y
+        stats = {
+            Stat.P_TARGET: torch.where(counted, p_y, 0.0),
+            Stat.SAMPLE_WEIGHT: torch.where(counted, sample_weight, 0.0),
+            Stat.ROW_WEIGHT: torch.where(counted, w_y, 0.0),
+            Stat.AUX: torch.where(counted, om, 0.0),
+        }
+        for key in (Stat.P_TARGET, Stat.SAMPLE_WEIGHT):
+            stats[key] = torch.where(bad, float("nan"), stats[key])
+    return loss, stats
+
+
+def _prob_target_rows(z, logp, p, entropy, q, weight, spec: LossSpec, a, b):
+    n_classes = z.shape[-1]
+    eps = spec.label_smoothing
+    q = q.to(z.dtype)
+    wq = q if weight is None else q * weight.to(z.dtype)
+    wq_smooth = (1 - eps) * wq + eps / n_classes * (1 if weight is None else weight.to(z.dtype))
+    w_total = wq.sum(-1)
+    # 0 * log 0 = 0: a masked class with zero target mass contributes nothing.
+    ce = -torch.where(wq_smooth != 0, wq_smooth * logp, 0.0).sum(-1)
+    wqp = (wq * p).sum(-1)
+    loss = a * ce + b * (w_total - wqp)
+    if spec.has_entropy_term:
+        loss = loss + spec.entropy_weight * w_total * entropy
+    with torch.no_grad():
+        p_target = (q * p).sum(-1)
+        stats = {
+            Stat.P_TARGET: p_target,
+            Stat.SAMPLE_WEIGHT: a * (1 - eps) + b * p_target,
+            Stat.ROW_WEIGHT: w_total,
+            Stat.AUX: wqp,
+        }
+    return loss, stats
+
+
+def policy_loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                     spec: LossSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss (differentiable, accumulation dtype) and the detached (NUM_STATS, R) stats.
+
+    logits: (R, C); target: (R,) indices or (R, C) probabilities, as `_spec.canonicalize` returns.
+    """
+    acc = accumulation_dtype(logits.dtype)
+    z = logits.to(acc)
+    row_max = z.amax(-1, keepdim=True).detach() if z.shape[0] else z.new_zeros(0, 1)
+    z = z - row_max  # shift invariance: same gradient, no cancellation for shifted rows
+    lse = torch.logsumexp(z, -1)
+    logp = z - lse.unsqueeze(-1)
+    p = logp.exp()
+    entropy = _entropy(z, p, lse)
+    a = _coefficient(spec.ce_weight, acc)
+    b = _coefficient(spec.epg_weight, acc)
+    rows = _prob_target_rows if spec.prob_target else _index_target_rows
+    loss, named = rows(z, logp, p, entropy, target, weight, spec, a, b)
+
+    stats = torch.empty(len(Stat), z.shape[0], dtype=acc, device=z.device)
+    row_max = torch.where(row_max == float("-inf"), 0.0, row_max).squeeze(-1)
+    stats[Stat.LSE] = (lse + row_max).detach()
+    stats[Stat.ROW_MAX] = row_max
+    stats[Stat.LOG_SUM] = lse.detach()
+    stats[Stat.ENTROPY] = entropy.detach()
+    for key, value in named.items():
+        stats[key] = value
+    return loss, stats
+
+
+def policy_loss(logits, target, weight, spec: LossSpec):
+    """Reduced loss (input dtype) and the stats, from canonical rows."""
+    acc = accumulation_dtype(logits.dtype)
+    row_loss, stats = policy_loss_rows(logits, target, weight, spec)
+    denominator = mean_denominator(target, weight, spec, acc)
+    return reduce_rows(row_loss, denominator, spec.reduction).to(logits.dtype), stats
