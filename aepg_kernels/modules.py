@@ -54,6 +54,10 @@ class AEPGLoss(PolicyLoss):
     def __init__(self, schedule: AlphaSchedule, **kwargs):
         if not isinstance(schedule, AlphaSchedule):
             raise TypeError(f"schedule must be an AlphaSchedule (e.g. SigmoidAnneal), got {type(schedule).__name__}")
+        fixed = sorted({"ce_weight", "epg_weight"} & kwargs.keys())
+        if fixed:
+            raise TypeError(f"AEPGLoss sets ce_weight = alpha and epg_weight = 1 - alpha from the schedule; "
+                            f"do not pass {', '.join(fixed)}")
         super().__init__(**kwargs)
         self.schedule = schedule
 

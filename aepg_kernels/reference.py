@@ -52,6 +52,14 @@ def _entropy(z: torch.Tensor, p: torch.Tensor, lse: torch.Tensor) -> torch.Tenso
     return lse - (p * z_finite).sum(-1)
 
 
+def _poison_out_of_range(z: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Rows whose class index is out of range (and not ignored) become NaN, loss and gradient,
+    as in the kernels: visible, and never an out-of-bounds read. (An addition, not a select,
+    so that the NaN reaches the gradient too.)"""
+    bad = (target != ignore_index) & ((target < 0) | (target >= z.shape[-1]))
+    return z + torch.where(bad, float("nan"), 0.0).to(z.dtype).unsqueeze(-1)
+
+
 def _focal_sample_weight(p_y, om, logp_y, gamma: float):
     """w_f = (1-p)^g - g (1-p)^(g-1) p log p, written as (1-p)^g (1 - g p log(p) / (1-p))."""
     if gamma == 0.0:
@@ -85,8 +93,7 @@ def _index_target_rows(z, logp, p, entropy, target, weight, spec: LossSpec, a, b
         loss = loss + a * eps / n_classes * smooth
 
     bad = counted & ~in_range
-    loss = torch.where(counted, loss, 0.0)
-    loss = torch.where(bad, float("nan"), loss)
+    loss = torch.where(counted | bad, loss, 0.0)  # bad rows are already NaN (see _poison_out_of_range)
     with torch.no_grad():
         sample_weight = a * (1 - eps) * _focal_sample_weight(p_y, om, logp_y, gamma) + b * p_y
         stats = {
@@ -134,6 +141,8 @@ def policy_loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: Optiona
     z = logits.to(acc)
     row_max = z.amax(-1, keepdim=True).detach() if z.shape[0] else z.new_zeros(0, 1)
     z = z - row_max  # shift invariance: same gradient, no cancellation for shifted rows
+    if not spec.prob_target:
+        z = _poison_out_of_range(z, target, spec.ignore_index)
     lse = torch.logsumexp(z, -1)
     logp = z - lse.unsqueeze(-1)
     p = logp.exp()

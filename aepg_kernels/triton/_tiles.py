@@ -15,11 +15,18 @@ _LOG_SUM = tl.constexpr(Stat.LOG_SUM.value)
 
 
 @triton.jit
+def as_acc(value, ACC: tl.constexpr):
+    """A scalar argument in the accumulation dtype. Float arguments are declared fp64 so that
+    fp64 inputs see them exactly; fp32 kernels round them once here, not per element."""
+    return (tl.zeros([], tl.float64) + value).to(ACC)
+
+
+@triton.jit
 def load_coefficient(ptr, value, FROM_PTR: tl.constexpr, ACC: tl.constexpr):
     """A loss coefficient given either as a float argument or as a 0-d device tensor."""
     if FROM_PTR:
         return tl.load(ptr).to(ACC)
-    return tl.zeros([], ACC) + value  # a float argument (a Python float in the interpreter)
+    return as_acc(value, ACC)
 
 
 @triton.jit

@@ -5,13 +5,13 @@ import triton
 import triton.language as tl
 
 from ._row_math import LOG2E, grad_tile, row_grad_coefficients
-from ._tiles import load_coefficient, load_row_stats, load_row_targets, load_tile, load_weight_total
+from ._tiles import as_acc, load_coefficient, load_row_stats, load_row_targets, load_tile, load_weight_total
 
 
 @triton.jit
 def policy_loss_bwd_kernel(
     x_ptr, x_stride, y_ptr, q_ptr, q_stride, w_ptr, w_total_ptr,
-    a_ptr, b_ptr, a_value, b_value, beta, eps, ignore_index, denom_ptr,
+    a_ptr, b_ptr, a_value: tl.float64, b_value: tl.float64, beta: tl.float64, eps: tl.float64, ignore_index, denom_ptr,
     stats_ptr, g_ptr, g_stride, grad_ptr, grad_stride, n_rows, n_cols,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
@@ -23,6 +23,7 @@ def policy_loss_bwd_kernel(
     rows = rows.to(tl.int64)
     a = load_coefficient(a_ptr, a_value, A_FROM_PTR, ACC)
     b = load_coefficient(b_ptr, b_value, B_FROM_PTR, ACC)
+    beta, eps = as_acc(beta, ACC), as_acc(eps, ACC)  # fp64 arguments
     w_total = load_weight_total(w_total_ptr, n_cols, HAS_WEIGHT and (SMOOTHING or PROB_TARGET), ACC)
     y, counted, bad, z_y, w_y = load_row_targets(x_ptr, x_stride, y_ptr, w_ptr, rows, row_ok, ignore_index,
                                                  n_cols, PROB_TARGET, HAS_WEIGHT, ACC)

@@ -10,13 +10,13 @@ import triton
 import triton.language as tl
 
 from ._row_math import exp_shifted, grad_tile, merge_sums, row_grad_coefficients, row_results, safe_ref, tile_sums
-from ._tiles import load_coefficient, load_weight_total, load_row_targets, load_tile, store_row_stats
+from ._tiles import as_acc, load_coefficient, load_weight_total, load_row_targets, load_tile, store_row_stats
 
 
 @triton.jit
 def policy_loss_fwd_kernel(
     x_ptr, x_stride, y_ptr, q_ptr, q_stride, w_ptr, w_total_ptr,
-    a_ptr, b_ptr, a_value, b_value, beta, eps, gamma, ignore_index, denom_ptr,
+    a_ptr, b_ptr, a_value: tl.float64, b_value: tl.float64, beta: tl.float64, eps: tl.float64, gamma: tl.float64, ignore_index, denom_ptr,
     loss_ptr, stats_ptr, grad_ptr, grad_stride, n_rows, n_cols,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ONE_TILE: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
@@ -29,6 +29,7 @@ def policy_loss_fwd_kernel(
     rows = rows.to(tl.int64)  # offsets in int64: N * C may exceed 2^31
     a = load_coefficient(a_ptr, a_value, A_FROM_PTR, ACC)
     b = load_coefficient(b_ptr, b_value, B_FROM_PTR, ACC)
+    beta, eps, gamma = as_acc(beta, ACC), as_acc(eps, ACC), as_acc(gamma, ACC)  # fp64 arguments
     w_total = load_weight_total(w_total_ptr, n_cols, HAS_WEIGHT and (SMOOTHING or PROB_TARGET), ACC)
     y, counted, bad, z_y, w_y = load_row_targets(x_ptr, x_stride, y_ptr, w_ptr, rows, row_ok, ignore_index,
                                                  n_cols, PROB_TARGET, HAS_WEIGHT, ACC)

@@ -1,0 +1,13 @@
+"""Test configuration. Without a GPU the Triton kernels run under the interpreter: set it before
+anything imports triton (the device check sets TRITON_INTERPRET=0 explicitly)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
