@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from . import reference
 from ._spec import NUM_STATS, LossSpec, Reduction, accumulation_dtype
@@ -112,19 +113,23 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(stats, grad, denom)
 
 
-def _keeps_graph() -> bool:
-    """True when the saved gradient may be needed again (retain_graph, or tracing a backward
-    graph outside the autograd engine): then scale out of place."""
-    return torch._C._autograd._get_current_graph_task_keep_graph()
+def _scale_in_place_ok() -> bool:
+    """The saved gradient may be scaled in place only when nothing can read it again: not with
+    retain_graph (true as well outside the autograd engine), and not while a graph is traced
+    (AOTAutograd would see a backward mutating a forward output; out of place, Inductor fuses
+    the product)."""
+    if torch._C._autograd._get_current_graph_task_keep_graph():
+        return False
+    return get_proxy_mode() is None and not torch.compiler.is_compiling()
 
 
 def _backward(ctx, grad_loss, _grad_stats, _grad_grad, _grad_denom):
     if ctx.fused:
         (grad,) = ctx.saved_tensors
-        if _keeps_graph():
-            grad = grad * grad_loss.to(grad.dtype)
-        else:
+        if _scale_in_place_ok():
             scale_grad_(grad, grad_loss, ctx.backend)
+        else:
+            grad = grad * grad_loss.to(grad.dtype)
     else:
         logits, target, weight, a_t, b_t, stats, denom = ctx.saved_tensors
         a, b, beta, eps, ignore_index, reduction, prob_target = ctx.args
