@@ -7,7 +7,7 @@ See method.md section 2 for the formulas and section 4 for the stable forms.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 

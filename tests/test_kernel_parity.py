@@ -26,7 +26,7 @@ def _assert_matches_eager(x, y, backend, grad_output=None, rtol=1e-5, atol=1e-6,
     torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=rtol, atol=atol)
     for name in STATS:
         torch.testing.assert_close(getattr(stats, name).double().cpu(), getattr(ref_stats, name), rtol=rtol,
-                                   atol=atol, msg=lambda m: f"{name}: {m}")
+                                   atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

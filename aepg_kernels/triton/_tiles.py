@@ -88,6 +88,14 @@ def load_tile(x_ptr, x_stride, q_ptr, q_stride, w_ptr, rows, row_ok, cols, n_col
 
 
 @triton.jit
+def store_grad_tile(grad_ptr, grad_stride, rows, row_ok, cols, n_cols, grad, counted, bad):
+    """Writes a gradient tile: zeros for ignored rows, NaN for out-of-range targets."""
+    grad = tl.where(bad[:, None], float("nan"), tl.where(counted[:, None], grad, 0.0))
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    tl.store(grad_ptr + rows[:, None] * grad_stride + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def store_row_stats(loss_ptr, stats_ptr, rows, row_ok, n_rows, counted, bad, loss, lse, entropy,
                     p_target, sample_weight, row_weight, aux, row_max, log_s):
     """Writes every per-row output: ignored rows get 0 loss and weight, out-of-range targets NaN."""

@@ -10,13 +10,15 @@ import triton
 import triton.language as tl
 
 from ._row_math import exp_shifted, grad_tile, merge_sums, row_grad_coefficients, row_results, safe_ref, tile_sums
-from ._tiles import as_acc, load_coefficient, load_weight_total, load_row_targets, load_tile, store_row_stats
+from ._tiles import (as_acc, load_coefficient, load_row_targets, load_tile, load_weight_total, store_grad_tile,
+                     store_row_stats)
 
 
 @triton.jit
 def policy_loss_fwd_kernel(
     x_ptr, x_stride, y_ptr, q_ptr, q_stride, w_ptr, w_total_ptr,
-    a_ptr, b_ptr, a_value: tl.float64, b_value: tl.float64, beta: tl.float64, eps: tl.float64, gamma: tl.float64, ignore_index, denom_ptr,
+    a_ptr, b_ptr, a_value: tl.float64, b_value: tl.float64, beta: tl.float64, eps: tl.float64,
+    gamma: tl.float64, ignore_index, denom_ptr,
     loss_ptr, stats_ptr, grad_ptr, grad_stride, n_rows, n_cols,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ONE_TILE: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
@@ -85,7 +87,4 @@ def policy_loss_fwd_kernel(
                                                    PROB_TARGET, ENTROPY_TERM)
         grad = grad_tile(p, logp, entropy, c_p, c_e, c_w, g_y, g_row, cols, y, w, wq, wq_smooth, a, b,
                          PROB_TARGET, SMOOTHING, ENTROPY_TERM)
-        grad = tl.where(bad[:, None], float("nan"), tl.where(counted[:, None], grad, 0.0))
-        mask = row_ok[:, None] & (cols[None, :] < n_cols)
-        tl.store(grad_ptr + rows[:, None] * grad_stride + cols[None, :],
-                 grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        store_grad_tile(grad_ptr, grad_stride, rows, row_ok, cols, n_cols, grad, counted, bad)
