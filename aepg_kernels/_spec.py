@@ -89,7 +89,7 @@ def _check_coefficient(name: str, value, device: torch.device) -> Coefficient:
 
 def _check_reduction(reduction) -> Reduction:
     names = {"none": Reduction.NONE, "mean": Reduction.MEAN, "sum": Reduction.SUM}
-    if reduction not in names:
+    if not isinstance(reduction, str) or reduction not in names:
         raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")
     return names[reduction]
 
@@ -150,7 +150,7 @@ def _check_weight(weight, input: torch.Tensor) -> Optional[torch.Tensor]:
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight: gradients with respect to class weights are not supported "
                          "(nor in nn.CrossEntropyLoss); pass weight.detach()")
-    return weight
+    return weight.contiguous()  # the kernels index classes without a stride
 
 
 def _check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
@@ -209,5 +209,7 @@ def canonicalize(input, target, *, weight, ce_weight, epg_weight, entropy_weight
         target = target.reshape(-1, n_classes).contiguous()
     else:
         target = target.reshape(-1).contiguous()
+        if target.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
+            target = target.long()  # compared in int32, a wide ignore_index would wrap around
         _check_target_range(target, n_classes, ignore_index)
     return logits, target, weight, spec, row_shape

@@ -73,9 +73,12 @@ def _index_target_rows(z, logp, p, entropy, target, weight, spec: LossSpec, a, b
     counted = target != spec.ignore_index
     in_range = (target >= 0) & (target < n_classes)
     y = torch.where(counted & in_range, target, 0).long().unsqueeze(-1)
-    logp_y = logp.gather(-1, y).squeeze(-1)
+    is_y = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, y, True)
+    om = torch.where(is_y, 0.0, p).sum(-1)  # 1 - p_y as the other classes' mass: exact near p_y = 1
+    # log p_y from 1 - p_y for confident rows, where log_softmax loses the digits of log S ~ 0
+    # (the inner where keeps the unused branch's gradient finite).
+    logp_y = torch.where(om < 0.5, torch.log1p(-torch.where(om < 0.5, om, 0.0)), logp.gather(-1, y).squeeze(-1))
     p_y = logp_y.exp()
-    om = -torch.expm1(logp_y)  # 1 - p_y without cancellation near p_y = 1
     w = None if weight is None else weight.to(z.dtype)
     w_y = torch.ones_like(p_y) if w is None else w[y.squeeze(-1)]
     eps, gamma = spec.label_smoothing, spec.focal_gamma

@@ -61,6 +61,21 @@ def merge_sums(m_old, m_new, s, t, s_other, u, pq):
 
 
 @triton.jit
+def log1p(x):
+    """log(1 + x) without libdevice (the interpreter has none): exact where 1 + x rounds to 1."""
+    u = 1 + x
+    return tl.where(u == 1, x, tl.log(u) * (x / tl.where(u == 1, 1.0, u - 1)))
+
+
+@triton.jit
+def log_p_target(z_y, m_ref, log_s, om):
+    """log p_y: from 1 - p_y when p_y > 1/2 (confident rows, where (z_y - m) - log S would lose
+    the digits of a log S close to 0), otherwise directly."""
+    direct = (z_y - m_ref) - log_s
+    return tl.where(om < 0.5, log1p(-tl.where(om < 0.5, om, 0.0)), direct)
+
+
+@triton.jit
 def focal_factors(om, p_y, logp_y, gamma):
     """(1 - p)^g and the focal sample weight (1-p)^g (1 - g p log p / (1 - p)); gamma > 0."""
     om_pow = tl.exp2(gamma * tl.log2(om))  # om = 0 gives exp2(-inf) = 0
@@ -93,9 +108,9 @@ def row_results(m_ref, s, t, s_other, u, pq, zs, r, z_y, w_y, w_total, wq_total,
             loss += beta * wq_total * entropy
         sample_weight = a * (1 - eps) + b * p_target
         return loss, log_s, entropy, p_target, sample_weight, r_wq, tl.zeros_like(s)
-    logp_y = (z_y - m_ref) - log_s
-    p_y = tl.exp2(logp_y * LOG2E)
     om = s_other * inv_s  # 1 - p_y, exact near p_y = 1
+    logp_y = log_p_target(z_y, m_ref, log_s, om)
+    p_y = tl.exp2(logp_y * LOG2E)
     ce = -logp_y
     w_focal = tl.full(ce.shape, 1.0, ce.dtype)
     if FOCAL:
@@ -125,7 +140,7 @@ def row_grad_coefficients(a, b, beta, eps, n_cols, w_y, w_total, entropy, p_y, l
         c_p = a * ((1 - eps) * wq_total + eps / n_cols * w_total) + b * aux
         c_e = beta * wq_total
         return c_p, c_e, tl.zeros_like(c_p), tl.zeros_like(c_p)
-    c_w = a * eps / n_cols
+    c_w = tl.zeros_like(w_y) + a * eps / n_cols  # per row: every return path has the same types
     c_p = w_y * sample_weight + c_w * w_total
     c_e = w_y * beta
     g_y = -w_y * sample_weight * aux + c_w * (w_total * p_y - w_y)

@@ -4,7 +4,7 @@ to keep on chip, or a forward that ran without a gradient)."""
 import triton
 import triton.language as tl
 
-from ._row_math import LOG2E, grad_tile, row_grad_coefficients
+from ._row_math import LOG2E, grad_tile, log_p_target, row_grad_coefficients
 from ._tiles import (as_acc, load_coefficient, load_row_stats, load_row_targets, load_tile, load_weight_total,
                      store_grad_tile)
 
@@ -37,7 +37,7 @@ def policy_loss_bwd_kernel(
     if MEAN:
         g_row = g_row / tl.load(denom_ptr).to(ACC)
     g_row = tl.where(counted, g_row, 0.0)
-    logp_y = (z_y - m) - log_s
+    logp_y = log_p_target(z_y, m, log_s, aux)  # aux = 1 - p_y for index targets
     c_p, c_e, c_w, g_y = row_grad_coefficients(a, b, beta, eps, n_cols, w_y, w_total, entropy, p_target, logp_y,
                                                aux, sample_weight, row_weight, PROB_TARGET, ENTROPY_TERM)
     for start in range(0, n_cols, BLOCK_C):
