@@ -2,7 +2,7 @@
 in-place gradient scale, with fake implementations and an autograd formula, so that
 torch.compile(fullgraph=True) and CUDA graphs see opaque, well-typed ops.
 
-Kernel backends ("triton", later "cuda"/"cpu") share one interface: forward, backward, scale_,
+Kernel backends ("triton", and the native "cpu"/"cuda" of native.py) share one interface: forward, backward, scale_,
 fits_on_chip. The reduction and the "mean" denominator are part of the op: only then is the
 upstream scale of every row known in the forward, which lets the gradient be written there.
 """
@@ -24,6 +24,9 @@ def _kernels(backend: str):
     if backend == "triton":
         from . import triton as kernels
         return kernels
+    if backend in ("cpu", "cuda"):
+        from . import native
+        return getattr(native, backend)
     raise RuntimeError(f"no kernels for backend {backend!r}")
 
 

@@ -1,0 +1,299 @@
+// Per-row math of the policy-loss family, shared by the CPU and the CUDA kernels: the one C++
+// source of truth, mirroring aepg_kernels/triton/_row_math.py (method.md sections 2 and 4).
+//
+//   RowSums / add_element / merge:  the running row statistics relative to the row max m,
+//   row_results:                    loss, log S, entropy, p_target, sample weight, aux, log p_y,
+//   grad_coefficients / grad_element: dL/dz from p, log p and those results.
+//
+// Element-wise functions are templates over V, a scalar (T = float or double) or, on the CPU, an
+// at::vec::Vectorized<T> (define AEPG_VECTORIZED before including), so the vector body and the
+// scalar tail of the CPU kernel and every CUDA thread evaluate the same expressions.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#ifdef __CUDACC__
+#define AEPG_HD __host__ __device__ __forceinline__
+#else
+#define AEPG_HD inline
+#endif
+
+#ifdef AEPG_VECTORIZED
+#include <ATen/cpu/vec/vec.h>
+#endif
+
+namespace aepg {
+
+// Rows of the (NUM_STATS, n_rows) statistics tensor: the layout of aepg_kernels._spec.Stat.
+enum Stat : int {
+  kLse = 0,           // log-sum-exp of the row
+  kEntropy = 1,       // H(p), NaN when not asked for
+  kPTarget = 2,       // p_y, or sum_k q_k p_k for probability targets
+  kSampleWeight = 3,  // the per-row factor of (p - e_y) in the gradient
+  kRowWeight = 4,     // w_y for a counted row (0 when ignored); sum_k w_k q_k for probabilities
+  kAux = 5,           // 1 - p_y, accurate near p_y = 1; sum_k w_k q_k p_k for probabilities
+  kRowMax = 6,        // the row max m (0 for a row of -inf)
+  kLogSum = 7,        // log S = log sum_k exp(z_k - m)
+  kNumStats = 8,
+};
+
+constexpr double kLog2e = 1.4426950408889634;
+
+// ---- scalar helpers with the same spelling on host and device --------------------------------
+AEPG_HD float log_of(float x) { return logf(x); }
+AEPG_HD double log_of(double x) { return log(x); }
+AEPG_HD float exp2_of(float x) { return exp2f(x); }
+AEPG_HD double exp2_of(double x) { return exp2(x); }
+AEPG_HD float log1p_of(float x) { return log1pf(x); }
+AEPG_HD double log1p_of(double x) { return log1p(x); }
+AEPG_HD float log2_of(float x) { return log2f(x); }
+AEPG_HD double log2_of(double x) { return log2(x); }
+
+// exp(x) for x <= 0 (x = z - m): an exp2 with log2(e) folded in on the GPU (one multiply and
+// the special-function unit); the libm/Sleef exp on the CPU, correctly rounded to 1 ulp.
+AEPG_HD float exp_of(float x) {
+#ifdef __CUDA_ARCH__
+  return exp2f(x * static_cast<float>(kLog2e));
+#else
+  return std::exp(x);
+#endif
+}
+AEPG_HD double exp_of(double x) {
+#ifdef __CUDA_ARCH__
+  return exp2(x * kLog2e);
+#else
+  return std::exp(x);
+#endif
+}
+
+template <class T>
+AEPG_HD T select(bool condition, T if_true, T if_false) {
+  return condition ? if_true : if_false;
+}
+
+#ifdef AEPG_VECTORIZED
+template <class T>
+inline at::vec::Vectorized<T> exp_of(const at::vec::Vectorized<T>& x) {
+  return x.exp();  // Sleef, 1 ulp
+}
+template <class T>
+inline at::vec::Vectorized<T> select(const at::vec::Vectorized<T>& condition, const at::vec::Vectorized<T>& if_true,
+                                     const at::vec::Vectorized<T>& if_false) {
+  return at::vec::Vectorized<T>::blendv(if_false, if_true, condition);
+}
+#endif
+
+template <class T>
+AEPG_HD T nan_of() {
+  return std::numeric_limits<T>::quiet_NaN();
+}
+
+// A finite reference to subtract: the row max, or 0 for a row that holds only -inf.
+template <class T>
+AEPG_HD T safe_ref(T m) {
+  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+}
+
+// ---- per-call parameters ---------------------------------------------------------------------
+template <class T>
+struct LossParams {
+  T a, b;         // weights of the CE and EPG terms
+  T beta;         // entropy weight
+  T eps;          // label smoothing
+  T gamma;        // focal exponent
+  T n_cols;       // C
+  T w_total;      // sum_k w_k (C without class weights)
+  bool prob_target, smoothing, focal;
+  bool entropy;       // compute H (asked for, or needed by the entropy term)
+  bool entropy_term;  // beta != 0
+};
+
+// ---- running row statistics ------------------------------------------------------------------
+// Sums relative to the row max m: S = sum e_k, T = sum (z_k - m) e_k, e_k = exp(z_k - m).
+// V is a scalar or a vector of lanes (summed with `horizontal` once per row).
+template <class V>
+struct RowSums {
+  V s, t;
+  V s_other;  // index targets: sum over k != y, so that 1 - p_y = s_other / S is exact
+  V u;        // probability targets: sum_k w_k q_k e_k
+  V pq;       // probability targets: sum_k q_k e_k
+  V zs;       // sum_k wq'_k (z_k - m), with 0 * log 0 = 0 (smoothing and probability targets)
+  V wq;       // probability targets: sum_k w_k q_k
+  V wq_smooth;  // sum_k wq'_k: moves zs when the reference max moves (merge)
+
+  AEPG_HD static RowSums zero() {
+    const V z(0.0f);
+    return RowSums{z, z, z, z, z, z, z, z};
+  }
+};
+
+// One element's (or one vector's) contribution: zm = z - m, e = exp(zm); q the target
+// probability, wq = w q, wq_smooth = w q' (q' = (1 - eps) q + eps / C; w for index targets with
+// smoothing). Masked classes (z = -inf, e = 0) add 0. `other` is false for the target column y.
+template <class T, class V>
+AEPG_HD void add_element(RowSums<V>& acc, V zm, V e, V q, V wq, V wq_smooth, bool other,
+                         const LossParams<T>& p) {
+  const V zero(T(0));
+  acc.s += e;
+  if (other) acc.s_other += e;
+  if (p.entropy) acc.t += select(e > zero, zm * e, zero);
+  if (p.prob_target) {
+    acc.u += wq * e;
+    acc.pq += q * e;
+    acc.wq += wq;
+  }
+  if (p.smoothing || p.prob_target) {
+    acc.zs += select(wq_smooth != zero, wq_smooth * zm, zero);
+    acc.wq_smooth += wq_smooth;
+  }
+}
+
+// Sums of two parts of a row relative to their own maxima -> relative to the common max
+// (method.md section 4: S <- e^d S, T <- e^d (T + d S), zs <- zs + d sum wq', d = m_old - m_new).
+// A part that saw only -inf (max -inf) is all zero.
+template <class T>
+AEPG_HD void rescale(RowSums<T>& sums, T m_old, T m_new) {
+  const T inf = std::numeric_limits<T>::infinity();
+  if (m_old == -inf) {
+    const T wq = sums.wq, wq_smooth = sums.wq_smooth, zs = sums.zs;
+    sums = RowSums<T>::zero();
+    sums.wq = wq, sums.wq_smooth = wq_smooth, sums.zs = zs;  // only -inf seen: zs is 0 or -inf
+    return;
+  }
+  const T d = m_old - safe_ref(m_new);
+  const T f = exp_of(d);
+  sums.t = f * (sums.t + d * sums.s);
+  sums.s *= f, sums.s_other *= f, sums.u *= f, sums.pq *= f;
+  sums.zs += d * sums.wq_smooth;
+}
+
+template <class T>
+AEPG_HD void add(RowSums<T>& acc, const RowSums<T>& other) {
+  acc.s += other.s, acc.t += other.t, acc.s_other += other.s_other, acc.u += other.u;
+  acc.pq += other.pq, acc.zs += other.zs, acc.wq += other.wq, acc.wq_smooth += other.wq_smooth;
+}
+
+// ---- per-row results -------------------------------------------------------------------------
+template <class T>
+struct RowResults {
+  T loss;           // before the ignore/out-of-range masking
+  T log_s;          // log S
+  T entropy;        // H(p) or NaN
+  T p_target;       // p_y or sum_k q_k p_k
+  T sample_weight;  // a (1-eps) w_focal + b p_y
+  T aux;            // 1 - p_y, or sum_k w_k q_k p_k
+  T logp_y;         // log p_y (index targets)
+  T row_weight;     // w_y, or sum_k w_k q_k
+};
+
+// (1 - p)^g and the focal sample weight (1-p)^g (1 - g p log p / (1 - p)); gamma > 0.
+template <class T>
+AEPG_HD void focal_factors(T om, T p_y, T logp_y, T gamma, T& om_pow, T& w_focal) {
+  om_pow = exp2_of(gamma * log2_of(om));  // om = 0 gives exp2(-inf) = 0
+  const T ratio = om > T(0) ? logp_y / om : T(-1);
+  w_focal = om_pow * (T(1) - gamma * p_y * ratio);
+}
+
+// log p_y from 1 - p_y (om) when p_y > 1/2: for confident rows (z_y - m) - log S would lose the
+// digits of a log S close to 0; otherwise directly. zm_y = z_y - m.
+template <class T>
+AEPG_HD T log_p_target(T zm_y, T log_s, T om) {
+  return om < T(0.5) ? log1p_of(-om) : zm_y - log_s;
+}
+
+// zm_y = z_y - m from the full-precision target logit, w_y the target's class weight.
+// Logs are relative to m, so shifted rows (z ~ 1e4) lose nothing.
+template <class T>
+AEPG_HD RowResults<T> row_results(const RowSums<T>& sums, T zm_y, T w_y, const LossParams<T>& p) {
+  RowResults<T> r;
+  r.log_s = log_of(sums.s);
+  r.entropy = p.entropy ? r.log_s - sums.t / sums.s : nan_of<T>();
+  const T inv_s = T(1) / sums.s;
+  if (p.prob_target) {
+    const T wq_total = sums.wq;
+    const T ce = ((T(1) - p.eps) * wq_total + p.eps / p.n_cols * p.w_total) * r.log_s - sums.zs;
+    r.aux = sums.u * inv_s;  // sum_k w_k q_k p_k
+    r.p_target = sums.pq * inv_s;
+    r.loss = p.a * ce + p.b * (wq_total - r.aux);
+    if (p.entropy) r.loss += p.beta * wq_total * r.entropy;
+    r.sample_weight = p.a * (T(1) - p.eps) + p.b * r.p_target;
+    r.logp_y = T(0);
+    r.row_weight = wq_total;
+    return r;
+  }
+  r.aux = sums.s_other * inv_s;  // 1 - p_y, exact near p_y = 1
+  r.logp_y = log_p_target(zm_y, r.log_s, r.aux);
+  r.p_target = exp_of(r.logp_y);
+  T ce = -r.logp_y;
+  T w_focal = T(1);
+  if (p.focal) {
+    T om_pow;
+    focal_factors(r.aux, r.p_target, r.logp_y, p.gamma, om_pow, w_focal);
+    ce = om_pow * ce;
+  }
+  T loss = p.a * (T(1) - p.eps) * ce + p.b * r.aux;
+  if (p.entropy) loss += p.beta * r.entropy;
+  loss = w_y * loss;
+  if (p.smoothing) loss += p.a * p.eps / p.n_cols * (p.w_total * r.log_s - sums.zs);
+  r.loss = loss;
+  r.sample_weight = p.a * (T(1) - p.eps) * w_focal + p.b * r.p_target;
+  r.row_weight = w_y;
+  return r;
+}
+
+// ---- gradient --------------------------------------------------------------------------------
+// index: G_k = c_p p_k - c_e p_k (log p_k + H) - c_w w_k, and G_y = g_y computed directly from
+//        1 - p_y, so that the true-class term never cancels near p_y = 1.
+// prob:  G_k = c_p p_k - c_e p_k (log p_k + H) - a w_k q'_k - b w_k q_k p_k.
+// Every coefficient is already multiplied by the row's upstream gradient g_row.
+template <class T>
+struct GradCoefficients {
+  T c_p, c_e, c_w, g_y, a, b, entropy;
+};
+
+// From the saved statistics: entropy, p_target, sample_weight, aux, row_weight (see RowResults).
+template <class T>
+AEPG_HD GradCoefficients<T> grad_coefficients(T g_row, T entropy, T p_y, T logp_y, T aux, T sample_weight,
+                                              T row_weight, const LossParams<T>& p) {
+  GradCoefficients<T> c;
+  c.entropy = entropy;
+  c.a = g_row * p.a;
+  c.b = g_row * p.b;
+  if (p.prob_target) {
+    c.c_p = g_row * (p.a * ((T(1) - p.eps) * row_weight + p.eps / p.n_cols * p.w_total) + p.b * aux);
+    c.c_e = g_row * p.beta * row_weight;
+    c.c_w = T(0);
+    c.g_y = T(0);
+    return c;
+  }
+  const T w_y = row_weight;
+  const T c_w = p.a * p.eps / p.n_cols;
+  const T c_e = w_y * p.beta;
+  T g_y = -w_y * sample_weight * aux + c_w * (p.w_total * p_y - w_y);
+  if (p.entropy_term) g_y -= c_e * (p_y > T(0) ? p_y * (logp_y + entropy) : T(0));
+  c.c_p = g_row * (w_y * sample_weight + c_w * p.w_total);
+  c.c_e = g_row * c_e;
+  c.c_w = g_row * c_w;
+  c.g_y = g_row * g_y;
+  return c;
+}
+
+// g_row * dL/dz_k for k != y (the caller writes g_y at the target column), from p_k, log p_k,
+// the class weight w_k and, for probability targets, w_k q_k and w_k q'_k.
+template <class T, class V>
+AEPG_HD V grad_element(V prob, V logp, V w, V wq, V wq_smooth, const GradCoefficients<T>& c,
+                       const LossParams<T>& p) {
+  const V zero(T(0));
+  V grad = V(c.c_p) * prob;
+  if (p.entropy_term) grad = grad - V(c.c_e) * select(prob > zero, prob * (logp + V(c.entropy)), zero);
+  if (p.prob_target) {
+    grad = grad - (V(c.a) * wq_smooth + V(c.b) * wq * prob);
+  } else if (p.smoothing) {
+    grad = grad - V(c.c_w) * w;
+  }
+  return grad;
+}
+
+}  // namespace aepg

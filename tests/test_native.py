@@ -1,0 +1,205 @@
+"""The native extension aepg_kernels._C: module and operator registration, the CPU kernels against
+the float64 eager reference and the Triton kernels (interpreter), in every dtype and feature
+combination, both CPU instruction sets. The whole suite runs the "cpu" backend too (helpers.py)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import aepg_kernels as ak
+from aepg_kernels import _native, _op
+
+from helpers import FAMILY, class_weights, index_targets, loss_and_grad, prob_targets, reference64
+
+HAS_CPU = _native.has_cpu_kernels()
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason=_native.native_error())
+STATS = ("entropy", "p_target", "sample_weight", "lse")
+OPS = ("native_forward", "native_backward", "native_scale_")
+
+
+def test_package_imports_and_reports_the_native_backends():
+    backends = ak.available_backends()
+    assert ("cpu" in backends) == HAS_CPU
+    if not HAS_CPU:
+        assert "unavailable" in _native.native_error() or "without" in _native.native_error()
+
+
+@needs_cpu
+def test_module_and_operators_are_registered():
+    assert _native._C.HAS_CPU is True
+    assert isinstance(_native._C.HAS_CUDA, bool)
+    assert _native._C.cpu_capability() in ("AVX2", "DEFAULT")
+    for name in OPS:
+        assert hasattr(torch.ops.aepg, name)
+        for key in ("CPU", "Meta"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"aepg::{name}", key), (name, key)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"aepg::{name}", "CUDA") == _native._C.HAS_CUDA
+
+
+@needs_cpu
+@pytest.mark.parametrize("prob", [False, True])
+def test_operator_schema_and_meta(prob):
+    """The registered schemas and Meta kernels, as torch.library.opcheck sees them."""
+    n, c = 5, 7
+    x = torch.randn(n, c, dtype=torch.float64)
+    y = prob_targets(n, c, device="cpu") if prob else index_targets(n, c, ignore_index=-100, device="cpu")
+    w = class_weights(c, device="cpu")
+    denom = torch.tensor(3.0, dtype=torch.float64)
+    fwd = (x, y, w, torch.tensor(0.25, dtype=torch.float64), None, 0.0, 0.75, 0.25, 0.1, 0.0, -100, 1, prob,
+           denom, True, True)
+    tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.aepg.native_forward.default, fwd, test_utils=tests)
+    loss, stats, grad = torch.ops.aepg.native_forward(*fwd)
+    assert loss.shape == (n,) and stats.shape == (8, n) and grad.shape == (n, c)
+    bwd = (torch.rand(n, dtype=torch.float64), x, y, w, None, None, 0.5, 0.5, 0.25, 0.1, -100, 0, prob, stats,
+           denom)
+    torch.library.opcheck(torch.ops.aepg.native_backward.default, bwd, test_utils=tests)
+    meta = torch.ops.aepg.native_forward(x.to("meta"), y.to("meta"), w.to("meta"), None, None, 1.0, 0.0, 0.0, 0.0,
+                                         0.0, -100, 1, prob, denom.to("meta"), False, False)
+    assert [t.shape for t in meta] == [(n,), (8, n), (0,)]
+
+
+def _assert_matches_eager(x, y, grad_output=None, rtol=1e-5, atol=1e-6, **kw):
+    (loss, stats), grad = loss_and_grad(x, y, grad_output, backend="cpu", return_stats=True, **kw)
+    (ref_loss, ref_stats), ref_grad = reference64(
+        x, y, grad_output=None if grad_output is None else grad_output.double(), return_stats=True, **kw)
+    assert loss.dtype == x.dtype and grad.dtype == x.dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol)
+    for name in STATS:
+        torch.testing.assert_close(getattr(stats, name).double(), getattr(ref_stats, name), rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+TOLERANCES = {torch.float64: (1e-12, 1e-13), torch.float32: (1e-5, 1e-6),
+              torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("n,c", [(7, 1), (9, 7), (5, 8), (6, 100), (3, 1001), (2, 40000)])
+@pytest.mark.parametrize("member", ["ce", "aepg_0.25", "ep", "label_smoothing", "focal", "combo"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_kernel_matches_eager(dtype, n, c, member, reduction):
+    """Fused (reduced loss) and recomputed ("none", random per-row upstream gradient) paths, C
+    below, at and beyond the vector width, with ignored rows and class weights."""
+    x = (torch.randn(n, c, dtype=torch.float64) * 2).to(dtype)
+    y = index_targets(n, c, ignore_index=-100, device="cpu")
+    g = torch.rand(n, dtype=torch.float64).to(dtype) if reduction == "none" else None
+    rtol, atol = TOLERANCES[dtype]
+    kw = dict(FAMILY[member], weight=class_weights(c, device="cpu", dtype=torch.float32), reduction=reduction)
+    _assert_matches_eager(x, y, g, rtol=rtol, atol=atol, **kw)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("n,c", [(9, 7), (3, 1001)])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cpu_kernel_probability_targets(dtype, n, c, smoothing, weighted):
+    x = (torch.randn(n, c, dtype=torch.float64) * 2).to(dtype)
+    q = prob_targets(n, c, device="cpu", dtype=dtype)
+    rtol, atol = TOLERANCES[dtype]
+    _assert_matches_eager(x, q, rtol=rtol, atol=atol, label_smoothing=smoothing, ce_weight=0.5, epg_weight=0.5,
+                          entropy_weight=0.25, weight=class_weights(c, device="cpu") if weighted else None)
+
+
+@needs_cpu
+@pytest.mark.parametrize("target_dtype", [torch.int32, torch.int64])
+def test_strided_upstream_gradient_and_tensor_coefficients(target_dtype):
+    """A per-row upstream gradient with stride 2, alpha as a 0-d tensor, int32 targets."""
+    n, c = 10, 33
+    x = torch.randn(n, c, dtype=torch.float64)
+    y = index_targets(n, c, ignore_index=-100, device="cpu", dtype=target_dtype)
+    g = torch.rand(2 * n, dtype=torch.float64)[::2]
+    alpha = torch.tensor(0.3, dtype=torch.float64)
+    x1 = x.clone().requires_grad_(True)
+    loss = ak.aepg_loss(x1, y, alpha, entropy_weight=0.2, reduction="none", backend="cpu")
+    loss.backward(g)
+    ref, ref_grad = reference64(x, y.long(), grad_output=g, ce_weight=0.3, epg_weight=0.7, entropy_weight=0.2,
+                                reduction="none")
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(x1.grad, ref_grad, rtol=1e-12, atol=1e-13)
+
+
+@needs_cpu
+@pytest.mark.skipif("triton" not in ak.available_backends(), reason="Triton (interpreter) not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("member", ["aepg_0.25", "combo"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_cpu_kernel_matches_triton(dtype, member, reduction):
+    """The two kernel backends implement the same per-row math (csrc/policy_loss_math.h mirrors
+    triton/_row_math.py): equal to rounding, stats included."""
+    n, c = 6, 37
+    x = (torch.randn(n, c, dtype=torch.float64) * 2).to(dtype)
+    y = index_targets(n, c, ignore_index=-100, device="cpu")
+    g = torch.rand(n).to(dtype) if reduction == "none" else None
+    kw = dict(FAMILY[member], weight=class_weights(c, device="cpu", dtype=torch.float32), reduction=reduction,
+              return_stats=True)
+    (loss, stats), grad = loss_and_grad(x, y, g, backend="cpu", **kw)
+    (t_loss, t_stats), t_grad = loss_and_grad(x, y, g, backend="triton", **kw)
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else TOLERANCES[dtype]
+    torch.testing.assert_close(loss, t_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad, t_grad, rtol=rtol, atol=atol)
+    for name in STATS:
+        torch.testing.assert_close(getattr(stats, name), getattr(t_stats, name), rtol=1e-5, atol=1e-6)
+
+
+@needs_cpu
+def test_scale_skips_one_and_scales_otherwise():
+    grad = torch.randn(4, 5)
+    expected = grad.clone()
+    torch.ops.aepg.native_scale_(grad, torch.tensor(1.0))
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    torch.ops.aepg.native_scale_(grad, torch.tensor(-2.5))
+    torch.testing.assert_close(grad, -2.5 * expected)
+
+
+@needs_cpu
+def test_fused_gradient_for_every_row_length():
+    """fits_on_chip is True for every C on the CPU: the forward writes the gradient (one pass)."""
+    assert _op._kernels("cpu").fits_on_chip(1 << 20)
+    x = torch.randn(2, 70000, requires_grad=True)
+    y = torch.tensor([3, 69999])
+    _, _, grad, _ = _op.policy_loss_fwd(x, y, None, None, None, 0.5, 0.5, 0.1, 0.0, 0.0, -100, 1, False, True,
+                                        True, "cpu")
+    assert grad.shape == x.shape
+
+
+PORTABLE_CHECK = textwrap.dedent("""
+    import torch, aepg_kernels as ak
+    from aepg_kernels import _native
+    assert _native._C.cpu_capability() == "DEFAULT", _native._C.cpu_capability()
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for n, c in ((9, 7), (4, 1001)):
+            x = torch.randn(n, c, dtype=torch.float64).to(dtype)
+            y = torch.randint(0, c, (n,)); y[1] = -100
+            for kw in (dict(ce_weight=0.5, epg_weight=0.5, entropy_weight=0.1),
+                       dict(label_smoothing=0.1, focal_gamma=1.5, weight=torch.rand(c) + 0.5)):
+                got = []
+                for backend in ("cpu", "eager"):
+                    leaf = x.detach().double().clone().requires_grad_(True) if backend == "eager" else \\
+                        x.clone().requires_grad_(True)
+                    loss = ak.policy_loss(leaf, y, backend=backend, **kw)
+                    loss.backward()
+                    got.append((loss.double(), leaf.grad.double()))
+                tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.bfloat16 else dict(rtol=2e-2, atol=1e-2)
+                torch.testing.assert_close(got[0][0], got[1][0], **tol)
+                torch.testing.assert_close(got[0][1], got[1][1], **tol)
+    print("ok")
+""")
+
+
+@needs_cpu
+def test_portable_kernels_without_avx2():
+    """The DEFAULT build of the CPU kernels (what a machine without AVX2 runs), selected through
+    ATen's own switch in a fresh process."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    result = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
