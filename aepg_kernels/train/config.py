@@ -1,0 +1,321 @@
+"""Typed run configuration: dataclasses per section, YAML presets with `extends:`, and
+`section.key=value` command-line overrides. Unknown keys and ill-typed values are rejected with
+the list of valid keys, so a typo never silently falls back to a default.
+
+    cfg = load_config("imagenet_r_10task_lora", ["optim.lr=1e-3", "loss.name=ce"])
+    print(config_to_yaml(cfg))
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+PEFT_KINDS = ("lora", "adapter", "prefix", "prompt", "none")
+LOSS_NAMES = ("ce", "epg", "aepg", "cp", "ep", "ls", "focal")
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    # A timm model name; the weight tag after the dot is kept for the record (weights are never downloaded).
+    name: str = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    pretrained: bool = True  # then `checkpoint` must name a local weight file
+    checkpoint: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (img_size, depth, ...)
+    head_init_std: float = 0.001  # classifier heads start at N(0, std^2), bias 0 (the paper's N(0, 0.001))
+
+    def __post_init__(self):
+        _require(self.head_init_std > 0, "model.head_init_std", "must be > 0")
+        reserved = sorted({"pretrained", "num_classes", "checkpoint_path"} & self.kwargs.keys())
+        _require(not reserved, "model.kwargs", f"{reserved} are set by the trainer; use model.pretrained/checkpoint")
+
+
+@dataclass
+class PeftConfig:
+    kind: Literal["lora", "adapter", "prefix", "prompt", "none"] = "lora"
+    blocks: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # lora/adapter/prefix; prompt is input-level
+    lora_rank: int = 4
+    lora_targets: Literal["kv", "qkv"] = "kv"  # the paper (LAE) adapts K and V of the fused qkv only
+    lora_scale: float = 1.0
+    adapter_bottleneck: int = 5
+    adapter_scale: float = 0.1
+    prefix_length: int = 10
+    prompt_length: int = 10
+    freeze_backbone: bool = True
+
+    def __post_init__(self):
+        _require(all(b >= 0 for b in self.blocks), "peft.blocks", f"block indices must be >= 0, got {self.blocks}")
+        _require(len(set(self.blocks)) == len(self.blocks), "peft.blocks", f"duplicate blocks in {self.blocks}")
+        for key in ("lora_rank", "adapter_bottleneck", "prefix_length", "prompt_length"):
+            _require(getattr(self, key) >= 1, f"peft.{key}", "must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    name: Literal["digits", "imagefolder", "cifar100", "random"] = "digits"
+    root: Optional[str] = None  # required by imagefolder / cifar100, checked when the data is built
+    split_file: Optional[str] = None  # imagefolder: a train/test split list (ImageNet-R style)
+    img_size: int = 224
+    rrc_scale: Tuple[float, float] = (0.05, 1.0)  # RandomResizedCrop scale range (the paper)
+    hflip: bool = True
+    batch_size: int = 256
+    eval_batch_size: int = 256
+    num_workers: int = 4
+
+    def __post_init__(self):
+        for key in ("img_size", "batch_size", "eval_batch_size"):
+            _require(getattr(self, key) >= 1, f"data.{key}", "must be >= 1")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        lo, hi = self.rrc_scale
+        _require(0 < lo <= hi <= 1, "data.rrc_scale", f"need 0 < lo <= hi <= 1, got {self.rrc_scale}")
+
+
+@dataclass
+class ScenarioConfig:
+    # Exactly one of num_tasks / classes_per_task (set the other to null).
+    num_tasks: Optional[int] = 10
+    classes_per_task: Optional[int] = None
+    class_order: Literal["natural", "permuted"] = "permuted"
+    order_seed: Optional[int] = None  # seed of the class permutation; null: run.seed
+
+    def __post_init__(self):
+        _require((self.num_tasks is None) != (self.classes_per_task is None), "scenario",
+                 f"set exactly one of num_tasks / classes_per_task (the other to null), got "
+                 f"num_tasks={self.num_tasks}, classes_per_task={self.classes_per_task}")
+        for key in ("num_tasks", "classes_per_task"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"scenario.{key}", "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam"] = "adam"
+    lr: float = 5e-4
+    betas: Tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    epochs: int = 50  # per task
+    peft_frozen_epochs: int = 30  # head-only epochs at the start of every task after the first
+
+    def __post_init__(self):
+        _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", f"need 0 <= beta < 1, got {self.betas}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(self.epochs >= 1, "optim.epochs", "must be >= 1")
+        _require(0 <= self.peft_frozen_epochs <= self.epochs, "optim.peft_frozen_epochs",
+                 f"need 0 <= peft_frozen_epochs <= epochs ({self.epochs}), got {self.peft_frozen_epochs}")
+
+
+@dataclass
+class LossConfig:
+    # ce, epg (1 - p_y), aepg (alpha CE + (1 - alpha) EPG, alpha from `schedule`), cp (CE - beta H),
+    # ep (CE + beta H), ls (label smoothing), focal.
+    name: Literal["ce", "epg", "aepg", "cp", "ep", "ls", "focal"] = "aepg"
+    schedule: Literal["sigmoid", "linear", "cosine", "constant"] = "sigmoid"  # aepg only; reset every task
+    tau: float = 6.0  # sigmoid schedule: alpha = sigmoid(tau (1 - 2 t / T))
+    alpha: Optional[float] = None  # constant schedule
+    entropy_weight: float = 1.0  # beta > 0 of cp / ep (the sign comes from the name)
+    label_smoothing: float = 0.1  # ls
+    focal_gamma: float = 2.0  # focal
+    backend: Literal["auto", "triton", "cuda", "cpu", "eager"] = "auto"
+
+    def __post_init__(self):
+        if self.name == "aepg" and self.schedule == "constant":
+            _require(self.alpha is not None, "loss.alpha", "the constant schedule needs loss.alpha=<0..1>")
+        _require(self.alpha is None or 0 <= self.alpha <= 1, "loss.alpha", f"must be in [0, 1], got {self.alpha}")
+        _require(self.tau > 0, "loss.tau", "must be > 0")
+        _require(self.entropy_weight >= 0, "loss.entropy_weight", "must be >= 0 (cp/ep choose the sign)")
+        _require(0 <= self.label_smoothing <= 1, "loss.label_smoothing", "must be in [0, 1]")
+        _require(self.focal_gamma >= 0, "loss.focal_gamma", "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    output_dir: str = "runs"
+    device: str = "auto"  # auto: cuda if available
+    bf16: bool = True  # bf16 autocast on GPU
+    log_every: int = 50  # optimizer steps
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict -> dataclass, with type checks
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None:
+            _require(type(None) in args, key, "must not be null")
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        _require(value in args, key, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        _require(isinstance(value, dict), key, f"must be a mapping of {', '.join(_fields(tp))}, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, tuple):
+        _require(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
+        if origin is tuple:
+            _require(len(value) == len(args), key, f"must have {len(args)} items, got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        # YAML 1.1 reads `5e-4` (no dot) as a string: accept any float literal.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+                 f"must be a float, got {value!r}")
+        return float(value)
+    # bool is an int subclass: never accept one for the other.
+    _require(type(value) is tp, key, f"must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _fields(cls) -> Dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = _fields(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
+                          f"valid keys{' of ' + prefix if prefix else ''}: {', '.join(hints)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a section whose post-init check fails on a type we let through
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    return _build(TrainConfig, values)
+
+
+def config_to_dict(cfg) -> dict:
+    """Plain dicts and lists (tuples become lists), ready for YAML or JSON."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_to_yaml(cfg) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# presets, extends:, overrides
+
+
+def list_presets() -> List[str]:
+    """Names of the presets shipped in the package (files starting with `_` are shared bases)."""
+    files = resources.files(__package__).joinpath("presets").iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml") and not f.name.startswith("_"))
+
+
+def _read_yaml(name_or_path: str, base_dir: Optional[Path] = None) -> Tuple[dict, Optional[Path]]:
+    """A preset name (`imagenet_r_10task_lora`) or a YAML file path, relative to `base_dir` first."""
+    candidates = [Path(name_or_path)]
+    if base_dir is not None:
+        candidates.insert(0, base_dir / name_or_path)
+    for path in candidates:
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            text, where = path.read_text(), path.parent
+            break
+    else:
+        preset = resources.files(__package__).joinpath("presets", f"{Path(name_or_path).stem}.yaml")
+        if not preset.is_file():
+            raise ConfigError(f"no config file or preset named {name_or_path!r}; presets: {', '.join(list_presets())}")
+        text, where = preset.read_text(), None
+    values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name_or_path}: a config file must hold a mapping, got {type(values).__name__}")
+    return values, where
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _resolve(name_or_path: str, base_dir: Optional[Path] = None, seen: Tuple[str, ...] = ()) -> dict:
+    if name_or_path in seen:
+        raise ConfigError(f"circular extends: {' -> '.join(seen + (name_or_path,))}")
+    values, where = _read_yaml(name_or_path, base_dir)
+    parent = values.pop("extends", None)
+    if parent is None:
+        return values
+    return _merge(_resolve(parent, where, seen + (name_or_path,)), values)
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """`["optim.lr=1e-3", "peft.blocks=[0,1]"]` -> nested dict; values are read as YAML scalars/lists."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part}")
+        node[leaf] = value
+    return out
+
+
+def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Defaults <- preset or YAML file (following `extends:`) <- `key=value` overrides."""
+    values = _resolve(name_or_path) if name_or_path else {}
+    return config_from_dict(_merge(values, parse_overrides(overrides)))

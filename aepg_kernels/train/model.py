@@ -1,0 +1,74 @@
+"""The continual model: a stock timm ViT (no downloads) with PEFT wrappers and per-task heads."""
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, PeftConfig
+from .heads import TaskHeads
+from .peft import apply_peft, count_parameters, peft_parameters
+
+
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """timm.create_model without a classifier (num_classes=0) and without any download: the
+    weights come from `cfg.checkpoint`, a local file, when `cfg.pretrained`."""
+    try:
+        import timm
+    except ImportError as e:
+        raise ImportError("the trainer needs timm: pip install 'aepg-kernels[train]'") from e
+    kwargs = dict(cfg.kwargs)
+    if cfg.pretrained:
+        if not cfg.checkpoint:
+            raise FileNotFoundError(
+                f"model.pretrained=true needs a local weight file for {cfg.name!r}: download it (e.g. "
+                f"model.safetensors of the hf-hub repo timm/{cfg.name}) and pass model.checkpoint=<path>, "
+                f"or set model.pretrained=false for random weights")
+        if not os.path.isfile(cfg.checkpoint):
+            raise FileNotFoundError(f"model.checkpoint={cfg.checkpoint!r} does not exist (weights for {cfg.name!r})")
+        kwargs["checkpoint_path"] = cfg.checkpoint
+    return timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
+
+
+class ContinualViT(nn.Module):
+    """backbone (frozen, with PEFT wrappers) -> features -> TaskHeads (logits of all seen classes)."""
+
+    def __init__(self, backbone: nn.Module, peft: PeftConfig, head_init_std: float = 0.001):
+        super().__init__()
+        self.backbone = backbone
+        apply_peft(backbone, peft.kind, peft.blocks, lora_rank=peft.lora_rank, lora_targets=peft.lora_targets,
+                   lora_scale=peft.lora_scale, adapter_bottleneck=peft.adapter_bottleneck,
+                   adapter_scale=peft.adapter_scale, prefix_length=peft.prefix_length,
+                   prompt_length=peft.prompt_length)
+        if peft.freeze_backbone:
+            backbone.requires_grad_(False)
+            self.set_peft_trainable(True)
+        self.heads = TaskHeads(backbone.num_features, head_init_std)
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, peft: PeftConfig) -> "ContinualViT":
+        return cls(create_backbone(model), peft, model.head_init_std)
+
+    def peft_parameters(self) -> List[nn.Parameter]:
+        return peft_parameters(self.backbone)
+
+    def set_peft_trainable(self, trainable: bool) -> None:
+        """Freezes or unfreezes the PEFT modules (the paper trains the head alone for the first
+        epochs of every task after the first)."""
+        for p in self.peft_parameters():
+            p.requires_grad_(trainable)
+
+    def add_task(self, num_classes: int):
+        weight = self.backbone.patch_embed.proj.weight
+        return self.heads.add_task(num_classes, device=weight.device, dtype=weight.dtype)
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return count_parameters(self, trainable_only=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.backbone(x))
