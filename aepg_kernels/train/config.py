@@ -40,7 +40,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _require(self.head_init_std > 0, "model.head_init_std", "must be > 0")
-        reserved = sorted({"pretrained", "num_classes", "checkpoint_path"} & self.kwargs.keys())
+        reserved = sorted({"pretrained", "num_classes", "checkpoint_path", "pretrained_cfg_overlay"} & self.kwargs.keys())
         _require(not reserved, "model.kwargs", f"{reserved} are set by the trainer; use model.pretrained/checkpoint")
 
 

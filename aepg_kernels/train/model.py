@@ -14,7 +14,11 @@ from .peft import apply_peft, count_parameters, peft_parameters
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:
     """timm.create_model without a classifier (num_classes=0) and without any download: the
-    weights come from `cfg.checkpoint`, a local file, when `cfg.pretrained`."""
+    weights come from `cfg.checkpoint`, a local file, when `cfg.pretrained`. The file goes through
+    timm's pretrained loader (pretrained_cfg_overlay), not checkpoint_path: that loader drops the
+    checkpoint's classifier, reads .npz/.safetensors/.pth and applies the model's filter_fn
+    (e.g. position-embedding resampling for another img_size); checkpoint_path would reject the
+    head's keys."""
     try:
         import timm
     except ImportError as e:
@@ -28,8 +32,8 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
                 f"or set model.pretrained=false for random weights")
         if not os.path.isfile(cfg.checkpoint):
             raise FileNotFoundError(f"model.checkpoint={cfg.checkpoint!r} does not exist (weights for {cfg.name!r})")
-        kwargs["checkpoint_path"] = cfg.checkpoint
-    return timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
+        kwargs["pretrained_cfg_overlay"] = dict(file=cfg.checkpoint)
+    return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=0, **kwargs)
 
 
 class ContinualViT(nn.Module):

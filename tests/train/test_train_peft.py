@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from aepg_kernels.train import LoRAQKV, PeftModule, apply_peft, count_parameters, create_backbone
+from aepg_kernels.train import LoRAQKV, PeftModule, PrefixAttention, apply_peft, count_parameters, create_backbone
 
 from tiny_vit import RANK, TINY_VIT, WIDTH, images, make_model
 
@@ -91,3 +91,48 @@ def test_prompt_tokens_are_prefix_tokens():
 def test_bad_blocks():
     with pytest.raises(ValueError, match=r"blocks \[5\] out of range"):
         apply_peft(create_backbone(TINY_VIT), "lora", [0, 5])
+
+
+def test_backbone_weights_from_a_local_checkpoint(tmp_path):
+    """A classifier checkpoint (head included, as timm's released weights) loads into the headless
+    backbone, without any download."""
+    import dataclasses
+
+    import timm
+    source = timm.create_model(TINY_VIT.name, pretrained=False, num_classes=10, **TINY_VIT.kwargs)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    backbone = create_backbone(dataclasses.replace(TINY_VIT, pretrained=True, checkpoint=str(path)))
+    assert torch.equal(backbone.pos_embed, source.pos_embed) and backbone.num_classes == 0
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        create_backbone(dataclasses.replace(TINY_VIT, pretrained=True, checkpoint=str(tmp_path / "missing.pth")))
+    with pytest.raises(FileNotFoundError, match=r"needs a local weight file for 'vit_tiny_patch16_224'"):
+        create_backbone(dataclasses.replace(TINY_VIT, pretrained=True))
+
+
+def test_prefix_is_attention_over_extra_keys_and_values():
+    """Prefix keys/values set to those of L extra tokens z give timm's own attention over [z, x],
+    read at the rows of x."""
+    attn = create_backbone(TINY_VIT).blocks[0].attn.eval()
+    z, x = torch.randn(1, 3, WIDTH), torch.randn(1, 5, WIDTH)
+    prefix = PrefixAttention(attn, length=3)
+    with torch.no_grad():
+        _, k, v = attn.qkv(z)[0].chunk(3, dim=-1)
+        prefix.prefix_key.copy_(k)
+        prefix.prefix_value.copy_(v)
+    torch.testing.assert_close(prefix(x), attn(torch.cat([z, x], dim=1))[:, 3:])
+
+
+def test_train_package_uses_only_the_public_api():
+    """aepg_kernels.train imports `aepg_kernels` itself, never its private modules."""
+    import ast
+    import pathlib
+
+    import aepg_kernels.train as train
+    for path in pathlib.Path(train.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1 and not (node.module or "").startswith("aepg_kernels"), (path.name, node.module)
+            elif isinstance(node, ast.Import):
+                assert all(a.name == "aepg_kernels" or not a.name.startswith("aepg_kernels") for a in node.names), \
+                    path.name
