@@ -66,7 +66,7 @@ class PeftConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["digits", "imagefolder", "cifar100", "random"] = "digits"
+    name: Literal["digits", "imagefolder", "cifar100"] = "digits"
     root: Optional[str] = None  # required by imagefolder / cifar100, checked when the data is built
     split_file: Optional[str] = None  # imagefolder: a train/test split list (ImageNet-R style)
     img_size: int = 224
@@ -148,7 +148,6 @@ class RunConfig:
     output_dir: str = "runs"
     device: str = "auto"  # auto: cuda if available
     bf16: bool = True  # bf16 autocast on GPU
-    log_every: int = 50  # optimizer steps
 
 
 @dataclass
@@ -258,18 +257,19 @@ def list_presets() -> List[str]:
 
 
 def _read_yaml(name_or_path: str, base_dir: Optional[Path] = None) -> Tuple[dict, Optional[Path]]:
-    """A preset name (`imagenet_r_10task_lora`) or a YAML file path, relative to `base_dir` first."""
-    candidates = [Path(name_or_path)]
-    if base_dir is not None:
-        candidates.insert(0, base_dir / name_or_path)
-    for path in candidates:
-        if path.suffix in (".yaml", ".yml") and path.is_file():
-            text, where = path.read_text(), path.parent
-            break
+    """A YAML file (`*.yaml`/`*.yml`, relative to `base_dir` first, then to the working directory)
+    or else a preset name (`imagenet_r_10task_lora`)."""
+    if Path(name_or_path).suffix in (".yaml", ".yml"):
+        candidates = ([base_dir / name_or_path] if base_dir is not None else []) + [Path(name_or_path)]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise ConfigError(f"config file {name_or_path!r} not found (looked at {', '.join(map(str, candidates))})")
+        text, where = path.read_text(), path.parent
     else:
-        preset = resources.files(__package__).joinpath("presets", f"{Path(name_or_path).stem}.yaml")
+        preset = resources.files(__package__).joinpath("presets", f"{name_or_path}.yaml")
         if not preset.is_file():
-            raise ConfigError(f"no config file or preset named {name_or_path!r}; presets: {', '.join(list_presets())}")
+            raise ConfigError(f"no preset named {name_or_path!r}; presets: {', '.join(list_presets())} "
+                              f"(or a path to a .yaml file)")
         text, where = preset.read_text(), None
     values = yaml.safe_load(text) or {}
     if not isinstance(values, dict):

@@ -66,9 +66,14 @@ def test_bad_values(override, match):
         load_config("demo_digits", [override])
 
 
-def test_unknown_preset():
+def test_unknown_preset_or_file(tmp_path):
     with pytest.raises(ConfigError, match="presets: cifar100_10task_lora, demo_digits"):
         load_config("imagenet_r_5task")
+    with pytest.raises(ConfigError, match="config file 'demo_digits.yaml' not found"):
+        load_config("demo_digits.yaml")  # a path never falls back to the preset of the same name
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="circular extends"):
+        load_config(str(tmp_path / "loop.yaml"))
 
 
 def test_resolved_config_round_trips():
