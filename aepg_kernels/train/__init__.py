@@ -18,11 +18,11 @@ from .scenario import ClassIncrementalScenario
 from .trainer import ContinualTrainer, RemappedSubset, task_subsets
 
 __all__ = [
-    "AccuracyMatrix", "ClassIncrementalScenario", "ConfigError", "ContinualTrainer", "ContinualViT", "DataConfig", "LoRAQKV",
-    "LossConfig", "ModelConfig", "OptimConfig", "ParallelAdapter", "PeftConfig", "PeftModule", "PrefixAttention",
-    "PromptTokens", "RemappedSubset", "RunConfig", "ScenarioConfig", "TaskHeads", "TrainConfig", "accuracy", "accuracy_after_each_task",
-    "apply_peft", "average_incremental_accuracy", "backward_transfer", "build_criterion", "build_schedule",
-    "config_from_dict", "config_to_dict", "config_to_yaml", "count_parameters", "create_backbone",
-    "final_accuracy", "forgetting", "list_presets", "load_config", "local_loss", "parse_overrides",
-    "peft_parameters", "predict", "predict_loader", "summarize", "task_subsets",
+    "AccuracyMatrix", "ClassIncrementalScenario", "ConfigError", "ContinualTrainer", "ContinualViT", "DataConfig",
+    "LoRAQKV", "LossConfig", "ModelConfig", "OptimConfig", "ParallelAdapter", "PeftConfig", "PeftModule",
+    "PrefixAttention", "PromptTokens", "RemappedSubset", "RunConfig", "ScenarioConfig", "TaskHeads", "TrainConfig",
+    "accuracy", "accuracy_after_each_task", "apply_peft", "average_incremental_accuracy", "backward_transfer",
+    "build_criterion", "build_schedule", "config_from_dict", "config_to_dict", "config_to_yaml", "count_parameters",
+    "create_backbone", "final_accuracy", "forgetting", "list_presets", "load_config", "local_loss",
+    "parse_overrides", "peft_parameters", "predict", "predict_loader", "summarize", "task_subsets",
 ]

@@ -40,7 +40,8 @@ class ModelConfig:
 
     def __post_init__(self):
         _require(self.head_init_std > 0, "model.head_init_std", "must be > 0")
-        reserved = sorted({"pretrained", "num_classes", "checkpoint_path", "pretrained_cfg_overlay"} & self.kwargs.keys())
+        set_by_trainer = {"pretrained", "num_classes", "checkpoint_path", "pretrained_cfg_overlay"}
+        reserved = sorted(set_by_trainer & self.kwargs.keys())
         _require(not reserved, "model.kwargs", f"{reserved} are set by the trainer; use model.pretrained/checkpoint")
 
 
@@ -189,7 +190,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         _require(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
         if origin is tuple:
             _require(len(value) == len(args), key, f"must have {len(args)} items, got {value!r}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         _require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")

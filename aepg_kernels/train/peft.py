@@ -84,7 +84,8 @@ class PrefixAttention(PeftModule):
     def __init__(self, base: nn.Module, length: int):
         super().__init__()
         if not all(hasattr(base, a) for a in ("qkv", "num_heads", "head_dim", "proj")):
-            raise TypeError(f"Prefix needs timm's Attention (qkv, num_heads, head_dim, proj), got {type(base).__name__}")
+            raise TypeError(f"Prefix needs timm's Attention (qkv, num_heads, head_dim, proj), "
+                            f"got {type(base).__name__}")
         self.base = base
         attn_dim = base.num_heads * base.head_dim
         factory = dict(device=base.qkv.weight.device, dtype=base.qkv.weight.dtype)

@@ -50,7 +50,8 @@ class ClassIncrementalScenario:
         else:
             if not 1 <= classes_per_task <= n:
                 raise ValueError(f"classes_per_task must be in [1, {n}] for {n} classes, got {classes_per_task}")
-            sizes = [classes_per_task] * (n // classes_per_task) + ([n % classes_per_task] if n % classes_per_task else [])
+            full, rest = divmod(n, classes_per_task)
+            sizes = [classes_per_task] * full + ([rest] if rest else [])
         if order == "natural":
             ordered = labels
         elif order == "permuted":
@@ -109,7 +110,8 @@ class ClassIncrementalScenario:
 
     def splits(self, train_targets, test_targets) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Per task: (train indices, test indices)."""
-        return [(self.task_indices(train_targets, t), self.task_indices(test_targets, t)) for t in range(self.num_tasks)]
+        return [(self.task_indices(train_targets, t), self.task_indices(test_targets, t))
+                for t in range(self.num_tasks)]
 
     def state_dict(self) -> dict:
         return {"class_order": list(self.class_order), "task_sizes": list(self.task_sizes)}

@@ -114,7 +114,7 @@ class ContinualTrainer:
             totals += torch.stack([loss.detach().float() * n, stats.entropy.sum(), stats.sample_weight.sum(),
                                    torch.as_tensor(alpha, dtype=torch.float32, device=self.device) * n])
         means = (totals / max(rows, 1)).tolist()
-        return dict(zip(("loss", "entropy", "sample_weight", "alpha"), means))
+        return dict(zip(("loss", "entropy", "sample_weight", "alpha"), means, strict=True))
 
     def evaluate(self, task: int, test_sets: List[Dataset]) -> List[float]:
         """Accuracy on each task seen so far, recorded in row `task` of the accuracy matrix."""

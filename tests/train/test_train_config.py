@@ -34,7 +34,8 @@ def test_overrides():
 
 
 def test_extends_a_file(tmp_path):
-    (tmp_path / "mine.yaml").write_text("extends: imagenet_r_10task_lora\noptim:\n  epochs: 3\n  peft_frozen_epochs: 2\n")
+    (tmp_path / "mine.yaml").write_text("extends: imagenet_r_10task_lora\n"
+                                        "optim: {epochs: 3, peft_frozen_epochs: 2}\n")
     (tmp_path / "child.yaml").write_text("extends: mine.yaml\nloss: {name: ep}\n")
     cfg = load_config(str(tmp_path / "child.yaml"))
     assert (cfg.optim.epochs, cfg.loss.name, cfg.peft.kind) == (3, "ep", "lora")

@@ -63,7 +63,7 @@ def test_peft_and_old_heads_stay_frozen():
     frozen = t.model.peft_parameters() + list(t.model.heads.heads[0].parameters())
     before = [p.detach().clone() for p in frozen]
     t.train_task(1, subsets[1])
-    assert all(torch.equal(p, b) for p, b in zip(frozen, before))
+    assert all(torch.equal(p, b) for p, b in zip(frozen, before, strict=True))
     # Adam moves every weight by about lr per step: far beyond the N(0, 0.001^2) init.
     assert t.model.heads.heads[1].weight.std() > 0.003
 
