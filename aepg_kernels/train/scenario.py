@@ -68,6 +68,12 @@ class ClassIncrementalScenario:
         """The labels present in `targets` (e.g. a dataset's `.targets`); kwargs as `create`."""
         return cls.create(_as_targets(targets).unique().tolist(), **kwargs)
 
+    @classmethod
+    def from_config(cls, cfg, targets, seed: int) -> "ClassIncrementalScenario":
+        """From a `ScenarioConfig`; `seed` (the run's) orders the classes unless cfg.order_seed is set."""
+        return cls.from_targets(targets, num_tasks=cfg.num_tasks, classes_per_task=cfg.classes_per_task,
+                                order=cfg.class_order, seed=seed if cfg.order_seed is None else cfg.order_seed)
+
     @property
     def num_tasks(self) -> int:
         return len(self.task_sizes)

@@ -72,3 +72,13 @@ def test_bad_arguments(kwargs, match):
 def test_unknown_label():
     with pytest.raises(ValueError, match=r"labels \[42\]"):
         ClassIncrementalScenario.create(range(10), num_tasks=2).remap([1, 42])
+
+
+def test_from_config_seeds_the_order_with_the_run_seed_unless_given():
+    from aepg_kernels.train import ScenarioConfig
+    cfg = ScenarioConfig(num_tasks=None, classes_per_task=25, class_order="permuted")
+    s = ClassIncrementalScenario.from_config(cfg, TARGETS, seed=3)
+    assert s == ClassIncrementalScenario.from_targets(TARGETS, classes_per_task=25, order="permuted", seed=3)
+    pinned = ScenarioConfig(num_tasks=4, class_order="permuted", order_seed=1993)
+    assert ClassIncrementalScenario.from_config(pinned, TARGETS, seed=3) == \
+        ClassIncrementalScenario.from_config(pinned, TARGETS, seed=4)
