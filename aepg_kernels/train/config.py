@@ -243,8 +243,16 @@ def config_to_dict(cfg) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """Block-style sections, one key a line; lists inline (`blocks: [0, 1, 2, 3, 4]`)."""
+
+
+_ConfigDumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+
+
 def config_to_yaml(cfg) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.dump(config_to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False)
 
 
 # ---------------------------------------------------------------------------------------------
