@@ -74,9 +74,14 @@ AEPG_HD T select(bool condition, T if_true, T if_false) {
 }
 
 #ifdef AEPG_VECTORIZED
-template <class T>
-inline at::vec::Vectorized<T> exp_of(const at::vec::Vectorized<T>& x) {
-  return x.exp();  // Sleef, 1 ulp
+inline at::vec::Vectorized<double> exp_of(const at::vec::Vectorized<double>& x) {
+  return x.exp();  // Sleef, 1 ulp: fp64 is for gradcheck
+}
+// ATen's inline polynomial exp (measured: at most 6 ulp on [-80, 0], 0 below log(FLT_MIN)), not
+// the Sleef call, which would spill every accumulator register at each vector. It turns NaN into
+// inf: NaN lanes are kept NaN.
+inline at::vec::Vectorized<float> exp_of(const at::vec::Vectorized<float>& x) {
+  return at::vec::Vectorized<float>::blendv(x, x.exp_u20(), x == x);
 }
 template <class T>
 inline at::vec::Vectorized<T> select(const at::vec::Vectorized<T>& condition, const at::vec::Vectorized<T>& if_true,

@@ -117,7 +117,11 @@ inline T row_max(const T* z, int64_t n) {
 // only for the target column. Stores exp(z - m) into e when e is not null.
 template <class T>
 inline void accumulate(const Row<T>& row, T m, int64_t begin, int64_t end, bool other, T* e,
-                       RowSums<Vectorized<T>>& lanes, RowSums<T>& tail, const LossParams<T>& p) {
+                       RowSums<Vectorized<T>>& lanes_out, RowSums<T>& tail_out, const LossParams<T>& p) {
+  // Local accumulators: stores through e (float*) may alias a __m256 in memory, so sums kept
+  // behind a reference would be reloaded and stored at every vector.
+  RowSums<Vectorized<T>> lanes = lanes_out;
+  RowSums<T> tail = tail_out;
   for_each_chunk<T>(begin, end, [&](auto tag, int64_t k) {
     using V = decltype(tag);
     const V zm = load<V>(row.z + k) - V(m);
@@ -130,6 +134,8 @@ inline void accumulate(const Row<T>& row, T m, int64_t begin, int64_t end, bool 
       add_element(lanes, zm, ek, t.q, t.wq, t.wq_smooth, other, p);
     }
   });
+  lanes_out = lanes;
+  tail_out = tail;
 }
 
 // The row in the accumulation dtype: the input itself, or converted into `buffer`.
