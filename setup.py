@@ -15,7 +15,12 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]  # the file defines CPU_CAPABILITY itself
+# Flags of the per-instruction-set CPU kernel builds (csrc/sources.txt groups); each file defines
+# its CPU_CAPABILITY itself, and the dispatcher is told which builds exist.
+ISA_GROUPS = {
+    "cpu_avx2": (["-mavx2", "-mfma", "-mf16c"], "-DAEPG_CPU_AVX2"),
+    "cpu_avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"], "-DAEPG_CPU_AVX512"),
+}
 
 
 def read_sources():
@@ -47,7 +52,8 @@ def native_build():
         return [], {}
 
     groups = read_sources()
-    avx2_sources = groups.get("cpu_avx2", []) if platform.machine().lower() in ("x86_64", "amd64") else []
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    isa_builds = {group: groups[group] for group in ISA_GROUPS if x86 and groups.get(group)}
     want_cuda = os.environ.get("AEPG_FORCE_CUDA", "0") == "1" or (
         torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None)
     if os.environ.get("AEPG_NO_CUDA", "0") == "1" or not groups.get("cuda"):
@@ -55,8 +61,7 @@ def native_build():
 
     def make_extension(with_cuda):
         cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]  # torch adds the C++ standard it needs
-        if avx2_sources:
-            cxx.append("-DAEPG_CPU_AVX2")
+        cxx += [ISA_GROUPS[group][1] for group in isa_builds]
         sources = list(groups["cpu"])
         make = cpp_extension.CppExtension
         if with_cuda:
@@ -71,7 +76,7 @@ def native_build():
         return ext
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
-        """Compiles the AVX2 kernels with their own flags; a failed CUDA build falls back to the CPU
+        """Compiles the AVX2 / AVX-512 kernels with their own flags; a failed CUDA build falls back to the CPU
         kernels alone, and a failed CPU build to the pure package: the install never fails."""
 
         def run(self):
@@ -91,11 +96,11 @@ def native_build():
                 _warn(f"the native extension failed to build ({type(error).__name__}: {error})")
 
         def build_extension(self, ext):
-            if avx2_sources:
+            for group, sources in isa_builds.items():
                 flags = dict(ext.extra_compile_args)
-                flags["cxx"] = flags["cxx"] + AVX2_FLAGS
+                flags["cxx"] = flags["cxx"] + ISA_GROUPS[group][0]
                 ext.extra_objects = list(ext.extra_objects) + self.compiler.compile(
-                    avx2_sources, output_dir=self.build_temp, include_dirs=ext.include_dirs, extra_postargs=flags,
+                    sources, output_dir=self.build_temp, include_dirs=ext.include_dirs, extra_postargs=flags,
                     depends=ext.depends)
             super().build_extension(ext)
 

@@ -8,10 +8,12 @@ from typing import Callable
 
 import torch
 
+from . import _native
 from ._spec import LossSpec
 
-# csrc/kernel_args.h cuda::kMaxOnChipCols: longer rows are streamed and their gradient recomputed.
-CUDA_MAX_ON_CHIP_COLS = 16384
+# Rows up to this C stay in registers on the GPU (csrc/kernel_args.h cuda::kMaxOnChipCols); longer
+# rows are streamed and their gradient recomputed.
+CUDA_MAX_ON_CHIP_COLS = getattr(_native._C, "CUDA_MAX_ON_CHIP_COLS", 16384)
 
 
 def _split(value):

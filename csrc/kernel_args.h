@@ -114,7 +114,7 @@ AEPG_HD T mean_scale(const KernelArgs& args) {
 namespace cpu {
 void forward(const KernelArgs& args);
 void backward(const KernelArgs& args);
-const char* capability();  // the instruction set the kernels run with: "AVX2" or "DEFAULT"
+const char* capability();  // the instruction set the kernels run with: "AVX512", "AVX2" or "DEFAULT"
 }  // namespace cpu
 
 namespace cuda {

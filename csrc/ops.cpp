@@ -231,5 +231,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("HAS_CUDA") = false;
 #endif
+  m.attr("CUDA_MAX_ON_CHIP_COLS") = aepg::cuda::kMaxOnChipCols;
   m.def("cpu_capability", &aepg::cpu::capability, "the instruction set the CPU kernels use");
 }

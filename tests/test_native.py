@@ -31,7 +31,7 @@ def test_package_imports_and_reports_the_native_backends():
 def test_module_and_operators_are_registered():
     assert _native._C.HAS_CPU is True
     assert isinstance(_native._C.HAS_CUDA, bool)
-    assert _native._C.cpu_capability() in ("AVX2", "DEFAULT")
+    assert _native._C.cpu_capability() in ("AVX512", "AVX2", "DEFAULT")
     for name in OPS:
         assert hasattr(torch.ops.aepg, name)
         for key in ("CPU", "Meta"):
@@ -169,10 +169,10 @@ def test_fused_gradient_for_every_row_length():
     assert grad.shape == x.shape
 
 
-PORTABLE_CHECK = textwrap.dedent("""
-    import torch, aepg_kernels as ak
+ISA_CHECK = textwrap.dedent("""
+    import sys, torch, aepg_kernels as ak
     from aepg_kernels import _native
-    assert _native._C.cpu_capability() == "DEFAULT", _native._C.cpu_capability()
+    assert _native._C.cpu_capability() == sys.argv[1], _native._C.cpu_capability()
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for n, c in ((9, 7), (4, 1001)):
@@ -194,12 +194,19 @@ PORTABLE_CHECK = textwrap.dedent("""
 """)
 
 
+ISA_ORDER = ["DEFAULT", "AVX2", "AVX512"]
+
+
 @needs_cpu
-def test_portable_kernels_without_avx2():
-    """The DEFAULT build of the CPU kernels (what a machine without AVX2 runs), selected through
-    ATen's own switch in a fresh process."""
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    result = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True,
+@pytest.mark.parametrize("isa", ["DEFAULT", "AVX2"])
+def test_kernels_of_every_instruction_set(isa):
+    """The portable build (what a machine without AVX2 runs) and the AVX2 build on a machine that
+    has more, selected through ATen's own switch ATEN_CPU_CAPABILITY in a fresh process."""
+    native_isa = _native._C.cpu_capability()
+    if ISA_ORDER.index(native_isa) < ISA_ORDER.index(isa):
+        pytest.skip(f"this machine's kernels are {native_isa}")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa.lower())
+    result = subprocess.run([sys.executable, "-c", ISA_CHECK, isa], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")

@@ -1,4 +1,4 @@
-// The CPU kernels, compiled once per instruction set (CPU_CAPABILITY = DEFAULT, AVX2): each
+// The CPU kernels, compiled once per instruction set (CPU_CAPABILITY = DEFAULT, AVX2, AVX512): each
 // translation unit that includes this defines them in its own namespace aepg::cpu::<capability>,
 // as ATen does, and policy_loss_cpu.cpp picks one at run time.
 //
@@ -6,7 +6,7 @@
 // (forward with gradient) one pass that turns the stored exponentials into the gradient, so each
 // exponential is computed once. Rows are split over threads with at::parallel_for.
 #ifndef CPU_CAPABILITY
-#error "define CPU_CAPABILITY (DEFAULT, AVX2) before including policy_loss_cpu_kernels.h"
+#error "define CPU_CAPABILITY (DEFAULT, AVX2, AVX512) before including policy_loss_cpu_kernels.h"
 #endif
 
 #define AEPG_VECTORIZED
