@@ -210,3 +210,19 @@ def test_kernels_of_every_instruction_set(isa):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_online_merge_of_the_shared_math(tmp_path):
+    """The rescale/merge of csrc/policy_loss_math.h that only the CUDA streamed forward runs,
+    checked here on the host against the direct sums (tests/native/merge_check.cpp)."""
+    import shutil
+    from pathlib import Path
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    root = Path(__file__).resolve().parent.parent
+    binary = tmp_path / "merge_check"
+    subprocess.run([compiler, "-std=c++17", "-O1", f"-I{root / 'csrc'}", str(root / "tests/native/merge_check.cpp"),
+                    "-o", str(binary)], check=True, capture_output=True, timeout=120)
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
