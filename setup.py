@@ -80,6 +80,7 @@ def native_build():
         kernels alone, and a failed CPU build to the pure package: the install never fails."""
 
         def run(self):
+            inplace = self.inplace  # setuptools clears it during run() and restores it only on success
             try:
                 super().run()
                 return
@@ -89,7 +90,13 @@ def native_build():
                 _warn(f"the native extension failed to build ({failure})")
                 return
             print(f"WARNING: aepg_kernels: the CUDA kernels failed to build ({failure}); building the CPU kernels")
-            self.extensions = [make_extension(with_cuda=False)]
+            cpu_only = make_extension(with_cuda=False)
+            for name, value in vars(self.extensions[0]).items():  # what finalize_options added (_needs_stub, ...)
+                if name.startswith("_") and not hasattr(cpu_only, name):
+                    setattr(cpu_only, name, value)
+            self.extensions = [cpu_only]
+            self.compiler = None  # run() makes a fresh compiler from a name, not from the previous object
+            self.inplace = inplace
             try:
                 super().run()
             except Exception as error:
