@@ -35,7 +35,8 @@ def read_sources():
 
 
 def _warn(message):
-    warnings.warn(f"aepg_kernels: {message}; installing the pure Python package (backends triton/eager)")
+    warnings.warn(f"aepg_kernels: {message}; installing the pure Python package (backends triton/eager)",
+                  stacklevel=2)
     print(f"WARNING: aepg_kernels: {message}")
 
 
