@@ -157,15 +157,15 @@ AEPG_HD void add_element(RowSums<V>& acc, V zm, V e, V q, V wq, V wq_smooth, boo
 
 // Sums of two parts of a row relative to their own maxima -> relative to the common max
 // (method.md section 4: S <- e^d S, T <- e^d (T + d S), zs <- zs + d sum wq', d = m_old - m_new).
-// A part that saw only -inf (max -inf) is all zero.
+// A part whose max is still -inf saw only -inf or NaN (the max skips NaN): its sums are 0, or NaN,
+// which must survive (multiplied by 0, as Triton's merge does, never reset).
 template <class T>
 AEPG_HD void rescale(RowSums<T>& sums, T m_old, T m_new) {
   const T inf = std::numeric_limits<T>::infinity();
   if (m_old == -inf) {
-    const T wq = sums.wq, wq_smooth = sums.wq_smooth, zs = sums.zs;
-    sums = RowSums<T>::zero();
-    sums.wq = wq, sums.wq_smooth = wq_smooth, sums.zs = zs;  // only -inf seen: zs is 0 or -inf
-    return;
+    const T zero(0);
+    sums.t *= zero, sums.s *= zero, sums.s_other *= zero, sums.u *= zero, sums.pq *= zero;
+    return;  // zs (0, -inf or NaN) is relative to no max; wq, wq_smooth are plain sums
   }
   const T d = m_old - safe_ref(m_new);
   const T f = exp_of(d);

@@ -36,6 +36,7 @@ int main() {
     for (int k = 0; k < n; ++k) {
       z[k] = shift + 4 * (uniform() - 0.5) + (k == n / 2 && trial % 4 == 0 ? 9.0 : 0.0);
       if (trial % 7 == 3 && k % 5 == 1 && k != y) z[k] = -inf;  // masked classes
+      if (trial % 11 == 5 && k < block) z[k] = std::numeric_limits<double>::quiet_NaN();  // a NaN-only block
       w[k] = 0.25 + uniform();
       q[k] = uniform() / n;
     }
@@ -86,6 +87,14 @@ int main() {
                           merged.wq_smooth};
     const double want[] = {direct.s, direct.t, direct.s_other, direct.u, direct.pq, direct.zs, direct.wq,
                            direct.wq_smooth};
+    if (std::isnan(direct.s)) {  // a NaN logit: S must stay NaN (T may or may not; H is NaN either way)
+      if (!std::isnan(merged.s)) {
+        std::printf("trial %d: a NaN logit was lost, S = %.17g (n=%d threads=%d block=%d)\n", trial, merged.s, n,
+                    threads, block);
+        return 1;
+      }
+      continue;
+    }
     for (int f = 0; f < 8; ++f) {
       if (!close(got[f], want[f])) {
         std::printf("trial %d field %d: merged %.17g direct %.17g (n=%d threads=%d block=%d)\n", trial, f, got[f],
