@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -13,6 +14,7 @@ KERNEL_BACKENDS = [b for b in ak.available_backends() if b in ("triton", "cuda",
 if DEVICE == "cpu" and "triton" in ak.available_backends() and not triton_interpreter():
     KERNEL_BACKENDS.remove("triton")
 ALL_BACKENDS = ["eager"] + KERNEL_BACKENDS
+STATS = ak.LossStats._fields  # entropy, p_target, sample_weight, lse
 
 # The loss family of method.md section 2, as policy_loss keyword arguments.
 FAMILY = {
@@ -65,6 +67,19 @@ def reference64(x, y, weight=None, **kwargs):
     y = y.cpu().double() if y.is_floating_point() else y.cpu()
     kwargs = {k: (v.double().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
     return loss_and_grad(x.detach().double().cpu(), y, weight=w, backend="eager", **kwargs)
+
+
+def assert_matches_reference(x, y, backend, grad_output=None, rtol=1e-5, atol=1e-6, equal_nan=False, **kwargs):
+    """Loss, gradient and every per-row statistic through `backend` equal the float64 eager
+    reference; returns (loss, stats, grad)."""
+    (loss, stats), grad = loss_and_grad(x, y, grad_output, backend=backend, return_stats=True, **kwargs)
+    (ref_loss, ref_stats), ref_grad = reference64(x, y, grad_output=grad_output, return_stats=True, **kwargs)
+    close = functools.partial(torch.testing.assert_close, rtol=rtol, atol=atol, equal_nan=equal_nan)
+    close(loss.double().cpu(), ref_loss)
+    close(grad.double().cpu(), ref_grad)
+    for name in STATS:
+        close(getattr(stats, name).double().cpu(), getattr(ref_stats, name), msg=lambda m, name=name: f"{name}: {m}")
+    return loss, stats, grad
 
 
 @contextlib.contextmanager

@@ -12,10 +12,9 @@ import aepg_kernels as ak
 from aepg_kernels import _op
 from aepg_kernels._spec import LossSpec, Reduction
 
-from helpers import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, class_weights, index_targets, logits, loss_and_grad, \
-    prob_targets, reference64, tile_config
+from helpers import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, STATS, assert_matches_reference, class_weights, \
+    index_targets, logits, loss_and_grad, prob_targets, reference64, tile_config
 
-STATS = ("entropy", "p_target", "sample_weight", "lse")
 HAS_TRITON = "triton" in KERNEL_BACKENDS
 CHUNKED = dict(max_one_tile_cols=8, chunk_cols=4)  # rows of C > 8 stream in chunks of 4 classes
 
@@ -34,16 +33,10 @@ def _run(x, y, backend, chunked=False, grad_output=None, **kw):
         return loss_and_grad(x, y, grad_output, backend=backend, return_stats=True, **kw)
 
 
-def _assert_close_to_reference(x, y, backend, chunked=False, rtol=1e-5, atol=1e-6, **kw):
+def _assert_close_to_reference(x, y, backend, chunked=False, **kw):
     """Loss, gradient and every statistic equal the float64 eager reference; returns ours."""
-    (loss, stats), grad = _run(x, y, backend, chunked, **kw)
-    (ref_loss, ref_stats), ref_grad = reference64(x, y, return_stats=True, **kw)
-    torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=rtol, atol=atol, equal_nan=True)
-    torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=rtol, atol=atol, equal_nan=True)
-    for name in STATS:
-        torch.testing.assert_close(getattr(stats, name).double().cpu(), getattr(ref_stats, name),
-                                   rtol=rtol, atol=atol, equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")
-    return loss, stats, grad
+    with _tiles(chunked):
+        return assert_matches_reference(x, y, backend, equal_nan=True, **kw)
 
 
 def _assert_finite(*tensors):

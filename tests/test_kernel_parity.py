@@ -7,26 +7,14 @@ import torch.nn.functional as F
 
 import aepg_kernels as ak
 
-from helpers import DEVICE, FAMILY, KERNEL_BACKENDS, class_weights, index_targets, logits, loss_and_grad, \
-    prob_targets, reference64, tile_config
+from helpers import DEVICE, FAMILY, KERNEL_BACKENDS, assert_matches_reference, class_weights, index_targets, \
+    logits, loss_and_grad, prob_targets, reference64, tile_config
 
 pytestmark = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend on this machine")
 
 # C across the regimes: tiny, several rows per program, not a multiple of 16, one long row,
 # and beyond the on-chip limit (streamed in chunks).
 REGIMES = [(5, 1), (9, 7), (6, 100), (3, 1001), (2, 4096), (2, 40000)]
-STATS = ("entropy", "p_target", "sample_weight", "lse")
-
-
-def _assert_matches_eager(x, y, backend, grad_output=None, rtol=1e-5, atol=1e-6, **kw):
-    (loss, stats), grad = loss_and_grad(x, y, grad_output, backend=backend, return_stats=True, **kw)
-    (ref_loss, ref_stats), ref_grad = reference64(x, y, grad_output=None if grad_output is None
-                                                  else grad_output.double().cpu(), return_stats=True, **kw)
-    torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=rtol, atol=atol)
-    torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=rtol, atol=atol)
-    for name in STATS:
-        torch.testing.assert_close(getattr(stats, name).double().cpu(), getattr(ref_stats, name), rtol=rtol,
-                                   atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -37,7 +25,7 @@ def test_regimes_fp32(backend, n, c, member, reduction):
     x = logits(n, c, dtype=torch.float32)
     y = index_targets(n, c, ignore_index=-100)
     g = torch.rand(n, device=DEVICE) if reduction == "none" else None
-    _assert_matches_eager(x, y, backend, g, reduction=reduction, **FAMILY[member])
+    assert_matches_reference(x, y, backend, g, reduction=reduction, **FAMILY[member])
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -46,7 +34,7 @@ def test_regimes_fp32(backend, n, c, member, reduction):
 def test_regimes_probability_targets_with_weights(backend, n, c, smoothing):
     x = logits(n, c, dtype=torch.float32)
     q = prob_targets(n, c, dtype=torch.float32)
-    _assert_matches_eager(x, q, backend, weight=class_weights(c, dtype=torch.float32), label_smoothing=smoothing,
+    assert_matches_reference(x, q, backend, weight=class_weights(c, dtype=torch.float32), label_smoothing=smoothing,
                           ce_weight=0.5, epg_weight=0.5, entropy_weight=0.25)
 
 
