@@ -2,9 +2,10 @@
 in-place gradient scale, with fake implementations and an autograd formula, so that
 torch.compile(fullgraph=True) and CUDA graphs see opaque, well-typed ops.
 
-Kernel backends ("triton", and the native "cpu"/"cuda" of native.py) share one interface: forward, backward, scale_,
-fits_on_chip. The reduction and the "mean" denominator are part of the op: only then is the
-upstream scale of every row known in the forward, which lets the gradient be written there.
+Kernel backends ("triton", and the native "cpu"/"cuda" of native.py) share one interface:
+forward, backward, scale_, fits_on_chip. The reduction and the "mean" denominator are part of the
+op: only then is the upstream scale of every row known in the forward, which lets the gradient be
+written there.
 """
 from __future__ import annotations
 
@@ -147,9 +148,7 @@ policy_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 def policy_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, backend: str, *,
                 need_entropy: bool):
     """Reduced loss and stats through the custom op, from canonical rows (see _spec.canonicalize)."""
-    a, b = spec.ce_weight, spec.epg_weight
-    a_t, a = (a, 0.0) if isinstance(a, Tensor) else (None, a)
-    b_t, b = (b, 0.0) if isinstance(b, Tensor) else (None, b)
+    a_t, b_t, a, b = spec.coefficient_args()
     want_grad = logits.requires_grad and torch.is_grad_enabled()
     loss, stats, _grad, _denom = policy_loss_fwd(
         logits, target, weight, a_t, b_t, a, b, spec.entropy_weight, spec.label_smoothing, spec.focal_gamma,

@@ -59,6 +59,14 @@ class LossSpec:
     def has_entropy_term(self) -> bool:
         return self.entropy_weight != 0.0
 
+    def coefficient_args(self):
+        """(a tensor or None, b tensor or None, a float, b float): the custom ops' form of the
+        coefficients, each either a 0-d tensor (its float then unused) or a float."""
+        a, b = self.ce_weight, self.epg_weight
+        a_t, a = (a, 0.0) if isinstance(a, torch.Tensor) else (None, float(a))
+        b_t, b = (b, 0.0) if isinstance(b, torch.Tensor) else (None, float(b))
+        return a_t, b_t, a, b
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 math for fp16/bf16/fp32, fp64 math for fp64 inputs."""

@@ -16,16 +16,10 @@ from ._spec import LossSpec
 CUDA_MAX_ON_CHIP_COLS = getattr(_native._C, "CUDA_MAX_ON_CHIP_COLS", 16384)
 
 
-def _split(value):
-    """(0-d tensor or None, float) for a coefficient given as a float or a 0-d tensor."""
-    return (value, 0.0) if isinstance(value, torch.Tensor) else (None, float(value))
-
-
 def forward(logits, target, weight, spec: LossSpec, denom, *, need_entropy: bool, write_grad: bool):
     """Per-row loss (accumulation dtype), stats (NUM_STATS, R) and, if write_grad, the gradient of
     the reduced loss for an upstream gradient of 1, as triton.forward."""
-    a_t, a = _split(spec.ce_weight)
-    b_t, b = _split(spec.epg_weight)
+    a_t, b_t, a, b = spec.coefficient_args()
     return torch.ops.aepg.native_forward(
         logits, target, weight, a_t, b_t, a, b, spec.entropy_weight, spec.label_smoothing, spec.focal_gamma,
         spec.ignore_index, int(spec.reduction), spec.prob_target, denom, need_entropy, write_grad)
@@ -33,8 +27,7 @@ def forward(logits, target, weight, spec: LossSpec, denom, *, need_entropy: bool
 
 def backward(grad_loss, logits, target, weight, spec: LossSpec, stats, denom):
     """dL/dlogits recomputed from the saved stats; grad_loss 0-d or (R,) with any stride."""
-    a_t, a = _split(spec.ce_weight)
-    b_t, b = _split(spec.epg_weight)
+    a_t, b_t, a, b = spec.coefficient_args()
     return torch.ops.aepg.native_backward(
         grad_loss, logits, target, weight, a_t, b_t, a, b, spec.entropy_weight, spec.label_smoothing,
         spec.ignore_index, int(spec.reduction), spec.prob_target, stats, denom)
