@@ -18,16 +18,22 @@ def _coefficient(value, dtype: torch.dtype):
     return value.to(dtype) if isinstance(value, torch.Tensor) else value
 
 
+def _index_masks(target: torch.Tensor, n_classes: int, ignore_index: int):
+    """(counted, in_range, y) for class-index targets: rows not ignored, rows whose index is a
+    class, and an index safe to read (0 where the row is ignored or out of range)."""
+    counted = target != ignore_index
+    in_range = (target >= 0) & (target < n_classes)
+    return counted, in_range, torch.where(counted & in_range, target, 0).long()
+
+
 def counted_row_weight(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
                        dtype: torch.dtype) -> torch.Tensor:
     """w_{y_i} for counted rows and 0 for ignored ones: the terms of the "mean" denominator.
     Out-of-range indices are treated as counted (their loss is NaN) and never read."""
-    counted = target != ignore_index
     if weight is None:
-        return counted.to(dtype)
-    n_classes = weight.shape[0]
-    safe = torch.where(counted & (target >= 0) & (target < n_classes), target, 0).long()
-    return torch.where(counted, weight.to(dtype)[safe], 0)
+        return (target != ignore_index).to(dtype)
+    counted, _, y = _index_masks(target, weight.shape[0], ignore_index)
+    return torch.where(counted, weight.to(dtype)[y], 0)
 
 
 def mean_denominator(target: torch.Tensor, weight: Optional[torch.Tensor], spec: LossSpec,
@@ -56,7 +62,8 @@ def _poison_out_of_range(z: torch.Tensor, target: torch.Tensor, ignore_index: in
     """Rows whose class index is out of range (and not ignored) become NaN, loss and gradient,
     as in the kernels: visible, and never an out-of-bounds read. (An addition, not a select,
     so that the NaN reaches the gradient too.)"""
-    bad = (target != ignore_index) & ((target < 0) | (target >= z.shape[-1]))
+    counted, in_range, _ = _index_masks(target, z.shape[-1], ignore_index)
+    bad = counted & ~in_range
     return z + torch.where(bad, float("nan"), 0.0).to(z.dtype).unsqueeze(-1)
 
 
@@ -70,9 +77,8 @@ def _focal_sample_weight(p_y, om, logp_y, gamma: float):
 
 def _index_target_rows(z, logp, p, entropy, target, weight, spec: LossSpec, a, b):
     n_classes = z.shape[-1]
-    counted = target != spec.ignore_index
-    in_range = (target >= 0) & (target < n_classes)
-    y = torch.where(counted & in_range, target, 0).long().unsqueeze(-1)
+    counted, in_range, y = _index_masks(target, n_classes, spec.ignore_index)
+    y = y.unsqueeze(-1)
     is_y = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, y, True)
     om = torch.where(is_y, 0.0, p).sum(-1)  # 1 - p_y as the other classes' mass: exact near p_y = 1
     # log p_y from 1 - p_y for confident rows, where log_softmax loses the digits of log S ~ 0
@@ -96,7 +102,7 @@ def _index_target_rows(z, logp, p, entropy, target, weight, spec: LossSpec, a, b
         loss = loss + a * eps / n_classes * smooth
 
     bad = counted & ~in_range
-    loss = torch.where(counted | bad, loss, 0.0)  # bad rows are already NaN (see _poison_out_of_range)
+    loss = torch.where(counted, loss, 0.0)  # bad rows are counted: NaN (see _poison_out_of_range)
     with torch.no_grad():
         sample_weight = a * (1 - eps) * _focal_sample_weight(p_y, om, logp_y, gamma) + b * p_y
         stats = {
