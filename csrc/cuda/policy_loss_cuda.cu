@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace aepg::cuda {
 namespace {
@@ -366,33 +367,33 @@ void dispatch_dtype(c10::ScalarType dtype, const Fn& fn) {
   }
 }
 
-}  // namespace
-
-void forward(const KernelArgs& args) {
+// Runs launch(input_tag, acc_tag, vec_width, stream) on the arguments' device and current stream,
+// with 16-byte vectors when every row is aligned for them.
+template <class Launch>
+void launch_rows(const KernelArgs& args, const Launch& launch) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(args.device_index));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(args.device_index);
   dispatch_dtype(args.dtype, [&](auto input_tag, auto acc_tag) {
     using scalar_t = decltype(input_tag);
-    using T = decltype(acc_tag);
     if (vectorizable<scalar_t>(args)) {
-      forward_vec<scalar_t, T, kVec<scalar_t>>(args, stream);
+      launch(input_tag, acc_tag, std::integral_constant<int, kVec<scalar_t>>(), stream);
     } else {
-      forward_vec<scalar_t, T, 1>(args, stream);
+      launch(input_tag, acc_tag, std::integral_constant<int, 1>(), stream);
     }
   });
 }
 
+}  // namespace
+
+void forward(const KernelArgs& args) {
+  launch_rows(args, [&](auto input_tag, auto acc_tag, auto vec, cudaStream_t stream) {
+    forward_vec<decltype(input_tag), decltype(acc_tag), decltype(vec)::value>(args, stream);
+  });
+}
+
 void backward(const KernelArgs& args) {
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(args.device_index));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(args.device_index);
-  dispatch_dtype(args.dtype, [&](auto input_tag, auto acc_tag) {
-    using scalar_t = decltype(input_tag);
-    using T = decltype(acc_tag);
-    if (vectorizable<scalar_t>(args)) {
-      backward_vec<scalar_t, T, kVec<scalar_t>>(args, stream);
-    } else {
-      backward_vec<scalar_t, T, 1>(args, stream);
-    }
+  launch_rows(args, [&](auto input_tag, auto acc_tag, auto vec, cudaStream_t stream) {
+    backward_vec<decltype(input_tag), decltype(acc_tag), decltype(vec)::value>(args, stream);
   });
 }
 
