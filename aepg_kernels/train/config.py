@@ -37,6 +37,9 @@ class ModelConfig:
     checkpoint: Optional[str] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (img_size, depth, ...)
     head_init_std: float = 0.001  # classifier heads start at N(0, std^2), bias 0 (the paper's N(0, 0.001))
+    # Embedded demo only: with no checkpoint, pretrain the backbone once on this embedded dataset
+    # (cached under run.cache_dir) and use it as model.checkpoint. Real runs bring their own weights.
+    pretrain_on: Optional[Literal["mnist"]] = None
 
     def __post_init__(self):
         _require(self.head_init_std > 0, "model.head_init_std", "must be > 0")
@@ -76,11 +79,13 @@ class DataConfig:
     batch_size: int = 256
     eval_batch_size: int = 256
     num_workers: int = 4
+    test_fraction: float = 0.3  # digits only (it has no official split): stratified, fixed split seed 0
 
     def __post_init__(self):
         for key in ("img_size", "batch_size", "eval_batch_size"):
             _require(getattr(self, key) >= 1, f"data.{key}", "must be >= 1")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         lo, hi = self.rrc_scale
         _require(0 < lo <= hi <= 1, "data.rrc_scale", f"need 0 < lo <= hi <= 1, got {self.rrc_scale}")
 
@@ -149,6 +154,13 @@ class RunConfig:
     output_dir: str = "runs"
     device: str = "auto"  # auto: cuda if available
     bf16: bool = True  # bf16 autocast on GPU
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: at task boundaries only)
+    resume: bool = True  # continue from output_dir's checkpoint when one exists
+    progress: bool = True  # progress bars (rank 0, when the output is a terminal)
+    cache_dir: Optional[str] = None  # pretrained demo backbones; null: $AEPG_CACHE or ~/.cache/aepg_kernels
+
+    def __post_init__(self):
+        _require(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
 
 
 @dataclass
