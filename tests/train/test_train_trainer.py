@@ -20,20 +20,21 @@ def dataset(seed):
     return TensorDataset(x, y), y
 
 
-def trainer(epochs=3, peft_frozen_epochs=2, loss="aepg"):
+def trainer(output_dir, epochs=3, peft_frozen_epochs=2, loss="aepg"):
     cfg = config_from_dict({
         "optim": {"lr": 1e-2, "epochs": epochs, "peft_frozen_epochs": peft_frozen_epochs},
         "data": {"batch_size": 16, "eval_batch_size": 64, "num_workers": 0},
         "loss": {"name": loss, "backend": "eager"},
         "scenario": {"num_tasks": 3, "class_order": "permuted"},
+        "run": {"output_dir": str(output_dir), "progress": False},
     })
     scenario = ClassIncrementalScenario.create(range(NUM_CLASSES), num_tasks=3, order="permuted", seed=0)
     model = make_model("lora", num_classes=())
     return ContinualTrainer(model, scenario, cfg, device="cpu", log=lambda message: None)
 
 
-def test_fit_fills_the_accuracy_matrix_and_logs_per_epoch():
-    t = trainer()
+def test_fit_fills_the_accuracy_matrix_and_logs_per_epoch(tmp_path):
+    t = trainer(tmp_path)
     (train, train_y), (test, test_y) = dataset(1), dataset(2)
     summary = t.fit(train, train_y, test, test_y)
     R = summary["accuracy_matrix"]
@@ -53,11 +54,13 @@ def test_fit_fills_the_accuracy_matrix_and_logs_per_epoch():
     assert history[2]["loss"] < history[0]["loss"]  # it learns task 0
     lora, head = 5 * 2 * 2 * 4 * 64, 64 * 2 + 2
     assert summary["trainable_parameters_per_task"] == [lora + head] * 3
+    assert len(summary["timing"]) == 3 and all(s > 0 for s in summary["timing"])
+    assert (tmp_path / "checkpoint.pt").is_file()
 
 
-def test_peft_and_old_heads_stay_frozen():
+def test_peft_and_old_heads_stay_frozen(tmp_path):
     """With every epoch of task 1 head-only, task 1 moves its own head and nothing else."""
-    t = trainer(epochs=2, peft_frozen_epochs=2, loss="ce")
+    t = trainer(tmp_path, epochs=2, peft_frozen_epochs=2, loss="ce")
     subsets = task_subsets(t.scenario, *dataset(1))
     t.train_task(0, subsets[0])
     frozen = t.model.peft_parameters() + list(t.model.heads.heads[0].parameters())
@@ -69,8 +72,8 @@ def test_peft_and_old_heads_stay_frozen():
 
 
 def test_cli_prints_the_resolved_config(capsys):
-    assert cli_main(["--config", "imagenet_r_10task_adapter", "optim.lr=1e-3"]) == 0
+    assert cli_main(["--config", "imagenet_r_10task_adapter", "--print-config", "optim.lr=1e-3"]) == 0
     out = capsys.readouterr().out
     assert "kind: adapter" in out and "lr: 0.001" in out
-    assert cli_main(["--config", "demo_digits", "optim.lrr=1"]) == 2
+    assert cli_main(["--config", "demo_digits", "--print-config", "optim.lrr=1"]) == 2
     assert "valid keys of optim" in capsys.readouterr().err

@@ -19,3 +19,29 @@ def make_model(kind: str = "lora", num_classes=(3,), **peft) -> ContinualViT:
 
 def images(n: int = 6) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+class AugmentedImages(torch.utils.data.Dataset):
+    """Images with a random augmentation drawn from torch's global RNG, as torchvision's transforms
+    draw theirs (noise and a horizontal flip), so seeding and resumption are tested for real."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        x = self.x[i] + 0.2 * torch.randn_like(self.x[i])
+        if torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.y[i]
+
+
+def class_images(per_class, seed: int):
+    """`per_class[c]` noisy 32x32 images around a fixed random centre per class c; (dataset, targets)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(per_class)])
+    centers = torch.randn(len(per_class), 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = centers[y] + 0.5 * torch.randn(len(y), 3, 32, 32, generator=g)
+    return AugmentedImages(x, y), y

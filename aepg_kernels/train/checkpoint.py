@@ -1,0 +1,134 @@
+"""Checkpoints of a continual run: what training changes, written atomically, and the checks that
+refuse to resume a different run.
+
+A checkpoint holds the trained parameters (PEFT modules and every head; the frozen backbone only
+as its weight file's path, in the config, and a fingerprint of its values), the optimizer and
+alpha-schedule states, the position (task, epoch, next batch, global step), the per-epoch history,
+the accuracy matrix, the scenario and the resolved config. Random streams are not stored: the
+trainer derives every seed from (run.seed, task, epoch, position), see `derive_seed`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT_VERSION = 1
+# Keys that may change between a run and its resumption: where and how a run reports and saves,
+# and data.num_workers (every sample's augmentation is seeded by its position, so the results do
+# not depend on it; tested).
+RESUME_NEUTRAL_KEYS = ("run.output_dir", "run.resume", "run.progress", "run.checkpoint_every", "run.cache_dir",
+                       "data.num_workers")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that belongs to another run (config, scenario or backbone)."""
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from a tuple of ints/strings, stable across processes and Python versions
+    (unlike hash() of a str)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def checkpoint_path(output_dir: str) -> Path:
+    return Path(output_dir) / CHECKPOINT_FILE
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file in the same folder, then os.replace: a run killed while
+    writing leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({**state, "format_version": FORMAT_VERSION}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> Optional[dict]:
+    """The checkpoint at `path`, or None when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ResumeError(f"{path}: checkpoint format {state.get('format_version')}, this trainer reads "
+                          f"{FORMAT_VERSION}; set run.resume=false or another run.output_dir")
+    return state
+
+
+def _flatten(values: dict, prefix: str = "") -> Dict[str, object]:
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> List[str]:
+    """`section.key: saved -> current` for every key that differs, except RESUME_NEUTRAL_KEYS."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted((a.keys() | b.keys()) - set(RESUME_NEUTRAL_KEYS))
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def _frozen_backbone_names(model: nn.Module, frozen_backbone: bool) -> List[str]:
+    if not frozen_backbone:
+        return []
+    peft = {id(p) for p in model.peft_parameters()}
+    return [f"backbone.{name}" for name, t in model.backbone.state_dict(keep_vars=True).items() if id(t) not in peft]
+
+
+def trained_state(model: nn.Module, frozen_backbone: bool) -> Dict[str, torch.Tensor]:
+    """Every state_dict entry training can change: all but the frozen backbone (CPU copies)."""
+    skip = set(_frozen_backbone_names(model, frozen_backbone))
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in skip}
+
+
+def load_trained_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Copies `state` into the model; every key must exist there with the same shape."""
+    current = model.state_dict()
+    unknown = sorted(set(state) - set(current))
+    if unknown:
+        raise ResumeError(f"checkpoint entries {unknown[:5]} do not exist in the model (another PEFT or model config?)")
+    with torch.no_grad():
+        for name, value in state.items():
+            if current[name].shape != value.shape:
+                raise ResumeError(f"checkpoint entry {name} has shape {tuple(value.shape)}, "
+                                  f"the model's {tuple(current[name].shape)}")
+            current[name].copy_(value)
+
+
+def backbone_fingerprint(model: nn.Module, frozen_backbone: bool) -> str:
+    """A hash of the frozen backbone's values (not stored in the checkpoint): resuming on other
+    weights (another file, another random init) is refused rather than silently mixed."""
+    digest = hashlib.blake2b(digest_size=16)
+    state = model.state_dict()
+    for name in _frozen_backbone_names(model, frozen_backbone):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_resumable(checkpoint: dict, config: dict, scenario: dict, fingerprint: str, path: Path) -> None:
+    """Raises ResumeError naming what differs between the checkpoint's run and this one."""
+    hint = f"resume refused ({path}): set run.resume=false or another run.output_dir to start afresh"
+    differences = config_differences(checkpoint["config"], config)
+    if differences:
+        raise ResumeError(f"{hint}; the config differs: " + "; ".join(differences))
+    if checkpoint["scenario"] != scenario:
+        raise ResumeError(f"{hint}; the scenario differs (class order / task sizes): checkpoint "
+                          f"{checkpoint['scenario']}, this run {scenario}")
+    if checkpoint["backbone_fingerprint"] != fingerprint:
+        raise ResumeError(f"{hint}; the frozen backbone's weights differ from the checkpoint's "
+                          f"(model.checkpoint={config['model']['checkpoint']!r})")
