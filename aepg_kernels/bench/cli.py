@@ -1,0 +1,221 @@
+"""aepg-bench: how close to the hardware limit the fused loss runs, and how much faster it is than
+the eager composite, torch.compile, F.cross_entropy and Liger-Kernel, on this machine.
+
+    aepg-bench [--suite quick|cpu|gpu] [--out FILE.json] [filters...]
+    aepg-bench trainer-step [--batch B] [--classes 100,21843] [--out FILE.json]
+    python -m aepg_kernels.bench ...
+
+Writes FILE.json (every number and the machine) and FILE.png (GB/s vs C per implementation);
+by default under bench/results/ of the checkout when run from one, else the working directory.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import implementations, machine, metrics, report, runner, timing, trainer_step
+from .correctness import GATE_MAX_ELEMENTS, TOLERANCE
+from .sweeps import DTYPES, LOSSES, MODES, SUITES, Case, check_names, grid, parse_shapes
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _csv(text: str) -> List[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aepg-bench", description=__doc__.splitlines()[0],
+                                     epilog="Subcommand: 'aepg-bench trainer-step --help'.")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quick",
+                        help="quick: the main job on this device; cpu: the CPU table; gpu: the full GPU sweep")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--implementations", type=_csv, default=None,
+                        help=f"comma list among {','.join(implementations.ALL_NAMES)} (eager always runs)")
+    parser.add_argument("--losses", type=_csv, default=None, help=f"keep these losses ({','.join(LOSSES)})")
+    parser.add_argument("--modes", type=_csv, default=None, help=f"keep these modes ({','.join(MODES)})")
+    parser.add_argument("--dtypes", type=_csv, default=None, help=f"keep these dtypes ({','.join(DTYPES)})")
+    parser.add_argument("--shapes", default=None,
+                        help="NxC list replacing the suite's shapes, e.g. 256x100,4096x1000 (with --losses, "
+                             "--modes, --dtypes or aepg, fwd+bwd, fp32)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="skip (and record) the cases that would start after this many seconds")
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (torch.set_num_threads)")
+    parser.add_argument("--no-graphs", action="store_true", help="GPU: skip the CUDA-graph timing of small shapes")
+    parser.add_argument("--no-profile", action="store_true", help="GPU: skip counting kernel launches")
+    parser.add_argument("--list", action="store_true", help="print the cases and exit")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON file (the PNG goes beside it)")
+    return parser
+
+
+def trainer_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aepg-bench trainer-step", description=trainer_step.__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--batch", type=int, default=None,
+                        help=f"images per step (default {trainer_step.GPU_BATCH} on a GPU, "
+                             f"{trainer_step.CPU_BATCH} on a CPU)")
+    parser.add_argument("--classes", type=_csv, default=["100", "21843"], help="head sizes, comma list")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median) after the warm-up")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--model", default="vit_base_patch16_224", help="a timm model name (random weights)")
+    parser.add_argument("--image-size", type=int, default=trainer_step.IMAGE_SIZE)
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON file")
+    return parser
+
+
+def resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def select_cases(parser: argparse.ArgumentParser, args) -> List[Case]:
+    try:
+        losses = check_names("losses", args.losses, LOSSES) if args.losses else None
+        modes = check_names("modes", args.modes, MODES) if args.modes else None
+        dtypes = check_names("dtypes", args.dtypes, DTYPES) if args.dtypes else None
+        if args.shapes:
+            return grid(losses or ["aepg"], modes or ["fwd+bwd"], dtypes or ["fp32"], parse_shapes(args.shapes))
+    except ValueError as error:
+        parser.error(str(error))
+    cases = SUITES[args.suite]().cases
+    return [case for case in cases if (losses is None or case.loss in losses)
+            and (modes is None or case.mode in modes) and (dtypes is None or case.dtype in dtypes)]
+
+
+def device_tag(info: dict) -> str:
+    """A file-name tag for the machine: the card ('nvidia-h100-80gb-hbm3') or 'cpu<cores>c'."""
+    if info.get("card"):
+        return re.sub(r"[^a-z0-9]+", "-", str(info["card"]).lower()).strip("-")
+    return f"cpu{info['cores']}c"
+
+
+def output_path(out: Optional[Path], stem: str) -> Path:
+    if out is not None:
+        return out
+    day = datetime.date.today().isoformat()
+    return report.default_output_dir(Path.cwd(), PACKAGE_DIR) / f"{stem}-{day}.json"
+
+
+def progress_bar(total: int):
+    """A tqdm bar on a terminal (rows print above it); plain rows into a log or pipe."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None or not sys.stderr.isatty():
+        return None, lambda line: print(line, flush=True)
+    bar = tqdm(total=total, desc="cases", unit="case", file=sys.stderr, leave=False)
+    return bar, bar.write
+
+
+def run_bench(argv: Sequence[str]) -> int:
+    parser = bench_parser()
+    args = parser.parse_args(argv)
+    device = resolve_device(parser, args.device)
+    if args.implementations:
+        try:
+            check_names("implementations", args.implementations, implementations.ALL_NAMES)
+        except ValueError as error:
+            parser.error(str(error))
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        parser.error("--max-seconds must be > 0")
+    cases = select_cases(parser, args)
+    if not cases:
+        parser.error("no case left after the --losses/--modes/--dtypes filters")
+    if args.list:
+        print("\n".join(case.label for case in cases))
+        return 0
+    if args.suite == "gpu" and device.type != "cuda" and not args.shapes:
+        parser.error("--suite gpu: the full GPU sweep needs a CUDA device (use --suite cpu or quick here)")
+
+    impls = implementations.select(device, args.implementations)
+    left_out = {name: why for name, why in implementations.available(device).items() if why}
+    info = machine.describe(device)
+    print(f"aepg-bench --suite {args.suite}: {len(cases)} cases on {machine.title(info)}")
+    print(f"implementations: {', '.join(impl.name for impl in impls)}")
+    for name, why in left_out.items():
+        print(f"  not run: {name} ({why})")
+    copy = timing.copy_bandwidth(device)
+    copy["gbps"] = metrics.gbps(metrics.copy_bytes(copy["buffer_bytes"]), copy["seconds"])
+    print(f"device copy: {copy['gbps']:.1f} GB/s (read + write of {copy['buffer_bytes'] / 2**20:.0f} MiB)")
+    if device.type != "cuda":
+        print("peak memory: not measured on a CPU; kernel launches and CUDA graphs: GPU only")
+
+    settings = runner.RunSettings(
+        device, torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
+        budget_seconds=args.max_seconds, graphs=not args.no_graphs, profile=not args.no_profile)
+    bar, write = progress_bar(len(cases))
+    write(report.header())
+    records = runner.run(cases, impls, settings, copy["gbps"],
+                         lambda rows: [write(report.format_row(r)) for r in rows], bar)
+    if bar is not None:
+        bar.close()
+    for line in report.summary_lines(records):
+        print(line)
+
+    json_path = output_path(args.out, f"{device_tag(info)}-{args.suite}")
+    document = {
+        "suite": args.suite, "argv": list(argv), "machine": info, "copy": copy,
+        "settings": {"gate_max_elements": GATE_MAX_ELEMENTS, "tolerance": TOLERANCE, "flush_bytes": runner.FLUSH_BYTES,
+                     "max_rotations": runner.MAX_ROTATIONS, "graph_max_elements": runner.GRAPH_MAX_ELEMENTS,
+                     "max_seconds": args.max_seconds,
+                     "timing": "triton.testing.do_bench median" if device.type == "cuda"
+                     else f"perf_counter median after {timing.CPU_WARMUP} warm-up calls"},
+        "implementations": [impl.name for impl in impls], "not_run": left_out, "records": records,
+    }
+    print(f"wrote {report.write_json(json_path, document)}")
+    png = report.write_plot(json_path.with_suffix(".png"), records, copy["gbps"], machine.title(info))
+    print(f"wrote {png}" if png else "no plot (nothing timed, or matplotlib missing)")
+    return 0 if not any(r["status"] in ("failed check", "error") for r in records) else 1
+
+
+def run_trainer_step(argv: Sequence[str]) -> int:
+    parser = trainer_parser()
+    args = parser.parse_args(argv)
+    device = resolve_device(parser, args.device)
+    try:
+        classes = [int(c) for c in args.classes]
+    except ValueError:
+        parser.error(f"--classes: expected a comma list of integers, got {','.join(args.classes)!r}")
+    for name in ("batch", "steps", "threads", "image_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if any(c < 1 for c in classes):
+        parser.error("--classes must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    batch = args.batch or trainer_step.default_batch(device)
+    info = machine.describe(device)
+    print(f"aepg-bench trainer-step: {args.model} + LoRA blocks 0-4, batch {batch}, on {machine.title(info)}")
+    if device.type != "cuda" and args.batch is None:
+        print(f"  (CPU: batch {batch} instead of {trainer_step.GPU_BATCH}; pass --batch to change it)")
+    records = trainer_step.run(device, batch, classes, steps=args.steps, warmup=args.warmup, model_name=args.model,
+                               image_size=args.image_size)
+    for record in records:
+        if "speedup_vs_eager" in record:
+            print(f"{record['classes']:>6} classes: fused step {record['speedup_vs_eager']:.3f}x the eager one")
+    path = output_path(args.out, f"{device_tag(info)}-trainer-step")
+    print(f"wrote {report.write_json(path, {'benchmark': 'trainer-step', 'argv': list(argv), 'machine': info, 'records': records})}")
+    return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "trainer-step":
+        return run_trainer_step(argv[1:])
+    return run_bench(argv)

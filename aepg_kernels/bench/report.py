@@ -1,0 +1,129 @@
+"""What a run leaves behind: the terminal table, the JSON file with every number and the machine,
+and the PNG plot (GB/s vs C per implementation, the copy bandwidth as a line)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+SCHEMA = "aepg-bench/1"
+
+# (header, record key, format, width); None values print as "-".
+COLUMNS = (
+    ("loss", "loss", "{}", 5),
+    ("mode", "mode", "{}", 12),
+    ("dtype", "dtype", "{}", 5),
+    ("N x C", None, "{}", 14),
+    ("implementation", "implementation", "{}", 15),
+    ("ms", "ms", "{:.4g}", 9),
+    ("GB/s", "gbps", "{:.4g}", 8),
+    ("%copy", "percent_of_copy", "{:.1f}", 6),
+    ("x eager", "speedup_vs_eager", "{:.2f}", 7),
+    ("x compile", "speedup_vs_compile", "{:.2f}", 9),
+    ("peak/logits", "peak_extra_over_logits", "{:.2f}", 11),
+    ("kernels", "kernels_per_call", "{:.3g}", 7),
+    ("graph us", "graph_us", "{:.1f}", 8),
+)
+
+
+def _cell(record: Dict, key: Optional[str], fmt: str) -> str:
+    if key is None:
+        return f"{record['n']}x{record['c']}"
+    value = record.get(key)
+    return "-" if value is None else fmt.format(value)
+
+
+def header() -> str:
+    return " ".join(f"{title:>{width}}" for title, _, _, width in COLUMNS)
+
+
+def format_row(record: Dict) -> str:
+    """One table line; a record without a time shows its status and reason instead of numbers."""
+    if record["status"] != "ok":
+        lead = COLUMNS[:5]
+        cells = " ".join(f"{_cell(record, key, fmt):>{width}}" for _, key, fmt, width in lead)
+        return f"{cells}  {record['status']}: {record['reason']}"
+    return " ".join(f"{_cell(record, key, fmt):>{width}}" for _, key, fmt, width in COLUMNS)
+
+
+def format_table(records: Iterable[Dict]) -> str:
+    return "\n".join([header()] + [format_row(r) for r in records])
+
+
+def default_output_dir(cwd: Path, package_dir: Path) -> Path:
+    """bench/results of the checkout when the package runs from one (the package's parent holds
+    bench/ and pyproject.toml), else the working directory."""
+    checkout = package_dir.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "bench").is_dir():
+        return checkout / "bench" / "results"
+    return cwd
+
+
+def write_json(path: Path, document: Dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"schema": SCHEMA, **document}, indent=1, default=str) + "\n")
+    return path
+
+
+def _plot_groups(records: Sequence[Dict]) -> Dict[tuple, Dict[str, Dict[int, float]]]:
+    """(loss, mode, dtype) -> implementation -> C -> GB/s, at the largest N measured for that C."""
+    best: Dict[tuple, Dict[str, Dict[int, tuple]]] = {}
+    for r in records:
+        if r["status"] != "ok" or not r.get("gbps"):
+            continue
+        per_c = best.setdefault((r["loss"], r["mode"], r["dtype"]), {}).setdefault(r["implementation"], {})
+        if r["c"] not in per_c or r["n"] > per_c[r["c"]][0]:
+            per_c[r["c"]] = (r["n"], r["gbps"])
+    return {key: {impl: {c: v[1] for c, v in per_c.items()} for impl, per_c in impls.items()}
+            for key, impls in best.items()}
+
+
+def write_plot(path: Path, records: Sequence[Dict], copy_gbps: Optional[float], title: str) -> Optional[Path]:
+    """One panel per (loss, mode, dtype): GB/s over the bytes floor vs C (log axis) per
+    implementation at the largest N measured, the copy bandwidth as a dashed line. None (and no
+    file) when nothing was timed or matplotlib is missing."""
+    groups = _plot_groups(records)
+    if not groups:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = sorted(groups)
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for impl, per_c in sorted(groups[key].items()):
+            cs = sorted(per_c)
+            ax.plot(cs, [per_c[c] for c in cs], marker="o", label=impl)
+        if copy_gbps:
+            ax.axhline(copy_gbps, color="black", linestyle="--", linewidth=1, label="device copy")
+        ax.set_xscale("log")
+        ax.set_xlabel("classes C")
+        ax.set_ylabel("GB/s over the bytes floor")
+        ax.set_title(" ".join(key), fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_lines(records: Sequence[Dict]) -> List[str]:
+    """Counts of what did not get a number, so a reader sees it without scanning the table."""
+    lines = []
+    for status in ("failed check", "error", "skipped"):
+        hits = [r for r in records if r["status"] == status]
+        if hits:
+            reasons = sorted({r["reason"].split(":")[0] for r in hits})
+            lines.append(f"{len(hits)} {status}: {'; '.join(reasons)}")
+    return lines

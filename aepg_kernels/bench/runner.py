@@ -1,0 +1,129 @@
+"""Runs a list of cases over the implementations: per case, the correctness gate, then the timing
+and (on a GPU) memory, launches and CUDA-graph time; one JSON-ready record per (case, implementation)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import metrics, timing
+from .correctness import check, gate_rows, loss_and_grad
+from .implementations import Implementation
+from .inputs import make_inputs
+from .sweeps import MODES, Case, fits, logits_bytes, memory_needed, rotations
+
+# Rotate input copies until they cover this many bytes (more than any last-level cache), at most MAX_ROTATIONS.
+FLUSH_BYTES, MAX_ROTATIONS = 256 << 20, 32
+GRAPH_MAX_ELEMENTS = 1 << 21  # time a CUDA-graph replay for N*C up to this (launch-bound shapes)
+
+Record = Dict[str, object]
+Report = Callable[[List[Record]], None]
+
+
+@dataclasses.dataclass
+class RunSettings:
+    device: torch.device
+    memory_bytes: Optional[int]          # device memory for the skip rule; None on a CPU
+    budget_seconds: Optional[float] = None  # cases starting after this are skipped (and recorded so)
+    graphs: bool = True                  # CUDA-graph timing of small shapes (GPU only)
+    profile: bool = True                 # kernel launches per call (GPU only)
+
+
+def base_record(case: Case, impl: str, status: str, reason: str = "") -> Record:
+    return {**dataclasses.asdict(case), "implementation": impl, "status": status, "reason": reason,
+            "minimal_bytes": metrics.minimal_bytes(case)}
+
+
+def measure(impl: Implementation, fn, inputs, case: Case, settings: RunSettings, copy_gbps: Optional[float]
+            ) -> Record:
+    """Times one implementation that passed the gate; optional GPU metrics are best-effort (an error
+    there is recorded, the time stays)."""
+    device, backward = settings.device, MODES[case.mode].backward
+    step = timing.make_step(fn, inputs, backward)
+    seconds = timing.median_seconds(step, device)
+    record = {"seconds": seconds, "ms": seconds * 1e3,
+              "gbps": metrics.gbps(metrics.minimal_bytes(case), seconds)}
+    record["percent_of_copy"] = metrics.percent_of(record["gbps"], copy_gbps)
+    if device.type != "cuda":
+        record["peak_extra_bytes"] = None
+        record["peak_extra_note"] = "not measured on a CPU (no allocator statistics)"
+        return record
+    peak = timing.peak_extra_bytes(step, device)
+    record["peak_extra_bytes"] = peak
+    record["peak_extra_over_logits"] = peak / logits_bytes(case) if peak is not None else None
+    if settings.profile:
+        try:
+            ops = timing.device_ops_per_call(step, device)
+            record["kernels_per_call"], record["memcpy_memset_per_call"] = ops["kernels"], ops["memcpy_memset"]
+        except Exception as error:  # noqa: BLE001
+            record["profile_error"] = f"{type(error).__name__}: {error}"
+    if settings.graphs and case.elements <= GRAPH_MAX_ELEMENTS:
+        try:
+            record["graph_us"] = timing.cuda_graph_seconds(step, device) * 1e6
+        except Exception as error:  # noqa: BLE001  (e.g. a host sync inside the call breaks the capture)
+            record["graph_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+    return record
+
+
+def run_case(case: Case, impls: Sequence[Implementation], settings: RunSettings, copy_gbps: Optional[float]
+             ) -> List[Record]:
+    device, backward = settings.device, MODES[case.mode].backward
+    copies = rotations(case, FLUSH_BYTES, MAX_ROTATIONS)
+    if not fits(case, settings.memory_bytes, 0.0, copies):
+        return [base_record(case, "*", "skipped", f"does not fit: needs {memory_needed(case, 0, copies) / 1e9:.1f} GB "
+                                                  f"of {settings.memory_bytes / 1e9:.1f} GB")]
+    gate_inputs = make_inputs(case, device, rows=gate_rows(case.n, case.c), seed=1)
+    eager = next(impl for impl in impls if impl.name == "eager")
+    reference = loss_and_grad(eager.build(case), gate_inputs, backward, in_place=False)
+    inputs = make_inputs(case, device, rotations=copies)
+    records, eager_seconds = [], None
+    for impl in sorted(impls, key=lambda impl: impl.in_place):  # in-place ones last: they overwrite inputs
+        why_not = impl.unsupported(case)
+        if why_not is None and not fits(case, settings.memory_bytes, impl.workspace_fp32_copies, copies):
+            why_not = (f"does not fit: needs ~{memory_needed(case, impl.workspace_fp32_copies, copies) / 1e9:.1f} "
+                       f"GB of {settings.memory_bytes / 1e9:.1f} GB")
+        if why_not is not None:
+            records.append(base_record(case, impl.name, "skipped", why_not))
+            continue
+        record = base_record(case, impl.name, "ok")
+        record["rotations"] = copies
+        try:
+            fn = impl.build(case)
+            result = check(fn, reference, gate_inputs, case.dtype, backward, impl.in_place)
+            record["check"] = dataclasses.asdict(result)
+            if not result.passed:
+                record.update(status="failed check", reason=result.message)
+            else:
+                record.update(measure(impl, fn, inputs, case, settings, copy_gbps))
+        except Exception as error:  # noqa: BLE001  (one broken implementation must not end the run)
+            record.update(status="error", reason=f"{type(error).__name__}: {str(error)[:300]}")
+        if impl.name == "eager":
+            eager_seconds = record.get("seconds")
+        records.append(record)
+    compile_seconds = next((r.get("seconds") for r in records if r["implementation"] == "compile"), None)
+    for record in records:
+        record["speedup_vs_eager"] = metrics.speedup(eager_seconds, record.get("seconds"))
+        record["speedup_vs_compile"] = metrics.speedup(compile_seconds, record.get("seconds"))
+    del inputs, gate_inputs, reference
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return records
+
+
+def run(cases: Sequence[Case], impls: Sequence[Implementation], settings: RunSettings,
+        copy_gbps: Optional[float], report: Report, progress=None) -> List[Record]:
+    """All cases in order; `report` gets each case's records as they finish (the terminal table);
+    `progress` (a tqdm bar or None) is advanced per case."""
+    start, records = time.monotonic(), []
+    for case in cases:
+        if settings.budget_seconds is not None and time.monotonic() - start > settings.budget_seconds:
+            case_records = [base_record(case, "*", "skipped", f"time budget of {settings.budget_seconds:.0f} s spent")]
+        else:
+            case_records = run_case(case, impls, settings, copy_gbps)
+        records += case_records
+        report(case_records)
+        if progress is not None:
+            progress.update(1)
+    return records

@@ -1,0 +1,182 @@
+"""What a benchmark run measures: loss configurations, modes, dtypes, shapes, and the suites
+that combine them (kernels.md section 6). Pure data and arithmetic: no timing, no device."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """One member of the loss family, as keyword arguments of `aepg_kernels.policy_loss`."""
+
+    name: str
+    options: Tuple[Tuple[str, float], ...]
+
+    @property
+    def kwargs(self) -> Dict[str, float]:
+        return dict(self.options)
+
+
+LOSSES: Dict[str, LossConfig] = {loss.name: loss for loss in (
+    LossConfig("ce", (("ce_weight", 1.0), ("epg_weight", 0.0))),
+    LossConfig("epg", (("ce_weight", 0.0), ("epg_weight", 1.0))),
+    LossConfig("aepg", (("ce_weight", 0.5), ("epg_weight", 0.5), ("entropy_weight", 0.1))),  # alpha=0.5, beta=0.1
+)}
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    backward: bool
+    reduction: str  # "none": the backward gets a per-row upstream gradient
+
+    @property
+    def per_row_upstream(self) -> bool:
+        return self.backward and self.reduction == "none"
+
+
+MODES: Dict[str, Mode] = {mode.name: mode for mode in (
+    Mode("fwd", backward=False, reduction="mean"),
+    Mode("fwd+bwd", backward=True, reduction="mean"),         # upstream gradient 1 (loss.backward())
+    Mode("fwd+bwd/rows", backward=True, reduction="none"),    # random per-row upstream gradient
+)}
+
+DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+CLASSIFICATION_C = (10, 100, 1000, 1001, 4096, 21843)
+CLASSIFICATION_N = (256, 4096, 65536, 1048576)
+LLM_C = (32000, 50257, 128256, 151936, 262144)
+LLM_N = (2048, 8192, 16384)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured configuration; every implementation that supports it runs it."""
+
+    loss: str
+    mode: str
+    dtype: str
+    n: int
+    c: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.loss} {self.mode} {self.dtype} {self.n}x{self.c}"
+
+    @property
+    def elements(self) -> int:
+        return self.n * self.c
+
+
+def element_bytes(dtype: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+def logits_bytes(case: Case) -> int:
+    return case.elements * element_bytes(case.dtype)
+
+
+# A shape runs for an implementation only if its inputs, the gradient and the implementation's
+# workspace fit in MEMORY_FRACTION of the device memory. Workspaces are counted in fp32 copies of
+# the logits (the composites compute in fp32 whatever the input dtype): see Implementation.
+MEMORY_FRACTION = 0.8
+
+
+def memory_needed(case: Case, workspace_fp32_copies: float, rotations: int = 1) -> int:
+    """Input copies + one gradient + the workspace, in bytes."""
+    return logits_bytes(case) * (rotations + 1) + int(case.elements * 4 * workspace_fp32_copies)
+
+
+def fits(case: Case, memory_bytes: Optional[int], workspace_fp32_copies: float, rotations: int = 1) -> bool:
+    """None: memory unknown (a CPU), run it."""
+    needed = memory_needed(case, workspace_fp32_copies, rotations)
+    return memory_bytes is None or needed <= MEMORY_FRACTION * memory_bytes
+
+
+def grid(losses: Iterable[str], modes: Iterable[str], dtypes: Iterable[str],
+         shapes: Iterable[Tuple[int, int]]) -> List[Case]:
+    shapes = list(shapes)
+    return [Case(loss, mode, dtype, n, c) for dtype in dtypes for mode in modes for loss in losses
+            for n, c in shapes]
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    cases: Tuple[Case, ...]
+    device: str = "any"  # "cuda": only meaningful on a GPU
+    small_graph_elements: int = field(default=1 << 20)  # time a CUDA graph replay at or below this N*C
+
+
+def _unique(cases: Iterable[Case]) -> Tuple[Case, ...]:
+    return tuple(dict.fromkeys(cases))
+
+
+def quick_suite() -> Suite:
+    """The main job: this device, fused vs eager vs torch.compile, a few shapes, all three modes
+    on one classification shape; about two minutes on a 2-core CPU including compile time."""
+    cases = grid(["aepg"], ["fwd+bwd"], ["fp32"], [(256, 100), (4096, 1000)])
+    cases += grid(["aepg"], ["fwd", "fwd+bwd/rows"], ["fp32"], [(4096, 1000)])
+    cases += grid(["ce"], ["fwd+bwd"], ["fp32"], [(4096, 1000)])
+    return Suite("quick", "fused vs eager vs torch.compile on this device, a few shapes", _unique(cases))
+
+
+def cpu_suite() -> Suite:
+    """The CPU table (the shapes of the former bench/cpu_native.py, plus the modes and losses)."""
+    shapes = [(256, 100), (256, 1000), (4096, 1000), (8192, 32000)]
+    cases = grid(["aepg"], ["fwd+bwd"], ["fp32"], shapes)
+    cases += grid(["ce", "epg"], ["fwd+bwd"], ["fp32"], [(4096, 1000)])
+    cases += grid(["aepg"], ["fwd", "fwd+bwd/rows"], ["fp32"], [(4096, 1000), (8192, 32000)])
+    cases += grid(["aepg"], ["fwd+bwd"], ["bf16"], [(4096, 1000)])
+    return Suite("cpu", "the CPU table: native cpu kernel vs eager vs torch.compile", _unique(cases))
+
+
+def gpu_suite() -> Suite:
+    """The full GPU sweep, ordered by priority (the runner's time budget cuts from the end):
+    first the issue's target shapes, then the classification and LLM grids, then the mode /
+    loss / dtype coverage."""
+    targets = grid(["ce", "aepg"], ["fwd+bwd"], ["bf16"], [(8192, 128256)])
+    targets += grid(["ce", "aepg"], ["fwd+bwd"], ["fp32"], [(16384, 32000)])
+    targets += grid(["aepg"], ["fwd+bwd"], ["fp32", "bf16"], [(256, 100), (4096, 100), (65536, 1000)])
+    classification = grid(["aepg"], ["fwd+bwd"], ["bf16"],
+                          [(n, c) for c in CLASSIFICATION_C for n in CLASSIFICATION_N])
+    llm = grid(["ce", "aepg"], ["fwd+bwd"], ["bf16"], [(n, c) for c in LLM_C for n in LLM_N])
+    coverage = grid(list(LOSSES), list(MODES), list(DTYPES), [(4096, 1000), (8192, 50257)])
+    fp32_classification = grid(["aepg"], ["fwd+bwd"], ["fp32"],
+                               [(n, c) for c in CLASSIFICATION_C for n in CLASSIFICATION_N])
+    return Suite("gpu", "the full GPU sweep: classification and LLM shapes, all modes, losses and dtypes",
+                 _unique(targets + classification + llm + coverage + fp32_classification), device="cuda")
+
+
+SUITES = {"quick": quick_suite, "cpu": cpu_suite, "gpu": gpu_suite}
+
+
+def parse_shapes(text: str) -> List[Tuple[int, int]]:
+    """'256x100,4096x1000' -> [(256, 100), (4096, 1000)]; ValueError naming --shapes otherwise."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--shapes: expected NxC with positive integers (e.g. 4096x1000), got {item!r}")
+        shapes.append((int(parts[0]), int(parts[1])))
+    return shapes
+
+
+def check_names(kind: str, names: Sequence[str], known: Iterable[str]) -> List[str]:
+    known = list(known)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"--{kind}: unknown {unknown}; expected some of {known}")
+    return list(names)
+
+
+def rotations(case: Case, flush_bytes: int, max_rotations: int) -> int:
+    """How many copies of the inputs to cycle through so that each call reads logits that are not
+    in cache: enough to cover `flush_bytes` (more than the last-level cache), at most
+    `max_rotations`."""
+    return max(1, min(max_rotations, math.ceil(flush_bytes / max(logits_bytes(case), 1))))

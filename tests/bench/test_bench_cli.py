@@ -1,0 +1,100 @@
+"""aepg-bench end to end on the CPU (tiny shapes) and its argument errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import aepg_kernels as ak
+from aepg_kernels.bench import cli, metrics
+from aepg_kernels.bench.sweeps import Case
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cpu_run_writes_json_and_png(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    fused = ["cpu"] if "cpu" in ak.available_backends() else []
+    rc = cli.main(["--shapes", "8x10,16x33", "--losses", "ce,aepg", "--modes", "fwd,fwd+bwd,fwd+bwd/rows",
+                   "--implementations", ",".join(["eager", "F.cross_entropy", "triton"] + fused), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    document = json.loads(out.read_text())
+    assert document["schema"] == "aepg-bench/1"
+    for key in ("cpu", "cores", "torch", "triton", "date", "load_average_1_5_15min", "available_backends"):
+        assert key in document["machine"]
+    assert document["copy"]["gbps"] > 0
+    assert "triton" in document["not_run"]  # never timed under TRITON_INTERPRET / without a GPU
+    records = document["records"]
+    assert len({(r["loss"], r["mode"], r["n"], r["c"]) for r in records}) == 12
+    timed = [r for r in records if r["status"] == "ok"]
+    assert {r["implementation"] for r in timed} == {"eager", "F.cross_entropy", *fused}
+    for r in timed:
+        case = Case(r["loss"], r["mode"], r["dtype"], r["n"], r["c"])
+        assert r["gbps"] == pytest.approx(metrics.minimal_bytes(case) / r["seconds"] / 1e9)
+        assert r["check"]["passed"] and r["peak_extra_bytes"] is None
+    assert all(r["status"] == "skipped" for r in records
+               if r["implementation"] == "F.cross_entropy" and r["loss"] != "ce")
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "x eager" in printed and "16x33" in printed and f"wrote {out}" in printed
+
+
+def test_compile_runs_and_is_checked(tmp_path):
+    out = tmp_path / "compile.json"
+    assert cli.main(["--shapes", "8x10", "--modes", "fwd", "--implementations", "eager,compile", "--out", str(out)]) == 0
+    (compiled,) = [r for r in json.loads(out.read_text())["records"] if r["implementation"] == "compile"]
+    assert compiled["status"] == "ok" and compiled["check"]["passed"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--losses", "nll"], "--losses: unknown"),
+    (["--shapes", "10"], "--shapes: expected NxC"),
+    (["--implementations", "apex"], "--implementations: unknown"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--max-seconds", "0"], "--max-seconds must be > 0"),
+    (["--suite", "nightly"], "invalid choice"),
+    (["trainer-step", "--classes", "ten"], "--classes: expected a comma list of integers"),
+    (["trainer-step", "--batch", "0"], "--batch must be >= 1"),
+])
+def test_argument_errors_name_the_argument(argv, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        cli.main(argv)
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_gpu_only_requests_fail_clearly_without_a_gpu(capsys):
+    for argv, message in ((["--suite", "gpu"], "--suite gpu: the full GPU sweep needs a CUDA device"),
+                          (["--device", "cuda"], "--device cuda: no CUDA device")):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_python_dash_m_lists_the_quick_suite():
+    out = subprocess.run([sys.executable, "-m", "aepg_kernels.bench", "--list"], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert "aepg fwd+bwd fp32 4096x1000" in out
+
+
+def test_trainer_step_on_a_tiny_vit(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    rc = cli.main(["trainer-step", "--model", "vit_tiny_patch16_224", "--image-size", "32", "--steps", "1",
+                   "--warmup", "0", "--classes", "5,300", "--out", str(out)])
+    assert rc == 0
+    assert "(CPU: batch 2 instead of 256" in capsys.readouterr().out
+    records = json.loads(out.read_text())["records"]
+    assert [(r["classes"], r["loss_backend"]) for r in records] == [(5, "fused"), (5, "eager"),
+                                                                     (300, "fused"), (300, "eager")]
+    assert all(r["status"] == "ok" and r["step_ms"] > 0 and r["batch"] == 2 for r in records)
+    assert records[0]["speedup_vs_eager"] == pytest.approx(records[1]["step_ms"] / records[0]["step_ms"])

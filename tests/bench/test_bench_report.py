@@ -1,0 +1,59 @@
+"""The terminal table, the default output place, the JSON document and the PNG plot."""
+import json
+
+from aepg_kernels.bench import report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def record(impl, c, gbps, status="ok", n=4096, **extra):
+    return {"loss": "aepg", "mode": "fwd+bwd", "dtype": "fp32", "n": n, "c": c, "implementation": impl,
+            "status": status, "reason": "" if status == "ok" else "cross entropy only", "ms": 1.5, "gbps": gbps,
+            "percent_of_copy": 50.0, "speedup_vs_eager": 2.0, **extra}
+
+
+def test_rows_line_up_with_the_header_and_missing_values_print_as_dash():
+    row = report.format_row(record("cpu", 1000, 12.3456))
+    assert len(row) == len(report.header())
+    cells = row.split()
+    assert cells[3] == "4096x1000" and cells[4] == "cpu" and cells[5] == "1.5" and cells[6] == "12.35"
+    assert cells[-1] == "-"  # no CUDA-graph time
+
+
+def test_a_row_without_a_time_says_why():
+    row = report.format_row(record("liger", 1000, None, status="skipped"))
+    assert row.endswith("skipped: cross entropy only") and "liger" in row
+
+
+def test_summary_counts_what_got_no_number():
+    records = [record("a", 10, 1.0), record("b", 10, None, status="skipped"),
+               dict(record("c", 10, None, status="failed check"), reason="differs from eager: loss error 1")]
+    assert report.summary_lines(records) == ["1 failed check: differs from eager", "1 skipped: cross entropy only"]
+
+
+def test_default_output_dir_is_bench_results_in_a_checkout_else_the_working_directory(tmp_path):
+    checkout = tmp_path / "repo"
+    (checkout / "bench").mkdir(parents=True)
+    (checkout / "aepg_kernels").mkdir()
+    (checkout / "pyproject.toml").write_text("")
+    assert report.default_output_dir(tmp_path, checkout / "aepg_kernels") == checkout / "bench" / "results"
+    site = tmp_path / "site-packages"
+    (site / "aepg_kernels").mkdir(parents=True)
+    assert report.default_output_dir(tmp_path / "cwd", site / "aepg_kernels") == tmp_path / "cwd"
+
+
+def test_json_carries_the_schema(tmp_path):
+    path = report.write_json(tmp_path / "sub" / "r.json", {"records": [record("cpu", 10, 1.0)]})
+    document = json.loads(path.read_text())
+    assert document["schema"] == report.SCHEMA and document["records"][0]["c"] == 10
+
+
+def test_plot_takes_the_largest_n_per_class_count(tmp_path):
+    records = [record("cpu", 100, 5.0, n=256), record("cpu", 100, 9.0, n=65536), record("cpu", 1000, 7.0),
+               record("eager", 100, 1.0), record("liger", 100, None, status="skipped")]
+    groups = report._plot_groups(records)
+    assert groups == {("aepg", "fwd+bwd", "fp32"): {"cpu": {100: 9.0, 1000: 7.0}, "eager": {100: 1.0}}}
+    path = report.write_plot(tmp_path / "p.png", records, copy_gbps=20.0, title="test")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert report.write_plot(tmp_path / "none.png", records[-1:], 20.0, "t") is None
+    assert not (tmp_path / "none.png").exists()

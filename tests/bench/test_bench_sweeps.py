@@ -1,0 +1,80 @@
+"""Sweep definitions, skip rules and the formulas of aepg-bench (pure arithmetic, no timing)."""
+import pytest
+
+from aepg_kernels.bench import metrics
+from aepg_kernels.bench.sweeps import (CLASSIFICATION_C, DTYPES, LLM_C, LOSSES, MODES, SUITES, Case, check_names,
+                                       fits, memory_needed, parse_shapes, rotations)
+
+GB = 10**9
+
+
+def test_gpu_suite_covers_every_shape_mode_loss_and_dtype():
+    cases = SUITES["gpu"]().cases
+    assert {c.c for c in cases} >= set(CLASSIFICATION_C) | set(LLM_C)
+    assert {c.mode for c in cases} == set(MODES)
+    assert {c.loss for c in cases} == set(LOSSES)
+    assert {c.dtype for c in cases} == set(DTYPES)
+    assert max(c.n for c in cases if c.c in CLASSIFICATION_C) >= 2**20  # "N up to about 1M rows"
+    assert {c.n for c in cases if c.c in LLM_C} <= set(range(2048, 16385))
+    assert len(cases) == len(set(cases))
+
+
+def test_gpu_suite_starts_with_the_issue_targets():
+    first = SUITES["gpu"]().cases[:4]
+    assert Case("ce", "fwd+bwd", "bf16", 8192, 128256) in first
+    assert Case("ce", "fwd+bwd", "fp32", 16384, 32000) in first
+
+
+def test_quick_suite_is_small_fp32_and_covers_the_three_modes():
+    cases = SUITES["quick"]().cases
+    assert len(cases) <= 6
+    assert {c.dtype for c in cases} == {"fp32"}
+    assert {c.mode for c in cases} == set(MODES)
+    assert max(c.n * c.c for c in cases) <= 4096 * 1000
+
+
+def test_cpu_suite_has_the_cpu_table_shapes():
+    shapes = {(c.n, c.c) for c in SUITES["cpu"]().cases}
+    assert shapes >= {(256, 100), (256, 1000), (4096, 1000), (8192, 32000)}
+
+
+def test_bytes_floor_matches_the_worked_examples():
+    # kernels.md section 1: bf16 8192x128256 fwd+bwd -> 4.2 GB; fp32 4096x100 -> 3.3 MB.
+    assert metrics.minimal_bytes(Case("ce", "fwd+bwd", "bf16", 8192, 128256)) == 8192 * 128256 * 2 * 2
+    assert round(metrics.minimal_bytes(Case("ce", "fwd+bwd", "bf16", 8192, 128256)) / GB, 1) == 4.2
+    assert metrics.minimal_bytes(Case("aepg", "fwd+bwd/rows", "fp32", 4096, 100)) == 4096 * 100 * 4 * 2
+    assert metrics.minimal_bytes(Case("aepg", "fwd", "fp16", 10, 7)) == 10 * 7 * 2  # one read
+
+
+def test_bandwidth_percent_and_speedup():
+    floor = metrics.minimal_bytes(Case("ce", "fwd+bwd", "bf16", 8192, 128256))
+    assert metrics.gbps(floor, 1.40e-3) == pytest.approx(3000, rel=0.01)  # the H100 floor of kernels.md
+    assert metrics.copy_bytes(2**30) == 2**31
+    assert metrics.percent_of(2550.0, 3000.0) == pytest.approx(85.0)
+    assert metrics.speedup(3.0, 1.5) == 2.0
+    assert metrics.gbps(floor, None) is None and metrics.speedup(None, 1.0) is None
+
+
+def test_skip_rule_by_memory():
+    huge = Case("ce", "fwd+bwd", "bf16", 16384, 262144)  # 8.6 GB of logits
+    h100 = 80 * GB
+    assert fits(huge, h100, workspace_fp32_copies=0)  # logits + gradient: 17 GB
+    assert not fits(huge, h100, workspace_fp32_copies=7)  # + 7 fp32 copies: 137 GB
+    assert fits(huge, None, workspace_fp32_copies=7)  # unknown memory (a CPU): run it
+    assert memory_needed(huge, 0, rotations=3) == huge.n * huge.c * 2 * 4
+
+
+def test_rotations_cover_the_flush_size_within_the_cap():
+    small, big = Case("ce", "fwd", "fp32", 256, 100), Case("ce", "fwd", "fp32", 65536, 4096)
+    assert rotations(small, 256 << 20, 32) == 32
+    assert rotations(big, 256 << 20, 32) == 1
+    assert rotations(Case("ce", "fwd", "fp32", 1024, 1024), 16 << 20, 32) == 4
+
+
+def test_parse_shapes_and_names():
+    assert parse_shapes("256x100, 4096X1000") == [(256, 100), (4096, 1000)]
+    for bad in ("256", "0x10", "ax10", "4x4x4"):
+        with pytest.raises(ValueError, match="--shapes"):
+            parse_shapes(bad)
+    with pytest.raises(ValueError, match="--losses: unknown \\['nll'\\]"):
+        check_names("losses", ["ce", "nll"], LOSSES)
