@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
@@ -300,8 +300,8 @@ class ContinualTrainer:
             samples = SeededSamples(test_sets[i], self.cfg.run.seed, "test", i)
             shard = Subset(samples, range(self.rank, len(samples), self.world_size))
             if len(shard):
-                preds, targets = predict_loader(self.model, self._loader(shard, batch_size=self.cfg.data.eval_batch_size),
-                                                self.device)
+                loader = self._loader(shard, batch_size=self.cfg.data.eval_batch_size)
+                preds, targets = predict_loader(self.model, loader, self.device)
                 counts[i, 0], counts[i, 1] = int((preds == targets).sum()), len(targets)
         correct, total = distributed.all_reduce_sum(counts).cpu().T.tolist()
         accs = [c / t if t else math.nan for c, t in zip(correct, total, strict=True)]

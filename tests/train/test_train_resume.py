@@ -9,7 +9,7 @@ from aepg_kernels.train import ClassIncrementalScenario, ContinualTrainer, confi
 from aepg_kernels.train.checkpoint import ResumeError
 from aepg_kernels.train.trainer import EpochBatches, SeededSamples, TrainingInterrupted
 
-from tiny_vit import class_images, make_model
+from tiny_vit import class_images, make_model, one_intra_op_thread
 
 # 3 tasks x 16 images, batches of 6 (6, 6, 4): 3 steps per epoch, 9 per task, 27 in all.
 PER_CLASS, STEPS_PER_TASK = [8] * 6, 9
@@ -49,7 +49,8 @@ def without_timing(summary):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    summary, trainer = fit(config(tmp_path_factory.mktemp("uninterrupted"), checkpoint_every=0))
+    with one_intra_op_thread():
+        summary, trainer = fit(config(tmp_path_factory.mktemp("uninterrupted"), checkpoint_every=0))
     return summary, trainer.model.state_dict()
 
 

@@ -1,6 +1,9 @@
 """Smoke tests of the training loop on random, class-separable data (tiny ViT, a few steps)."""
+import io
 import math
+import sys
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
@@ -77,3 +80,18 @@ def test_cli_prints_the_resolved_config(capsys):
     assert "kind: adapter" in out and "lr: 0.001" in out
     assert cli_main(["--config", "demo_digits", "--print-config", "optim.lrr=1"]) == 2
     assert "valid keys of optim" in capsys.readouterr().err
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("progress, terminal", [(True, True), (False, True), (True, False)])
+def test_progress_bars_only_on_a_terminal_when_asked(tmp_path, monkeypatch, progress, terminal):
+    t = trainer(tmp_path, epochs=1, peft_frozen_epochs=0)
+    t.cfg.run.progress = progress
+    err = Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    t.fit(*dataset(1), *dataset(2))
+    assert ("task 3/3" in err.getvalue()) == (progress and terminal)

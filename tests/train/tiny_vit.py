@@ -1,5 +1,7 @@
 """Test helpers: a tiny timm ViT (no download): 32x32 inputs, 8x8 patches (16 tokens), 5 blocks so the default
 PEFT blocks 0-4 exist, width 64."""
+import contextlib
+
 import torch
 
 from aepg_kernels.train import ContinualViT, ModelConfig, PeftConfig
@@ -45,3 +47,14 @@ def class_images(per_class, seed: int):
     centers = torch.randn(len(per_class), 3, 32, 32, generator=torch.Generator().manual_seed(0))
     x = centers[y] + 0.5 * torch.randn(len(y), 3, 32, 32, generator=g)
     return AugmentedImages(x, y), y
+
+
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """As conftest's autouse fixture, for module-scoped fixtures (set up before it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
