@@ -45,7 +45,8 @@ def bench_parser() -> argparse.ArgumentParser:
                         help="NxC list replacing the suite's shapes, e.g. 256x100,4096x1000 (with --losses, "
                              "--modes, --dtypes or aepg, fwd+bwd, fp32)")
     parser.add_argument("--max-seconds", type=float, default=None,
-                        help="skip (and record) the cases that would start after this many seconds")
+                        help="skip (and record) the cases that would start after this many seconds "
+                             "(default: the suite's budget, 420 s for gpu, none for quick and cpu)")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (torch.set_num_threads)")
     parser.add_argument("--no-graphs", action="store_true", help="GPU: skip the CUDA-graph timing of small shapes")
     parser.add_argument("--no-profile", action="store_true", help="GPU: skip counting kernel launches")
@@ -143,44 +144,71 @@ def run_bench(argv: Sequence[str]) -> int:
         parser.error("--suite gpu: the full GPU sweep needs a CUDA device (use --suite cpu or quick here)")
 
     impls = implementations.select(device, args.implementations)
-    left_out = {name: why for name, why in implementations.available(device).items() if why}
     info = machine.describe(device)
-    print(f"aepg-bench --suite {args.suite}: {len(cases)} cases on {machine.title(info)}")
+    copy = announce(args.suite, cases, impls, device, info)
+    budget = args.max_seconds if args.max_seconds is not None else SUITES[args.suite]().budget_seconds
+    settings = runner.RunSettings(
+        device, torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
+        budget_seconds=budget, graphs=not args.no_graphs, profile=not args.no_profile)
+    json_path = output_path(args.out, f"{device_tag(info)}-{args.suite}")
+    document = new_document(args.suite, argv, info, copy, settings, impls)
+    records = run_with_progress(cases, impls, settings, copy["gbps"], document, json_path)
+    for line in report.summary_lines(records):
+        print(line)
+    document["complete"] = True
+    print(f"wrote {report.write_json(json_path, document)}")
+    png = report.write_plot(json_path.with_suffix(".png"), records, copy["gbps"], machine.title(info))
+    print(f"wrote {png}" if png else "no plot (nothing timed, or matplotlib missing)")
+    return 0 if not any(r["status"] in ("failed check", "error") for r in records) else 1
+
+
+def announce(suite: str, cases, impls, device: torch.device, info: dict) -> dict:
+    """Prints what runs where and measures the device copy bandwidth (returned)."""
+    print(f"aepg-bench --suite {suite}: {len(cases)} cases on {machine.title(info)}")
     print(f"implementations: {', '.join(impl.name for impl in impls)}")
-    for name, why in left_out.items():
-        print(f"  not run: {name} ({why})")
+    for name, why in implementations.available(device).items():
+        if why:
+            print(f"  not run: {name} ({why})")
     copy = timing.copy_bandwidth(device)
     copy["gbps"] = metrics.gbps(metrics.copy_bytes(copy["buffer_bytes"]), copy["seconds"])
     print(f"device copy: {copy['gbps']:.1f} GB/s (read + write of {copy['buffer_bytes'] / 2**20:.0f} MiB)")
     if device.type != "cuda":
         print("peak memory: not measured on a CPU; kernel launches and CUDA graphs: GPU only")
+    return copy
 
-    settings = runner.RunSettings(
-        device, torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
-        budget_seconds=args.max_seconds, graphs=not args.no_graphs, profile=not args.no_profile)
+
+def new_document(suite: str, argv, info: dict, copy: dict, settings: runner.RunSettings, impls) -> dict:
+    """The JSON document before any record: the run's machine, copy bandwidth and settings."""
+    timing_method = ("triton.testing.do_bench median" if settings.device.type == "cuda"
+                     else f"perf_counter median after up to {timing.CPU_WARMUP} warm-up calls")
+    return {
+        "suite": suite, "argv": list(argv), "complete": False, "machine": info, "copy": copy,
+        "settings": {"gate_max_elements": GATE_MAX_ELEMENTS, "tolerance": TOLERANCE,
+                     "flush_bytes": runner.FLUSH_BYTES, "max_rotations": runner.MAX_ROTATIONS,
+                     "graph_max_elements": runner.GRAPH_MAX_ELEMENTS, "max_seconds": settings.budget_seconds,
+                     "timing": timing_method},
+        "implementations": [impl.name for impl in impls],
+        "not_run": {name: why for name, why in implementations.available(settings.device).items() if why},
+        "records": [],
+    }
+
+
+def run_with_progress(cases, impls, settings, copy_gbps, document: dict, json_path: Path) -> List[dict]:
+    """The table rows as each case finishes, and the JSON rewritten after every case (a run cut
+    short still leaves its numbers)."""
     bar, write = progress_bar(len(cases))
     write(report.header())
-    records = runner.run(cases, impls, settings, copy["gbps"],
-                         lambda rows: [write(report.format_row(r)) for r in rows], bar)
+
+    def case_done(rows):
+        for row in rows:
+            write(report.format_row(row))
+        document["records"] += rows
+        report.write_json(json_path, document)
+
+    records = runner.run(cases, impls, settings, copy_gbps, case_done, bar)
     if bar is not None:
         bar.close()
-    for line in report.summary_lines(records):
-        print(line)
-
-    json_path = output_path(args.out, f"{device_tag(info)}-{args.suite}")
-    document = {
-        "suite": args.suite, "argv": list(argv), "machine": info, "copy": copy,
-        "settings": {"gate_max_elements": GATE_MAX_ELEMENTS, "tolerance": TOLERANCE, "flush_bytes": runner.FLUSH_BYTES,
-                     "max_rotations": runner.MAX_ROTATIONS, "graph_max_elements": runner.GRAPH_MAX_ELEMENTS,
-                     "max_seconds": args.max_seconds,
-                     "timing": "triton.testing.do_bench median" if device.type == "cuda"
-                     else f"perf_counter median after {timing.CPU_WARMUP} warm-up calls"},
-        "implementations": [impl.name for impl in impls], "not_run": left_out, "records": records,
-    }
-    print(f"wrote {report.write_json(json_path, document)}")
-    png = report.write_plot(json_path.with_suffix(".png"), records, copy["gbps"], machine.title(info))
-    print(f"wrote {png}" if png else "no plot (nothing timed, or matplotlib missing)")
-    return 0 if not any(r["status"] in ("failed check", "error") for r in records) else 1
+    return records
 
 
 def run_trainer_step(argv: Sequence[str]) -> int:
@@ -210,7 +238,8 @@ def run_trainer_step(argv: Sequence[str]) -> int:
         if "speedup_vs_eager" in record:
             print(f"{record['classes']:>6} classes: fused step {record['speedup_vs_eager']:.3f}x the eager one")
     path = output_path(args.out, f"{device_tag(info)}-trainer-step")
-    print(f"wrote {report.write_json(path, {'benchmark': 'trainer-step', 'argv': list(argv), 'machine': info, 'records': records})}")
+    document = {"benchmark": "trainer-step", "argv": list(argv), "machine": info, "records": records}
+    print(f"wrote {report.write_json(path, document)}")
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
 

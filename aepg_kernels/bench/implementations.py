@@ -73,6 +73,7 @@ class Implementation:
     # the eager composite upcasts, shifts, keeps log-probabilities, probabilities, entropy terms
     # and their gradients; Inductor recomputes in backward; the fused kernels need O(N).
     workspace_fp32_copies: float = 0.0
+    graph_unsafe: str = ""     # why a CUDA graph cannot capture it ('' when it can)
 
     def unsupported(self, case: Case) -> Optional[str]:
         """Why this implementation does not run `case`, or None."""
@@ -88,7 +89,8 @@ def _backend(name: str) -> Implementation:
 EAGER = Implementation("eager", lambda case: policy_loss_fn(case, "eager"), workspace_fp32_copies=7)
 COMPILE = Implementation("compile", compiled_fn, workspace_fp32_copies=2)
 TORCH_CE = Implementation("F.cross_entropy", torch_cross_entropy_fn, ce_only=True, workspace_fp32_copies=3)
-LIGER = Implementation("liger", liger_fn, ce_only=True, in_place=True)
+LIGER = Implementation("liger", liger_fn, ce_only=True, in_place=True,
+                       graph_unsafe="host synchronisations (torch.equal on a device value) break the capture")
 ALL_NAMES = ("eager", "compile", "F.cross_entropy", "liger") + FUSED_BACKENDS
 
 
@@ -104,7 +106,7 @@ def available(device: torch.device) -> Dict[str, str]:
         if name not in backends:
             reasons[name] = f"not in available_backends() {backends}"
         elif name == "triton" and (device.type != "cuda" or triton_interpreter()):
-            reasons[name] = "Triton runs here only under TRITON_INTERPRET (an interpreter: not a speed)"
+            reasons[name] = "Triton runs on CUDA tensors (on a CPU only under TRITON_INTERPRET: not a speed)"
         elif name == "cpu" and device.type != "cpu":
             reasons[name] = "the native cpu backend runs on CPU tensors"
         elif name == "cuda" and device.type != "cuda":

@@ -96,10 +96,12 @@ def write_plot(path: Path, records: Sequence[Dict], copy_gbps: Optional[float], 
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
+    names = sorted({impl for impls in groups.values() for impl in impls})
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}  # one colour per implementation
+    for ax, key in zip(axes.flat, keys, strict=False):  # the grid may have spare panels
         for impl, per_c in sorted(groups[key].items()):
             cs = sorted(per_c)
-            ax.plot(cs, [per_c[c] for c in cs], marker="o", label=impl)
+            ax.plot(cs, [per_c[c] for c in cs], marker="o", label=impl, color=colors[impl])
         if copy_gbps:
             ax.axhline(copy_gbps, color="black", linestyle="--", linewidth=1, label="device copy")
         ax.set_xscale("log")

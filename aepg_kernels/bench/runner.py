@@ -59,7 +59,9 @@ def measure(impl: Implementation, fn, inputs, case: Case, settings: RunSettings,
             record["kernels_per_call"], record["memcpy_memset_per_call"] = ops["kernels"], ops["memcpy_memset"]
         except Exception as error:  # noqa: BLE001
             record["profile_error"] = f"{type(error).__name__}: {error}"
-    if settings.graphs and case.elements <= GRAPH_MAX_ELEMENTS:
+    if settings.graphs and case.elements <= GRAPH_MAX_ELEMENTS and impl.graph_unsafe:
+        record["graph_error"] = f"not captured: {impl.graph_unsafe}"
+    elif settings.graphs and case.elements <= GRAPH_MAX_ELEMENTS:
         try:
             record["graph_us"] = timing.cuda_graph_seconds(step, device) * 1e6
         except Exception as error:  # noqa: BLE001  (e.g. a host sync inside the call breaks the capture)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import aepg_kernels as ak
-from aepg_kernels.bench import cli, metrics
+from aepg_kernels.bench import cli, implementations, metrics, runner
 from aepg_kernels.bench.sweeps import Case
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -24,8 +24,9 @@ def _one_thread():
 def test_cpu_run_writes_json_and_png(tmp_path, capsys):
     out = tmp_path / "run.json"
     fused = ["cpu"] if "cpu" in ak.available_backends() else []
-    rc = cli.main(["--shapes", "8x10,16x33", "--losses", "ce,aepg", "--modes", "fwd,fwd+bwd,fwd+bwd/rows",
-                   "--implementations", ",".join(["eager", "F.cross_entropy", "triton"] + fused), "--out", str(out)])
+    impls = ",".join(["eager", "F.cross_entropy", "triton"] + fused)
+    rc = cli.main(["--device", "cpu", "--shapes", "8x10,16x33", "--losses", "ce,aepg",
+                   "--modes", "fwd,fwd+bwd,fwd+bwd/rows", "--implementations", impls, "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
     document = json.loads(out.read_text())
@@ -33,7 +34,7 @@ def test_cpu_run_writes_json_and_png(tmp_path, capsys):
     for key in ("cpu", "cores", "torch", "triton", "date", "load_average_1_5_15min", "available_backends"):
         assert key in document["machine"]
     assert document["copy"]["gbps"] > 0
-    assert "triton" in document["not_run"]  # never timed under TRITON_INTERPRET / without a GPU
+    assert "triton" in document["not_run"]  # never timed on a CPU (there only the interpreter runs it)
     records = document["records"]
     assert len({(r["loss"], r["mode"], r["n"], r["c"]) for r in records}) == 12
     timed = [r for r in records if r["status"] == "ok"]
@@ -50,7 +51,9 @@ def test_cpu_run_writes_json_and_png(tmp_path, capsys):
 
 def test_compile_runs_and_is_checked(tmp_path):
     out = tmp_path / "compile.json"
-    assert cli.main(["--shapes", "8x10", "--modes", "fwd", "--implementations", "eager,compile", "--out", str(out)]) == 0
+    argv = ["--device", "cpu", "--shapes", "8x10", "--modes", "fwd", "--implementations", "eager,compile",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
     (compiled,) = [r for r in json.loads(out.read_text())["records"] if r["implementation"] == "compile"]
     assert compiled["status"] == "ok" and compiled["check"]["passed"]
 
@@ -81,6 +84,14 @@ def test_gpu_only_requests_fail_clearly_without_a_gpu(capsys):
         assert message in capsys.readouterr().err
 
 
+def test_time_budget_skips_the_remaining_cases_and_says_so():
+    cases = [Case("ce", "fwd", "fp32", 8, 10), Case("ce", "fwd", "fp32", 8, 11)]
+    settings = runner.RunSettings(torch.device("cpu"), memory_bytes=None, budget_seconds=1e-9)
+    records = runner.run(cases, [implementations.EAGER], settings, copy_gbps=None, report=lambda rows: None)
+    assert records[-1]["status"] == "skipped" and "time budget" in records[-1]["reason"]
+    assert records[-1]["c"] == 11
+
+
 def test_python_dash_m_lists_the_quick_suite():
     out = subprocess.run([sys.executable, "-m", "aepg_kernels.bench", "--list"], capture_output=True, text=True,
                          check=True).stdout.splitlines()
@@ -89,8 +100,8 @@ def test_python_dash_m_lists_the_quick_suite():
 
 def test_trainer_step_on_a_tiny_vit(tmp_path, capsys):
     out = tmp_path / "step.json"
-    rc = cli.main(["trainer-step", "--model", "vit_tiny_patch16_224", "--image-size", "32", "--steps", "1",
-                   "--warmup", "0", "--classes", "5,300", "--out", str(out)])
+    rc = cli.main(["trainer-step", "--device", "cpu", "--model", "vit_tiny_patch16_224", "--image-size", "32",
+                   "--steps", "1", "--warmup", "0", "--classes", "5,300", "--out", str(out)])
     assert rc == 0
     assert "(CPU: batch 2 instead of 256" in capsys.readouterr().out
     records = json.loads(out.read_text())["records"]

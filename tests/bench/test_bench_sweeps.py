@@ -78,3 +78,8 @@ def test_parse_shapes_and_names():
             parse_shapes(bad)
     with pytest.raises(ValueError, match="--losses: unknown \\['nll'\\]"):
         check_names("losses", ["ce", "nll"], LOSSES)
+
+
+def test_only_the_gpu_suite_has_a_time_budget_under_eight_minutes():
+    assert SUITES["gpu"]().budget_seconds <= 8 * 60 - 30
+    assert SUITES["quick"]().budget_seconds is None and SUITES["cpu"]().budget_seconds is None
