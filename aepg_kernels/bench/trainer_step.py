@@ -77,8 +77,9 @@ def time_steps(model, optimizer, criterion, images, labels, device, steps: int, 
 
 
 def run(device: torch.device, batch: int, classes: Sequence[int] = (100, 21843), steps: int = 5, warmup: int = 2,
-        model_name: str = "vit_base_patch16_224", image_size: int = IMAGE_SIZE, report=print) -> List[Dict]:
-    """One record per (head size, loss): step time and peak memory."""
+        model_name: str = "vit_base_patch16_224", image_size: int = IMAGE_SIZE,
+        report=lambda record: print(format_record(record))) -> List[Dict]:
+    """One record per (head size, loss): step time and peak memory; `report` gets each as it is done."""
     records = []
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, image_size, image_size, generator=gen).to(device)
@@ -94,11 +95,11 @@ def run(device: torch.device, batch: int, classes: Sequence[int] = (100, 21843),
             except Exception as error:  # noqa: BLE001  (e.g. out of memory: recorded, the others still run)
                 record.update(status="error", reason=f"{type(error).__name__}: {str(error)[:300]}")
             records.append(record)
-            report(format_record(record))
+            add_speedups(records)
+            report(record)
             del model, optimizer, criterion
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    add_speedups(records)
     return records
 
 

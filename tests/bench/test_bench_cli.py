@@ -109,3 +109,12 @@ def test_trainer_step_on_a_tiny_vit(tmp_path, capsys):
                                                                      (300, "fused"), (300, "eager")]
     assert all(r["status"] == "ok" and r["step_ms"] > 0 and r["batch"] == 2 for r in records)
     assert records[0]["speedup_vs_eager"] == pytest.approx(records[1]["step_ms"] / records[0]["step_ms"])
+
+
+def test_exit_code_fails_only_for_our_backends():
+    impls = [implementations.EAGER, implementations.LIGER, implementations.select(torch.device("cpu"), ["cpu"])[-1]]
+    ours = "cpu" if "cpu" in ak.available_backends() else None
+    baseline_failed = [{"implementation": "liger", "status": "failed check"}]
+    assert cli.exit_code(baseline_failed, impls) == 0
+    if ours:
+        assert cli.exit_code(baseline_failed + [{"implementation": "cpu", "status": "error"}], impls) == 1
