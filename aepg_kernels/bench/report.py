@@ -60,9 +60,21 @@ def default_output_dir(cwd: Path, package_dir: Path) -> Path:
     return cwd
 
 
+def _strict(value):
+    """Non-finite floats (an infinite gate error) as strings: strict JSON has no Infinity or NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _strict(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_json(path: Path, document: Dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"schema": SCHEMA, **document}, indent=1, default=str) + "\n")
+    text = json.dumps(_strict({"schema": SCHEMA, **document}), indent=1, default=str, allow_nan=False)
+    path.write_text(text + "\n")
     return path
 
 

@@ -1,6 +1,8 @@
 """The terminal table, the default output place, the JSON document and the PNG plot."""
 import json
 
+import pytest
+
 from aepg_kernels.bench import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -42,10 +44,12 @@ def test_default_output_dir_is_bench_results_in_a_checkout_else_the_working_dire
     assert report.default_output_dir(tmp_path / "cwd", site / "aepg_kernels") == tmp_path / "cwd"
 
 
-def test_json_carries_the_schema(tmp_path):
-    path = report.write_json(tmp_path / "sub" / "r.json", {"records": [record("cpu", 10, 1.0)]})
-    document = json.loads(path.read_text())
+def test_json_carries_the_schema_and_stays_strict(tmp_path):
+    failed = dict(record("wrong", 10, None, status="failed check"), check={"loss_error": float("inf")})
+    path = report.write_json(tmp_path / "sub" / "r.json", {"records": [record("cpu", 10, 1.0), failed]})
+    document = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"non-strict JSON: {name}"))
     assert document["schema"] == report.SCHEMA and document["records"][0]["c"] == 10
+    assert document["records"][1]["check"]["loss_error"] == "inf"
 
 
 def test_plot_takes_the_largest_n_per_class_count(tmp_path):
