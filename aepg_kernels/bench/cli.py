@@ -94,10 +94,11 @@ def select_cases(parser: argparse.ArgumentParser, args) -> List[Case]:
 
 
 def device_tag(info: dict) -> str:
-    """A file-name tag for the machine: the card ('nvidia-h100-80gb-hbm3') or 'cpu<cores>c'."""
+    """A file-name tag for the machine: the card ('nvidia-h100-80gb-hbm3') or 'cpu<cores>c<threads>t'
+    (runs at different thread counts on one day do not overwrite each other)."""
     if info.get("card"):
         return re.sub(r"[^a-z0-9]+", "-", str(info["card"]).lower()).strip("-")
-    return f"cpu{info['cores']}c"
+    return f"cpu{info['cores']}c{info['torch_threads']}t"
 
 
 def output_path(out: Optional[Path], stem: str) -> Path:

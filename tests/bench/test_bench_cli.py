@@ -118,3 +118,8 @@ def test_exit_code_fails_only_for_our_backends():
     assert cli.exit_code(baseline_failed, impls) == 0
     if ours:
         assert cli.exit_code(baseline_failed + [{"implementation": "cpu", "status": "error"}], impls) == 1
+
+
+def test_default_file_names_tell_the_machine_apart():
+    assert cli.device_tag({"card": "NVIDIA H100 80GB HBM3", "cores": 16}) == "nvidia-h100-80gb-hbm3"
+    assert cli.device_tag({"card": None, "cores": 2, "torch_threads": 1}) == "cpu2c1t"
