@@ -209,7 +209,8 @@ def run_with_progress(cases, impls, settings, copy_gbps, document: dict, json_pa
 
     def case_done(rows):
         for row in rows:
-            write(report.format_row(row))
+            if row["status"] != report.NOT_APPLICABLE:
+                write(report.format_row(row))
         document["records"] += rows
         report.write_json(json_path, document)
 

@@ -9,29 +9,43 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 SCHEMA = "aepg-bench/1"
 
-# (header, record key, format, width); None values print as "-".
+# (header, record key, format, width); None values print as "-". Times and bandwidths get
+# 3-4 significant digits without exponents (`_number`).
 COLUMNS = (
     ("loss", "loss", "{}", 5),
     ("mode", "mode", "{}", 12),
     ("dtype", "dtype", "{}", 5),
     ("N x C", None, "{}", 14),
     ("implementation", "implementation", "{}", 15),
-    ("ms", "ms", "{:.4g}", 9),
-    ("GB/s", "gbps", "{:.4g}", 8),
+    ("ms", "ms", None, 9),
+    ("GB/s", "gbps", None, 8),
     ("%copy", "percent_of_copy", "{:.1f}", 6),
     ("x eager", "speedup_vs_eager", "{:.2f}", 7),
     ("x compile", "speedup_vs_compile", "{:.2f}", 9),
     ("peak/logits", "peak_extra_over_logits", "{:.2f}", 11),
     ("kernels", "kernels_per_call", "{:.3g}", 7),
-    ("graph us", "graph_us", "{:.1f}", 8),
+    ("graph us", "graph_us", None, 8),
 )
+NOT_APPLICABLE = "n/a"  # the status of an implementation that does not compute this loss (hidden in the table)
+
+
+def _number(value: float) -> str:
+    """3-4 significant digits, fixed point: 11490, 614.3, 6.78, 0.0986."""
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:.0f}"
+    if magnitude >= 1:
+        return f"{value:.{3 - len(str(int(magnitude)))}f}" if magnitude < 100 else f"{value:.1f}"
+    return f"{value:.3g}"
 
 
 def _cell(record: Dict, key: Optional[str], fmt: str) -> str:
     if key is None:
         return f"{record['n']}x{record['c']}"
     value = record.get(key)
-    return "-" if value is None else fmt.format(value)
+    if value is None:
+        return "-"
+    return _number(value) if fmt is None else fmt.format(value)
 
 
 def header() -> str:
@@ -48,7 +62,7 @@ def format_row(record: Dict) -> str:
 
 
 def format_table(records: Iterable[Dict]) -> str:
-    return "\n".join([header()] + [format_row(r) for r in records])
+    return "\n".join([header()] + [format_row(r) for r in records if r["status"] != NOT_APPLICABLE])
 
 
 def default_output_dir(cwd: Path, package_dir: Path) -> Path:

@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import metrics, timing
+from . import metrics, report, timing
 from .correctness import check, gate_rows, loss_and_grad
 from .implementations import Implementation
 from .inputs import make_inputs
@@ -83,7 +83,10 @@ def run_case(case: Case, impls: Sequence[Implementation], settings: RunSettings,
     records, eager_seconds = [], None
     for impl in sorted(impls, key=lambda impl: impl.in_place):  # in-place ones last: they overwrite inputs
         why_not = impl.unsupported(case)
-        if why_not is None and not fits(case, settings.memory_bytes, impl.workspace_fp32_copies, copies):
+        if why_not is not None:
+            records.append(base_record(case, impl.name, report.NOT_APPLICABLE, why_not))
+            continue
+        if not fits(case, settings.memory_bytes, impl.workspace_fp32_copies, copies):
             why_not = (f"does not fit: needs ~{memory_needed(case, impl.workspace_fp32_copies, copies) / 1e9:.1f} "
                        f"GB of {settings.memory_bytes / 1e9:.1f} GB")
         if why_not is not None:

@@ -32,7 +32,12 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
                 f"or set model.pretrained=false for random weights")
         if not os.path.isfile(cfg.checkpoint):
             raise FileNotFoundError(f"model.checkpoint={cfg.checkpoint!r} does not exist (weights for {cfg.name!r})")
-        kwargs["pretrained_cfg_overlay"] = dict(file=cfg.checkpoint)
+        overlay = dict(file=cfg.checkpoint)
+        if isinstance(kwargs.get("img_size"), int) and "in_chans" in kwargs:
+            # A checkpoint made for this very shape (the demo's 1-channel backbone): say so, or timm
+            # compares with the 3-channel input_size of the name's default config and warns.
+            overlay["input_size"] = (kwargs["in_chans"], kwargs["img_size"], kwargs["img_size"])
+        kwargs["pretrained_cfg_overlay"] = overlay
     return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=0, **kwargs)
 
 
