@@ -3,7 +3,7 @@ or YAML file plus `section.key=value` overrides.
 
     aepg-train --config demo_digits                        # one run (the embedded demo)
     aepg-train --config imagenet_r_10task_lora data.root=/data/imagenet-r model.checkpoint=vit.safetensors
-    aepg-train compare --config demo_digits --losses ce aepg --seeds 0 1 2    # the paper's Table 2 layout
+    aepg-train compare --config demo_digits --losses ce,aepg --seeds 0,1,2    # the paper's Table 2 layout
     aepg-train --config demo_digits --print-config         # the resolved config, nothing run
 
 Multi-process data parallel: `torchrun --nproc_per_node N -m aepg_kernels.train --config ...`.
@@ -31,9 +31,21 @@ def _parsers():
     compare = argparse.ArgumentParser(prog="aepg-train compare",
                                       description="several losses x several seeds, a mean +- std table")
     _common(compare)
-    compare.add_argument("--losses", nargs="+", default=["ce", "aepg"], help="loss.name values (default: ce aepg)")
-    compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="run.seed values (default: 0 1 2)")
+    # Comma lists, so that the overrides may follow them on the command line.
+    compare.add_argument("--losses", type=_comma_list(str), default=["ce", "aepg"],
+                         help="loss.name values, comma-separated (default: ce,aepg)")
+    compare.add_argument("--seeds", type=_comma_list(int), default=[0, 1, 2],
+                         help="run.seed values, comma-separated (default: 0,1,2)")
     return run, compare
+
+
+def _comma_list(kind):
+    def parse(text: str):
+        try:
+            return [kind(item) for item in text.split(",") if item]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {kind.__name__}, got {text!r}") from None
+    return parse
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -51,7 +51,7 @@ def test_run_resumes_instead_of_retraining(tmp_path, small_recipe, monkeypatch):
 
 
 def test_compare_writes_a_table_of_every_loss(tmp_path, small_recipe, capsys):  # noqa: F811
-    assert cli_main(["compare", *_args(tmp_path), "--losses", "ce", "epg", "--seeds", "0"]) == 0
+    assert cli_main(["compare", *_args(tmp_path), "--losses", "ce,epg", "--seeds", "0"]) == 0
     aggregated = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert set(aggregated["losses"]) == {"ce", "epg"}
     assert (tmp_path / "out" / "ce" / "seed0" / "summary.json").is_file()
@@ -60,8 +60,15 @@ def test_compare_writes_a_table_of_every_loss(tmp_path, small_recipe, capsys):  
     assert "| ce " in table and "| epg " in table
 
 
+def test_compare_overrides_may_follow_the_lists(tmp_path, capsys):
+    argv = ["compare", "--config", "demo_digits", "--losses", "ce,aepg", "--seeds", "3,4", "--print-config",
+            "optim.lr=1e-3"]
+    assert cli_main(argv) == 0
+    assert "lr: 0.001" in capsys.readouterr().out
+
+
 def test_compare_rejects_an_unknown_loss_before_running(tmp_path, capsys):
-    assert cli_main(["compare", *_args(tmp_path), "--losses", "ce", "hinge"]) == 2
+    assert cli_main(["compare", *_args(tmp_path), "--losses", "ce,hinge"]) == 2
     assert "hinge" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
