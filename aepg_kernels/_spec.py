@@ -166,6 +166,9 @@ def _check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int)
     (CPU tensors, outside tracing); on CUDA the kernels mark such rows NaN instead."""
     if target.device.type != "cpu" or target.numel() == 0 or torch.compiler.is_compiling():
         return
+    low, high = torch.stack(torch.aminmax(target)).tolist()
+    if 0 <= low and high < n_classes:  # the common case, in one reduction
+        return
     counted = target[target != ignore_index]
     bad = counted[(counted < 0) | (counted >= n_classes)]
     if bad.numel():
