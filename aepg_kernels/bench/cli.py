@@ -24,6 +24,7 @@ from .correctness import GATE_MAX_ELEMENTS, TOLERANCE
 from .sweeps import DTYPES, LOSSES, MODES, SUITES, Case, check_names, grid, parse_shapes
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
+INTERRUPTED = 130  # the exit status of a run stopped by SIGINT (128 + 2), its numbers written
 
 
 def _csv(text: str) -> List[str]:
@@ -147,20 +148,29 @@ def run_bench(argv: Sequence[str]) -> int:
     impls = implementations.select(device, args.implementations)
     info = machine.describe(device)
     copy = announce(args.suite, cases, impls, device, info)
-    budget = args.max_seconds if args.max_seconds is not None else SUITES[args.suite]().budget_seconds
+    suite = SUITES[args.suite]()
+    budget = args.max_seconds if args.max_seconds is not None else suite.budget_seconds
     settings = runner.RunSettings(
         device, torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
-        budget_seconds=budget, graphs=not args.no_graphs, profile=not args.no_profile)
+        budget_seconds=budget, graphs=not args.no_graphs, profile=not args.no_profile,
+        compile_targets_only=suite.compile_targets_only and not args.shapes)  # --shapes: the user's grid
     json_path = output_path(args.out, f"{device_tag(info)}-{args.suite}")
     document = new_document(args.suite, argv, info, copy, settings, impls)
-    records = run_with_progress(cases, impls, settings, copy["gbps"], document, json_path)
+    try:
+        run_with_progress(cases, impls, settings, copy["gbps"], document, json_path)
+        interrupted = False
+    except KeyboardInterrupt:  # e.g. SIGINT from `timeout`: keep what was measured (the case in flight is lost)
+        interrupted = True
+        document["interrupted"] = "KeyboardInterrupt: the cases after the last record did not run"
+        print(f"\ninterrupted: writing the {len(document['records'])} records measured so far", flush=True)
+    records = document["records"]
     for line in report.summary_lines(records):
         print(line)
-    document["complete"] = True
+    document["complete"] = not interrupted
     print(f"wrote {report.write_json(json_path, document)}")
     png = report.write_plot(json_path.with_suffix(".png"), records, copy["gbps"], machine.title(info))
     print(f"wrote {png}" if png else "no plot (nothing timed, or matplotlib missing)")
-    return exit_code(records, impls)
+    return INTERRUPTED if interrupted else exit_code(records, impls)
 
 
 def exit_code(records: Sequence[dict], impls) -> int:
@@ -187,14 +197,21 @@ def announce(suite: str, cases, impls, device: torch.device, info: dict) -> dict
 
 def new_document(suite: str, argv, info: dict, copy: dict, settings: runner.RunSettings, impls) -> dict:
     """The JSON document before any record: the run's machine, copy bandwidth and settings."""
-    timing_method = ("triton.testing.do_bench median" if settings.device.type == "cuda"
+    timing_method = ("triton.testing.do_bench median (L2 cleared before every call)" if settings.device.type == "cuda"
                      else f"perf_counter median after up to {timing.CPU_WARMUP} warm-up calls")
+    gpu_only = {
+        "back_to_back": (f"N <= {runner.GRAPH_MAX_N} or N*C <= {runner.GRAPH_MAX_ELEMENTS}: CUDA events around "
+                         f"{timing.BACK_TO_BACK_CALLS} calls queued back to back, caches warm, per call "
+                         f"(back_to_back_us; graph_us: replays of a CUDA graph of the call, timed alike)"),
+        "host_sync": 'one call under torch.cuda.set_sync_debug_mode("error"); no graph capture when it syncs',
+        "compile_targets_only": settings.compile_targets_only,
+    } if settings.device.type == "cuda" else {}
     return {
         "suite": suite, "argv": list(argv), "complete": False, "machine": info, "copy": copy,
         "settings": {"gate_max_elements": GATE_MAX_ELEMENTS, "tolerance": TOLERANCE,
-                     "flush_bytes": runner.FLUSH_BYTES, "max_rotations": runner.MAX_ROTATIONS,
-                     "graph_max_elements": runner.GRAPH_MAX_ELEMENTS, "max_seconds": settings.budget_seconds,
-                     "timing": timing_method},
+                     "flush_bytes": runner.FLUSH_BYTES, "max_rotations": runner.max_rotations(settings.device),
+                     "graph_max_n": runner.GRAPH_MAX_N, "graph_max_elements": runner.GRAPH_MAX_ELEMENTS,
+                     "max_seconds": settings.budget_seconds, "timing": timing_method, **gpu_only},
         "implementations": [impl.name for impl in impls],
         "not_run": {name: why for name, why in implementations.available(settings.device).items() if why},
         "records": [],
@@ -214,10 +231,11 @@ def run_with_progress(cases, impls, settings, copy_gbps, document: dict, json_pa
         document["records"] += rows
         report.write_json(json_path, document)
 
-    records = runner.run(cases, impls, settings, copy_gbps, case_done, bar)
-    if bar is not None:
-        bar.close()
-    return records
+    try:
+        return runner.run(cases, impls, settings, copy_gbps, case_done, bar)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def run_trainer_step(argv: Sequence[str]) -> int:
@@ -249,8 +267,14 @@ def run_trainer_step(argv: Sequence[str]) -> int:
         document["records"].append(record)
         report.write_json(path, document)
 
-    records = trainer_step.run(device, batch, classes, steps=args.steps, warmup=args.warmup, model_name=args.model,
-                               image_size=args.image_size, report=record_done)
+    try:
+        trainer_step.run(device, batch, classes, steps=args.steps, warmup=args.warmup, model_name=args.model,
+                         image_size=args.image_size, report=record_done)
+    except KeyboardInterrupt:  # keep the measurements done (each was written as it finished)
+        document["interrupted"] = "KeyboardInterrupt: the measurements after the last record did not run"
+        print(f"\ninterrupted: wrote {report.write_json(path, document)}", flush=True)
+        return INTERRUPTED
+    records = document["records"]
     for record in records:
         if "speedup_vs_eager" in record:
             print(f"{record['classes']:>6} classes: fused step {record['speedup_vs_eager']:.3f}x the eager one")

@@ -2,7 +2,8 @@
 `fn(logits, target) -> loss` (reduction as the case's mode says), or says why it cannot run it.
 
 - eager:            the composite reference, ``policy_loss(backend="eager")``
-- compile:          ``torch.compile`` of that same composite (fullgraph, static shapes, one per case)
+- compile:          ``torch.compile`` of that same composite (fullgraph, static shapes, one per case;
+                    on the GPU suite only on the target shapes, see sweeps.target)
 - F.cross_entropy:  PyTorch's own cross entropy (CE only)
 - liger:            Liger-Kernel's Triton cross entropy (CE only, CUDA, when importable)
 - triton/cuda/cpu:  our fused backends, those ``available_backends()`` offers for the device
@@ -73,7 +74,6 @@ class Implementation:
     # the eager composite upcasts, shifts, keeps log-probabilities, probabilities, entropy terms
     # and their gradients; Inductor recomputes in backward; the fused kernels need O(N).
     workspace_fp32_copies: float = 0.0
-    graph_unsafe: str = ""     # why a CUDA graph cannot capture it ('' when it can)
 
     def unsupported(self, case: Case) -> Optional[str]:
         """Why this implementation does not run `case`, or None."""
@@ -82,15 +82,15 @@ class Implementation:
         return None
 
 
-def _backend(name: str) -> Implementation:
+def fused_backend(name: str) -> Implementation:
+    """One of our backends (cuda, triton, cpu) through `policy_loss(backend=name)`."""
     return Implementation(name, lambda case: policy_loss_fn(case, name), fused=True)
 
 
 EAGER = Implementation("eager", lambda case: policy_loss_fn(case, "eager"), workspace_fp32_copies=7)
 COMPILE = Implementation("compile", compiled_fn, workspace_fp32_copies=2)
 TORCH_CE = Implementation("F.cross_entropy", torch_cross_entropy_fn, ce_only=True, workspace_fp32_copies=3)
-LIGER = Implementation("liger", liger_fn, ce_only=True, in_place=True,
-                       graph_unsafe="host synchronisations (torch.equal on a device value) break the capture")
+LIGER = Implementation("liger", liger_fn, ce_only=True, in_place=True)
 ALL_NAMES = ("eager", "compile", "F.cross_entropy", "liger") + FUSED_BACKENDS
 
 
@@ -120,7 +120,7 @@ def select(device: torch.device, wanted: Optional[List[str]] = None) -> List[Imp
     """The implementations to run on `device` (eager first: it is the correctness reference and the
     speed-up baseline), restricted to `wanted` names when given."""
     table = {impl.name: impl for impl in (EAGER, COMPILE, TORCH_CE, LIGER)}
-    table.update({name: _backend(name) for name in FUSED_BACKENDS})
+    table.update({name: fused_backend(name) for name in FUSED_BACKENDS})
     reasons = available(device)
     names = [name for name in ALL_NAMES if not reasons[name] and (wanted is None or name in wanted)]
     if "eager" not in names:

@@ -2,8 +2,9 @@
 targets, and the upstream gradient the mode feeds to backward."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+import itertools
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -17,10 +18,23 @@ class CaseInputs:
     logits: List[torch.Tensor]    # `rotations` copies with different values
     target: List[torch.Tensor]    # one per copy of the logits
     upstream: Optional[torch.Tensor]  # 1 (0-d) for reduction "mean", per-row values for "none", None in forward
+    # Which copy the next call reads, shared by every implementation of the case: each one goes on
+    # where the previous stopped instead of re-reading the copies that one just left in cache.
+    cursor: Iterator[int] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.cursor = itertools.cycle(range(len(self.logits)))
 
     @property
     def rotations(self) -> int:
         return len(self.logits)
+
+
+ALIGN_ELEMENTS = 128  # copies start at multiples of 128 elements: 256 bytes or more
+
+
+def _aligned(numel: int) -> int:
+    return -(-numel // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
 
 
 def make_inputs(case: Case, device: torch.device, rotations: int = 1, rows: Optional[int] = None,
@@ -29,10 +43,13 @@ def make_inputs(case: Case, device: torch.device, rotations: int = 1, rows: Opti
     n = case.n if rows is None else min(case.n, rows)
     dtype = DTYPES[case.dtype]
     gen = torch.Generator(device=device).manual_seed(seed)
-    logits, target = [], []
-    for _ in range(rotations):
-        logits.append((LOGIT_SCALE * torch.randn(n, case.c, generator=gen, device=device)).to(dtype))
-        target.append(torch.randint(0, case.c, (n,), generator=gen, device=device))
+    # One allocation per tensor kind, the copies as its views: thousands of copies of a small shape
+    # cost one call. Each copy starts aligned as a fresh allocation would (kernels specialise on it).
+    stride = _aligned(n * case.c)
+    block = torch.randn(rotations, stride, generator=gen, device=device).mul_(LOGIT_SCALE).to(dtype)
+    logits = [row[:n * case.c].view(n, case.c) for row in block]
+    block = torch.randint(0, case.c, (rotations, _aligned(n)), generator=gen, device=device)
+    target = [row[:n] for row in block]
     mode = MODES[case.mode]
     if not mode.backward:
         upstream = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -24,7 +25,8 @@ COLUMNS = (
     ("x compile", "speedup_vs_compile", "{:.2f}", 9),
     ("peak/logits", "peak_extra_over_logits", "{:.2f}", 11),
     ("kernels", "kernels_per_call", "{:.3g}", 7),
-    ("graph us", "graph_us", None, 8),
+    ("b2b us", "back_to_back_us", None, 8),  # launch-bound shapes: per call back to back, without
+    ("graph us", "graph_us", None, 8),       # and with a CUDA graph
 )
 NOT_APPLICABLE = "n/a"  # the status of an implementation that does not compute this loss (hidden in the table)
 
@@ -86,9 +88,13 @@ def _strict(value):
 
 
 def write_json(path: Path, document: Dict) -> Path:
+    """Atomically (a temporary file beside it, then os.replace): a run killed while writing leaves
+    the previous complete file, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_strict({"schema": SCHEMA, **document}), indent=1, default=str, allow_nan=False)
-    path.write_text(text + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
     return path
 
 

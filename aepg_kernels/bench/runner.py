@@ -1,5 +1,6 @@
 """Runs a list of cases over the implementations: per case, the correctness gate, then the timing
-and (on a GPU) memory, launches and CUDA-graph time; one JSON-ready record per (case, implementation)."""
+and (on a GPU) memory, launches, host synchronisation, and for small shapes the time per call back
+to back with and without a CUDA graph; one JSON-ready record per (case, implementation)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,11 +13,18 @@ from . import metrics, report, timing
 from .correctness import check, gate_rows, loss_and_grad
 from .implementations import Implementation
 from .inputs import make_inputs
-from .sweeps import MODES, Case, fits, logits_bytes, memory_needed, rotations
+from .sweeps import COMPILE_SKIPPED, MODES, Case, fits, logits_bytes, memory_needed, rotations, target
 
-# Rotate input copies until they cover this many bytes (more than any last-level cache), at most MAX_ROTATIONS.
-FLUSH_BYTES, MAX_ROTATIONS = 256 << 20, 32
-GRAPH_MAX_ELEMENTS = 1 << 21  # time a CUDA-graph replay for N*C up to this (launch-bound shapes)
+# Rotate input copies until they cover FLUSH_BYTES (more than any last-level cache), at most
+# MAX_ROTATIONS[device type]. A CPU has no cache flush between calls: the copies (views of one
+# allocation) must cover the bytes, so only shapes under FLUSH_BYTES / 16384 = 16 KiB of logits
+# (e.g. 256x10 fp32) stay cache-resident. On a GPU do_bench clears L2 before every call anyway;
+# the cap bounds the memory the copies take from the skip rule.
+FLUSH_BYTES = 256 << 20
+MAX_ROTATIONS = {"cpu": 1 << 14, "cuda": 32}
+# Launch-bound shapes: N <= GRAPH_MAX_N or N*C <= GRAPH_MAX_ELEMENTS get the back-to-back and
+# CUDA-graph times (GPU).
+GRAPH_MAX_N, GRAPH_MAX_ELEMENTS = 256, 1 << 21
 
 Record = Dict[str, object]
 Report = Callable[[List[Record]], None]
@@ -29,6 +37,17 @@ class RunSettings:
     budget_seconds: Optional[float] = None  # cases starting after this are skipped (and recorded so)
     graphs: bool = True                  # CUDA-graph timing of small shapes (GPU only)
     profile: bool = True                 # kernel launches per call (GPU only)
+    compile_targets_only: bool = False   # torch.compile only where sweeps.target(case) (the GPU suite)
+
+
+def launch_bound(case: Case) -> bool:
+    """Small shapes, whose time per call may be the host's launch time: they get back-to-back and
+    CUDA-graph times."""
+    return case.n <= GRAPH_MAX_N or case.elements <= GRAPH_MAX_ELEMENTS
+
+
+def max_rotations(device: torch.device) -> int:
+    return MAX_ROTATIONS["cuda" if device.type == "cuda" else "cpu"]
 
 
 def base_record(case: Case, impl: str, status: str, reason: str = "") -> Record:
@@ -38,8 +57,8 @@ def base_record(case: Case, impl: str, status: str, reason: str = "") -> Record:
 
 def measure(impl: Implementation, fn, inputs, case: Case, settings: RunSettings, copy_gbps: Optional[float]
             ) -> Record:
-    """Times one implementation that passed the gate; optional GPU metrics are best-effort (an error
-    there is recorded, the time stays)."""
+    """Times one implementation that passed the gate; the other GPU metrics are best-effort (an
+    error there is recorded, the time stays)."""
     device, backward = settings.device, MODES[case.mode].backward
     step = timing.make_step(fn, inputs, backward)
     seconds = timing.median_seconds(step, device)
@@ -50,6 +69,13 @@ def measure(impl: Implementation, fn, inputs, case: Case, settings: RunSettings,
         record["peak_extra_bytes"] = None
         record["peak_extra_note"] = "not measured on a CPU (no allocator statistics)"
         return record
+    # After the timing's warm-up: a first call may synchronise once (lazy initialisation, autotuning).
+    try:
+        record["host_sync"], message = timing.host_sync(step)
+        if message:
+            record["host_sync_error"] = message
+    except Exception as error:  # noqa: BLE001
+        record["host_sync"], record["host_sync_error"] = None, f"not measured: {type(error).__name__}: {error}"
     peak = timing.peak_extra_bytes(step, device)
     record["peak_extra_bytes"] = peak
     record["peak_extra_over_logits"] = peak / logits_bytes(case) if peak is not None else None
@@ -59,20 +85,29 @@ def measure(impl: Implementation, fn, inputs, case: Case, settings: RunSettings,
             record["kernels_per_call"], record["memcpy_memset_per_call"] = ops["kernels"], ops["memcpy_memset"]
         except Exception as error:  # noqa: BLE001
             record["profile_error"] = f"{type(error).__name__}: {error}"
-    if settings.graphs and case.elements <= GRAPH_MAX_ELEMENTS and impl.graph_unsafe:
-        record["graph_error"] = f"not captured: {impl.graph_unsafe}"
-    elif settings.graphs and case.elements <= GRAPH_MAX_ELEMENTS:
-        try:
-            record["graph_us"] = timing.cuda_graph_seconds(step, device) * 1e6
-        except Exception as error:  # noqa: BLE001  (e.g. a host sync inside the call breaks the capture)
-            record["graph_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+    if not launch_bound(case):
+        return record
+    try:
+        record["back_to_back_us"] = timing.back_to_back_seconds(step, device) * 1e6
+    except Exception as error:  # noqa: BLE001
+        record["back_to_back_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+    if not settings.graphs:
+        return record
+    if record["host_sync"] is not False:  # a capture would fail, or worse leave the stream unusable
+        record["graph_skipped"] = ("a host synchronisation in the call" if record["host_sync"]
+                                   else "host synchronisation not measured")
+        return record
+    try:
+        record["graph_us"] = timing.cuda_graph_seconds(step, device) * 1e6
+    except Exception as error:  # noqa: BLE001
+        record["graph_error"] = f"{type(error).__name__}: {str(error)[:200]}"
     return record
 
 
 def run_case(case: Case, impls: Sequence[Implementation], settings: RunSettings, copy_gbps: Optional[float]
              ) -> List[Record]:
     device, backward = settings.device, MODES[case.mode].backward
-    copies = rotations(case, FLUSH_BYTES, MAX_ROTATIONS)
+    copies = rotations(case, FLUSH_BYTES, max_rotations(device))
     if not fits(case, settings.memory_bytes, 0.0, copies):
         return [base_record(case, "*", "skipped", f"does not fit: needs {memory_needed(case, 0, copies) / 1e9:.1f} GB "
                                                   f"of {settings.memory_bytes / 1e9:.1f} GB")]
@@ -85,6 +120,9 @@ def run_case(case: Case, impls: Sequence[Implementation], settings: RunSettings,
         why_not = impl.unsupported(case)
         if why_not is not None:
             records.append(base_record(case, impl.name, report.NOT_APPLICABLE, why_not))
+            continue
+        if impl.name == "compile" and settings.compile_targets_only and target(case) is None:
+            records.append(base_record(case, impl.name, "skipped", COMPILE_SKIPPED))
             continue
         if not fits(case, settings.memory_bytes, impl.workspace_fp32_copies, copies):
             why_not = (f"does not fit: needs ~{memory_needed(case, impl.workspace_fp32_copies, copies) / 1e9:.1f} "

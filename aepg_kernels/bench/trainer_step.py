@@ -12,6 +12,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from .timing import synchronize
+
 GPU_BATCH = 256
 CPU_BATCH = 2  # a ViT-B/16 step at batch 256 takes minutes on a 2-core CPU: a small batch says the same there
 IMAGE_SIZE = 224
@@ -25,25 +27,23 @@ def default_batch(device: torch.device) -> int:
 
 def build(model_name: str, num_classes: int, loss_backend: str, device: torch.device, image_size: int = IMAGE_SIZE):
     """The model, optimizer and criterion, as the trainer builds them (public train API only)."""
-    from aepg_kernels.train import ContinualViT, LossConfig, ModelConfig, PeftConfig, build_criterion
+    from aepg_kernels.train import ContinualViT, LossConfig, ModelConfig, OptimConfig, PeftConfig, build_criterion
     torch.manual_seed(0)
     kwargs = {} if image_size == IMAGE_SIZE else {"img_size": image_size}
     model = ContinualViT.from_config(ModelConfig(name=model_name, pretrained=False, kwargs=kwargs),
                                      PeftConfig(kind="lora", blocks=[0, 1, 2, 3, 4]))
     model.add_task(num_classes)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    # The trainer's optimizer (ContinualTrainer._build_optimizer): Adam with the default OptimConfig.
+    optim = OptimConfig()
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=optim.lr, betas=optim.betas,
+                                 weight_decay=optim.weight_decay)
     criterion = build_criterion(LossConfig(name="aepg", schedule="constant", alpha=ALPHA, backend=loss_backend))
     return model, optimizer, criterion
 
 
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_steps(model, optimizer, criterion, images, labels, device, steps: int, warmup: int) -> Dict[str, object]:

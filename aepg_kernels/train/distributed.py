@@ -104,12 +104,29 @@ def all_reduce_gradients(params: Iterable[nn.Parameter], weight: float = 1.0) ->
     PEFT modules toggle requires_grad (frozen for the first epochs of a task). The caller passes the
     parameters trained at this step (the same list on every rank) and its share of the global batch
     as `weight` (rows here / global rows), so the sum is the gradient of the global batch's mean loss
-    even when the last batch splits unevenly. A missing gradient (a rank with no rows) counts as 0."""
+    even when the last batch splits unevenly. A missing gradient (a rank with no rows) counts as 0;
+    a parameter that no rank has a gradient for keeps grad None, as in one process (Adam skips it:
+    a zero gradient would still move it through its momentum)."""
     params = list(params)
     if not is_distributed() or not params:
         return  # alone, the local batch is the global batch (weight 1)
+    has_grad = [p.grad is not None for p in params]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads]).mul_(weight)
+    # The count of ranks with a gradient rides in the same all_reduce, after the gradients.
+    # non_blocking: a pageable host-to-device copy that does not wait for the device.
+    counts = torch.tensor(has_grad, dtype=flat.dtype).to(flat.device, non_blocking=True)
+    flat = torch.cat([flat, counts])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
-        p.grad = chunk.view_as(p).clone() if p.grad is None else p.grad.copy_(chunk.view_as(p))
+    sizes = [g.numel() for g in grads]
+    chunks, counts = flat[:-len(params)].split(sizes), flat[-len(params):]
+    # Only a rank that lacks a gradient reads the counts (a device sync); a parameter it has a
+    # gradient for has one on some rank by definition.
+    nobody = set()
+    if not all(has_grad):
+        nobody = {i for i, count in enumerate(counts.tolist()) if count == 0}
+    for i, (p, chunk) in enumerate(zip(params, chunks, strict=True)):
+        if i in nobody:
+            p.grad = None
+        else:
+            p.grad = chunk.view_as(p).clone() if p.grad is None else p.grad.copy_(chunk.view_as(p))

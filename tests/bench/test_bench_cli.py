@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import aepg_kernels as ak
-from aepg_kernels.bench import cli, implementations, metrics, runner
+from aepg_kernels.bench import cli, implementations, metrics, report, runner
 from aepg_kernels.bench.sweeps import Case
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -43,7 +43,7 @@ def test_cpu_run_writes_json_and_png(tmp_path, capsys):
         case = Case(r["loss"], r["mode"], r["dtype"], r["n"], r["c"])
         assert r["gbps"] == pytest.approx(metrics.minimal_bytes(case) / r["seconds"] / 1e9)
         assert r["check"]["passed"] and r["peak_extra_bytes"] is None
-    assert all(r["status"] == "skipped" for r in records
+    assert all(r["status"] == report.NOT_APPLICABLE for r in records
                if r["implementation"] == "F.cross_entropy" and r["loss"] != "ce")
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
     assert "x eager" in printed and "16x33" in printed and f"wrote {out}" in printed
@@ -112,14 +112,57 @@ def test_trainer_step_on_a_tiny_vit(tmp_path, capsys):
 
 
 def test_exit_code_fails_only_for_our_backends():
-    impls = [implementations.EAGER, implementations.LIGER, implementations.select(torch.device("cpu"), ["cpu"])[-1]]
-    ours = "cpu" if "cpu" in ak.available_backends() else None
+    # Built explicitly: select() leaves the cpu backend out where it is not available.
+    impls = [implementations.EAGER, implementations.LIGER, implementations.fused_backend("cpu")]
     baseline_failed = [{"implementation": "liger", "status": "failed check"}]
     assert cli.exit_code(baseline_failed, impls) == 0
-    if ours:
-        assert cli.exit_code(baseline_failed + [{"implementation": "cpu", "status": "error"}], impls) == 1
+    for status in ("error", "failed check"):
+        assert cli.exit_code(baseline_failed + [{"implementation": "cpu", "status": status}], impls) == 1
 
 
 def test_default_file_names_tell_the_machine_apart():
     assert cli.device_tag({"card": "NVIDIA H100 80GB HBM3", "cores": 16}) == "nvidia-h100-80gb-hbm3"
     assert cli.device_tag({"card": None, "cores": 2, "torch_threads": 1}) == "cpu2c1t"
+
+
+def test_an_interrupted_run_writes_what_it_measured_and_exits_130(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cut.json"
+    calls = []
+    run_case = runner.run_case
+
+    def interrupted_after_one_case(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_case(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_case", interrupted_after_one_case)
+    rc = cli.main(["--device", "cpu", "--shapes", "8x10,8x11,8x12", "--implementations", "eager", "--out", str(out)])
+    assert rc == cli.INTERRUPTED == 130
+    document = json.loads(out.read_text())
+    assert document["complete"] is False and "KeyboardInterrupt" in document["interrupted"]
+    assert [(r["c"], r["status"]) for r in document["records"]] == [(10, "ok")]
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "interrupted" in capsys.readouterr().out
+
+
+def test_compile_runs_only_on_target_shapes_when_the_suite_says_so():
+    case = Case("aepg", "fwd+bwd", "fp32", 8, 10)  # not a target: compile is not even built
+    settings = runner.RunSettings(torch.device("cpu"), memory_bytes=None, compile_targets_only=True)
+    records = {r["implementation"]: r for r in runner.run_case(case, [implementations.EAGER, implementations.COMPILE],
+                                                                 settings, copy_gbps=None)}
+    assert records["compile"]["status"] == "skipped" and "target shapes only" in records["compile"]["reason"]
+    assert records["eager"]["status"] == "ok" and records["eager"]["speedup_vs_compile"] is None
+
+
+def test_implementations_share_the_rotation_of_input_copies():
+    """Each implementation goes on from the copy where the previous one stopped."""
+    from aepg_kernels.bench import inputs as bench_inputs, timing
+    case = Case("ce", "fwd", "fp32", 8, 10)
+    inputs = bench_inputs.make_inputs(case, torch.device("cpu"), rotations=5)
+    assert len({x.data_ptr() for x in inputs.logits}) == 5
+    seen = []
+    fn = lambda x, y: seen.append(x.data_ptr()) or x.sum()  # noqa: E731
+    first, second = timing.make_step(fn, inputs, False), timing.make_step(fn, inputs, False)
+    first(), first(), second(), second()
+    assert seen == [x.data_ptr() for x in inputs.logits[:4]]

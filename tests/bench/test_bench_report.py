@@ -18,7 +18,8 @@ def test_rows_line_up_with_the_header_and_missing_values_print_as_dash():
     row = report.format_row(record("cpu", 1000, 12.3456))
     assert len(row) == len(report.header())
     cells = row.split()
-    assert cells[3] == "4096x1000" and cells[4] == "cpu" and cells[5] == "1.5" and cells[6] == "12.35"
+    # 3 significant digits, fixed point
+    assert cells[3] == "4096x1000" and cells[4] == "cpu" and cells[5] == "1.50" and cells[6] == "12.3"
     assert cells[-1] == "-"  # no CUDA-graph time
 
 
@@ -61,3 +62,15 @@ def test_plot_takes_the_largest_n_per_class_count(tmp_path):
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     assert report.write_plot(tmp_path / "none.png", records[-1:], 20.0, "t") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_json_is_written_atomically(tmp_path, monkeypatch):
+    path = report.write_json(tmp_path / "r.json", {"records": [record("cpu", 10, 1.0)]})
+
+    def killed(*_args):
+        raise KeyboardInterrupt  # killed between writing the temporary file and renaming it
+
+    monkeypatch.setattr(report.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_json(path, {"records": []})
+    assert len(json.loads(path.read_text())["records"]) == 1  # the previous complete file

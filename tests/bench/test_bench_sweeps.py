@@ -1,9 +1,11 @@
 """Sweep definitions, skip rules and the formulas of aepg-bench (pure arithmetic, no timing)."""
 import pytest
 
-from aepg_kernels.bench import metrics
+import torch
+
+from aepg_kernels.bench import metrics, runner
 from aepg_kernels.bench.sweeps import (CLASSIFICATION_C, DTYPES, LLM_C, LOSSES, MODES, SUITES, Case, check_names,
-                                       fits, memory_needed, parse_shapes, rotations)
+                                       fits, logits_bytes, memory_needed, parse_shapes, rotations, target)
 
 GB = 10**9
 
@@ -23,6 +25,25 @@ def test_gpu_suite_starts_with_the_issue_targets():
     first = SUITES["gpu"]().cases[:4]
     assert Case("ce", "fwd+bwd", "bf16", 8192, 128256) in first
     assert Case("ce", "fwd+bwd", "fp32", 16384, 32000) in first
+    assert first[0].n == 256 and runner.launch_bound(first[0])  # us per call with and without a CUDA graph
+    # Every target kind within the first cases; torch.compile (seconds per case) only on those.
+    suite = SUITES["gpu"]()
+    assert suite.compile_targets_only
+    assert {target(case) for case in suite.cases[:8]} == {"large C", "classification", None}
+    compiled = [case for case in suite.cases if target(case)]
+    assert len(compiled) < len(suite.cases) / 3
+
+
+def test_targets_are_the_issue_shapes_in_fwd_bwd():
+    assert target(Case("ce", "fwd+bwd", "bf16", 8192, 128256)) == "large C"
+    assert target(Case("aepg", "fwd+bwd", "fp32", 16384, 32000)) == "large C"
+    assert target(Case("ce", "fwd+bwd", "fp32", 8192, 128256)) is None  # fp32 at that shape is not a target
+    assert target(Case("aepg", "fwd+bwd", "bf16", 4096, 100)) == "classification"
+    assert target(Case("aepg", "fwd+bwd", "fp32", 65536, 21843)) == "classification"
+    for case in (Case("aepg", "fwd+bwd", "bf16", 256, 1000), Case("aepg", "fwd+bwd", "bf16", 4096, 10),
+                 Case("aepg", "fwd", "bf16", 4096, 1000), Case("aepg", "fwd+bwd/rows", "bf16", 4096, 1000)):
+        assert target(case) is None, case
+    assert not SUITES["quick"]().compile_targets_only and not SUITES["cpu"]().compile_targets_only
 
 
 def test_quick_suite_is_small_fp32_and_covers_the_three_modes():
@@ -69,6 +90,19 @@ def test_rotations_cover_the_flush_size_within_the_cap():
     assert rotations(small, 256 << 20, 32) == 32
     assert rotations(big, 256 << 20, 32) == 1
     assert rotations(Case("ce", "fwd", "fp32", 1024, 1024), 16 << 20, 32) == 4
+
+
+def test_cpu_rotations_cover_the_flush_bytes_down_to_16_kib_of_logits():
+    """No cache flush between CPU calls: the copies must cover FLUSH_BYTES (bench/README.md says
+    which shapes stay cache-resident)."""
+    cap = runner.max_rotations(torch.device("cpu"))
+    assert runner.FLUSH_BYTES // cap == 16 << 10
+    for shape in ((256, 100), (256, 1000), (4096, 1000), (64, 64)):
+        case = Case("aepg", "fwd+bwd", "fp32", *shape)
+        assert rotations(case, runner.FLUSH_BYTES, cap) * logits_bytes(case) >= runner.FLUSH_BYTES, shape
+    resident = Case("aepg", "fwd+bwd", "fp32", 256, 10)  # 10 KiB
+    assert rotations(resident, runner.FLUSH_BYTES, cap) * logits_bytes(resident) < runner.FLUSH_BYTES
+    assert runner.max_rotations(torch.device("cuda")) == 32  # do_bench clears L2 there
 
 
 def test_parse_shapes_and_names():

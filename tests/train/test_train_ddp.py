@@ -51,6 +51,31 @@ def _worker(rank, world_size, port, output_dir):
         distributed.shutdown()
 
 
+def _grads_worker(rank, world_size, port, output_dir):
+    """Parameter a has a gradient on both ranks, b on rank 1 only (rank 0 had no rows), c on none."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        distributed.init_from_env("cpu")
+        a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+        a.grad = torch.full((3,), float(rank + 1))
+        if rank == 1:
+            b.grad = torch.full((3,), 4.0)
+        distributed.all_reduce_gradients([a, b, c], weight=0.5)
+        torch.save([p.grad for p in (a, b, c)], os.path.join(output_dir, f"grads{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+def test_a_parameter_without_gradient_on_every_rank_keeps_none(tmp_path):
+    """As in one process: Adam skips a None gradient, a zero one would still move the parameter."""
+    mp.spawn(_grads_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        a, b, c = torch.load(tmp_path / f"grads{rank}.pt")
+        assert torch.equal(a, torch.full((3,), 1.5)) and torch.equal(b, torch.full((3,), 2.0)), rank
+        assert c is None, rank
+
+
 def _test_sets(trainer):
     test_set, test_y = class_images(PER_CLASS, 2)
     return task_subsets(trainer.scenario, test_set, test_y)
