@@ -76,3 +76,25 @@ def test_compile_inductor_with_schedule_module(backend):
         torch.testing.assert_close(x.grad, expected_grad, rtol=1e-5, atol=1e-6)
         schedule.step()
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_do_not(backend):
+    """Eager: the autograd.Function runs the kernels directly (no custom-op dispatch cost); under a
+    trace (make_fx here) the graph holds the registered aepg:: ops. Same loss and gradient."""
+    x, y = logits(4, 6, dtype=torch.float32), index_targets(4, 6)
+
+    def loss_and_grad_fn(x):
+        x = x.detach().requires_grad_()
+        loss = ak.aepg_loss(x, y, 0.3, entropy_weight=0.1, backend=backend)
+        return loss, torch.autograd.grad(loss, x)[0]
+
+    eager_loss = ak.aepg_loss(x.detach().requires_grad_(), y, 0.3, entropy_weight=0.1, backend=backend)
+    assert type(eager_loss.grad_fn).__name__ == "PolicyLossFunctionBackward"
+    graph = torch.fx.experimental.proxy_tensor.make_fx(loss_and_grad_fn)(x)
+    targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert "aepg.policy_loss_fwd.default" in targets, targets  # (traced, the gradient is scaled out of place)
+    traced_loss, traced_grad = graph(x)
+    loss, grad = loss_and_grad_fn(x)
+    torch.testing.assert_close(traced_loss, loss)
+    torch.testing.assert_close(traced_grad, grad)
