@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -41,14 +41,23 @@ def checkpoint_path(output_dir: str) -> Path:
     return Path(output_dir) / CHECKPOINT_FILE
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: a run killed while
-    writing leaves the previous checkpoint intact."""
+def write_atomically(path: Path, write: Callable) -> None:
+    """`write(file)` into a temporary file in the same folder, then os.replace: a reader (or a
+    concurrent run) sees either the previous file or the whole new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({**state, "format_version": FORMAT_VERSION}, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """A run killed while writing leaves the previous checkpoint intact."""
+    write_atomically(path, lambda f: torch.save({**state, "format_version": FORMAT_VERSION}, f))
 
 
 def load_checkpoint(path: Path) -> Optional[dict]:

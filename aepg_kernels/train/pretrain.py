@@ -26,6 +26,7 @@ from torch import nn
 
 import aepg_kernels as ak
 
+from .checkpoint import write_atomically
 from .config import ModelConfig, TrainConfig
 from .data import backbone_normalization, load_mnist5k, stratified_split
 from .model import create_backbone
@@ -76,24 +77,11 @@ def ensure_pretrained_backbone(cfg: TrainConfig, log: Callable[[str], None] = pr
     log(f"pretraining {cfg.model.name} on MNIST-5k at {cfg.data.img_size}x{cfg.data.img_size} (once; cached in "
         f"{path.parent})")
     state_dict, report = pretrain_backbone(cfg.model, cfg.data.img_size, log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path.with_suffix(".json"), lambda f: f.write(json.dumps(report, indent=2).encode()))
-    _write_atomically(path, lambda f: torch.save(state_dict, f))
+    write_atomically(path.with_suffix(".json"), lambda f: f.write(json.dumps(report, indent=2).encode()))
+    write_atomically(path, lambda f: torch.save(state_dict, f))
     log(f"pretrained backbone: held-out MNIST accuracy {report['held_out_accuracy']:.4f} "
         f"in {report['seconds']:.0f} s -> {path}")
     return str(path)
-
-
-def _write_atomically(path: Path, write: Callable) -> None:
-    """Writes a temporary file in the same folder, then renames it: a reader (or a concurrent run)
-    sees either no file or a whole one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def pretrain_backbone(model: ModelConfig, img_size: int, log: Callable[[str], None] = print
