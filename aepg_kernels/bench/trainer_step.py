@@ -27,17 +27,15 @@ def default_batch(device: torch.device) -> int:
 
 def build(model_name: str, num_classes: int, loss_backend: str, device: torch.device, image_size: int = IMAGE_SIZE):
     """The model, optimizer and criterion, as the trainer builds them (public train API only)."""
-    from aepg_kernels.train import ContinualViT, LossConfig, ModelConfig, OptimConfig, PeftConfig, build_criterion
+    from aepg_kernels.train import (ContinualViT, LossConfig, ModelConfig, OptimConfig, PeftConfig, build_criterion,
+                                    build_optimizer)
     torch.manual_seed(0)
     kwargs = {} if image_size == IMAGE_SIZE else {"img_size": image_size}
     model = ContinualViT.from_config(ModelConfig(name=model_name, pretrained=False, kwargs=kwargs),
                                      PeftConfig(kind="lora", blocks=[0, 1, 2, 3, 4]))
     model.add_task(num_classes)
     model.to(device).train()
-    # The trainer's optimizer (ContinualTrainer._build_optimizer): Adam with the default OptimConfig.
-    optim = OptimConfig()
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=optim.lr, betas=optim.betas,
-                                 weight_decay=optim.weight_decay)
+    optimizer = build_optimizer(model.trainable_parameters(), OptimConfig())  # the trainer's, default settings
     criterion = build_criterion(LossConfig(name="aepg", schedule="constant", alpha=ALPHA, backend=loss_backend))
     return model, optimizer, criterion
 

@@ -25,7 +25,7 @@ from .pretrain import ensure_pretrained_backbone
 from .report import format_run_summary, write_run_outputs
 from .runner import run
 from .scenario import ClassIncrementalScenario
-from .trainer import ContinualTrainer, RemappedSubset, TrainingInterrupted, task_subsets
+from .trainer import ContinualTrainer, RemappedSubset, TrainingInterrupted, build_optimizer, task_subsets
 
 __all__ = [
     "AccuracyMatrix", "ClassIncrementalScenario", "ConfigError", "ContinualData", "ContinualTrainer",
@@ -33,9 +33,9 @@ __all__ = [
     "ParallelAdapter", "PeftConfig", "PeftModule", "PrefixAttention", "PromptTokens", "RemappedSubset",
     "ResumeError", "RunConfig", "ScenarioConfig", "TaskHeads", "TrainConfig", "TrainingInterrupted", "accuracy",
     "accuracy_after_each_task", "aggregate", "apply_peft", "average_incremental_accuracy", "backbone_normalization",
-    "backward_transfer", "build_criterion", "build_data", "build_schedule", "config_from_dict", "config_to_dict",
-    "config_to_yaml", "count_parameters", "create_backbone", "ensure_pretrained_backbone", "final_accuracy",
-    "forgetting", "format_compare_table", "format_run_summary", "list_presets", "load_config", "load_mnist5k",
-    "local_loss", "parse_overrides", "peft_parameters", "plot_compare", "predict", "predict_loader", "run",
-    "run_compare", "summarize", "task_subsets", "write_compare_outputs", "write_run_outputs",
+    "backward_transfer", "build_criterion", "build_data", "build_optimizer", "build_schedule", "config_from_dict",
+    "config_to_dict", "config_to_yaml", "count_parameters", "create_backbone", "ensure_pretrained_backbone",
+    "final_accuracy", "forgetting", "format_compare_table", "format_run_summary", "list_presets", "load_config",
+    "load_mnist5k", "local_loss", "parse_overrides", "peft_parameters", "plot_compare", "predict", "predict_loader",
+    "run", "run_compare", "summarize", "task_subsets", "write_compare_outputs", "write_run_outputs",
 ]

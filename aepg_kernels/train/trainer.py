@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_colla
 from . import distributed
 from .checkpoint import (ResumeError, backbone_fingerprint, check_resumable, checkpoint_path, derive_seed,
                          load_checkpoint, load_trained_state, save_checkpoint, trained_state)
-from .config import TrainConfig, config_to_dict
+from .config import OptimConfig, TrainConfig, config_to_dict
 from .evaluation import predict_loader
 from .heads import local_loss
 from .losses import build_criterion
@@ -146,6 +146,11 @@ class Position:
         return (self.epoch, self.batch) != (0, 0)
 
 
+def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The paper's optimizer: Adam with `optim.lr`, `optim.betas`, `optim.weight_decay`."""
+    return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
 class ContinualTrainer:
     """`fit` runs every task, resuming by itself from `run.output_dir`'s checkpoint when
     `run.resume` is set. With torch.distributed initialised (distributed.init_from_env), every rank
@@ -186,9 +191,7 @@ class ContinualTrainer:
         # Every parameter the task may train (add_task froze the older heads); while the PEFT modules
         # are frozen they have no gradient and Adam skips them.
         self.model.set_peft_trainable(True)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optim = self.cfg.optim
-        return torch.optim.Adam(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+        return build_optimizer(self.model.trainable_parameters(), self.cfg.optim)
 
     def _batches(self, train_set: Dataset, task: int, epoch: int, start: int = 0) -> EpochBatches:
         return EpochBatches(len(train_set), self.cfg.data.batch_size, self.cfg.run.seed, task, epoch,

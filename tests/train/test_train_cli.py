@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from aepg_kernels.train import load_config, pretrain
+from aepg_kernels.train import load_config
 from aepg_kernels.train.cli import main as cli_main
 
 from test_train_pretrain import small_recipe  # noqa: F401  (fixture)
