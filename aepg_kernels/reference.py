@@ -75,6 +75,13 @@ def _focal_sample_weight(p_y, om, logp_y, gamma: float):
     return om.pow(gamma) * (1 - gamma * p_y * ratio)
 
 
+def _one_minus(om, p_y):
+    """1 - p_y with the value of om (the other classes' mass, exact near p_y = 1) and the
+    gradient of -p_y, p_y (p - e_y). Differentiating om itself gives p_k - om p_k for k != y, which
+    cancels to nothing when p_y is small (om ~ 1); p_y.detach() - p_y is exactly 0 in value."""
+    return om.detach() + (p_y.detach() - p_y)
+
+
 def _index_target_rows(z, logp, p, entropy, target, weight, spec: LossSpec, a, b):
     n_classes = z.shape[-1]
     counted, in_range, y = _index_masks(target, n_classes, spec.ignore_index)
@@ -92,7 +99,7 @@ def _index_target_rows(z, logp, p, entropy, target, weight, spec: LossSpec, a, b
     ce = -logp_y
     if gamma > 0:  # clamp keeps d(om^g)/d om finite at om = 0 for g < 1 (its true limit is 0)
         ce = om.clamp_min(torch.finfo(z.dtype).tiny).pow(gamma) * ce
-    loss = a * (1 - eps) * ce + b * om
+    loss = a * (1 - eps) * ce + b * _one_minus(om, p_y)
     if spec.has_entropy_term:
         loss = loss + spec.entropy_weight * entropy
     loss = w_y * loss
