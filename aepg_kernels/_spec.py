@@ -1,115 +1,62 @@
-"""Shared constants and argument validation: the one place every backend agrees on.
+"""Argument validation: the one gate between the public API and the backends.
 
-`canonicalize` turns the public arguments of `policy_loss` into a `LossSpec` and a 2-D view
-(rows x classes) of the logits, raising a clear error for every bad input. Everything below
-it (eager reference, kernels, custom op) can then assume well-formed, 2-D, contiguous-rows data.
+`prepare` checks every argument of `policy_loss` from what is known without reading tensor data
+(types, dtypes, shapes, devices) and returns the packed call of the op contract
+(aepg_kernels/_contract.py) on rows of C classes. It runs no torch op for the common (N, C)
+input, since at classification shapes host time is the whole cost of a call. What needs the data
+(a class index out of range) is checked by the backends: in C++ on the CPU, by
+`check_target_range` in the Python backends, as NaN rows on the GPU (no host synchronisation).
 """
 from __future__ import annotations
 
-import enum
 import math
-from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
 
-Coefficient = Union[float, torch.Tensor]
+from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, Flag, Reduction, pack
 
-
-class Reduction(enum.IntEnum):
-    """Same numbering as ATen's at::Reduction."""
-
-    NONE = 0
-    MEAN = 1
-    SUM = 2
-
-
-class Stat(enum.IntEnum):
-    """Rows of the per-row statistics tensor of shape (NUM_STATS, n_rows) the kernels write."""
-
-    LSE = 0            # log-sum-exp of the row
-    ENTROPY = 1        # H(p) (NaN when the caller did not ask for it)
-    P_TARGET = 2       # p_y (index targets) or sum_k q_k p_k (probability targets)
-    SAMPLE_WEIGHT = 3  # per-row factor of (p - e_y) in the gradient
-    ROW_WEIGHT = 4     # w_y for a counted row, 0 when ignored; sum_k w_k q_k for probability targets
-    AUX = 5            # 1 - p_y, accurate near p_y = 1 (index); sum_k w_k q_k p_k (probability)
-    ROW_MAX = 6        # the row max m (0 for a row of -inf), so that log p = (z - m) - log S
-    LOG_SUM = 7        # log S = log sum_k exp(z_k - m): backward recomputes p without cancellation
-
-
-NUM_STATS = len(Stat)
-BACKENDS = ("auto", "triton", "cuda", "cpu", "eager")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+_REDUCTIONS = {"none": Reduction.NONE, "mean": Reduction.MEAN, "sum": Reduction.SUM}
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """Hyper-parameters of one call, validated. ce/epg weights may be 0-d tensors."""
-
-    ce_weight: Coefficient = 1.0
-    epg_weight: Coefficient = 0.0
-    entropy_weight: float = 0.0
-    label_smoothing: float = 0.0
-    focal_gamma: float = 0.0
-    ignore_index: int = -100
-    reduction: Reduction = Reduction.MEAN
-    prob_target: bool = False
-
-    @property
-    def has_entropy_term(self) -> bool:
-        return self.entropy_weight != 0.0
-
-    def coefficient_args(self):
-        """(a tensor or None, b tensor or None, a float, b float): the custom ops' form of the
-        coefficients, each either a 0-d tensor (its float then unused) or a float."""
-        a, b = self.ce_weight, self.epg_weight
-        a_t, a = (a, 0.0) if isinstance(a, torch.Tensor) else (None, float(a))
-        b_t, b = (b, 0.0) if isinstance(b, torch.Tensor) else (None, float(b))
-        return a_t, b_t, a, b
+# A validated call: the op contract's eight arguments (logits (R, C), target (R,) or (R, C), weight,
+# ce_weight_t, epg_weight_t, scalars, ignore_index, flags).
+Call = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], list, int, int]
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 math for fp16/bf16/fp32, fp64 math for fp64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_real_number(name: str, value, *, low=-math.inf, high=math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or not (low <= value <= high):
+def check_real_number(name: str, value, *, low=-math.inf, high=math.inf) -> float:
+    if value.__class__ is not float:  # the common case in one comparison; bool is an int, refused
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        value = float(value)
+    if not low <= value <= high or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value}")
     return value
 
 
 def _check_coefficient(name: str, value, device: torch.device) -> Coefficient:
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0:
-            raise ValueError(f"{name} must be a float or a 0-d tensor, got a tensor of shape "
-                             f"{tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        if value.device != device:
-            raise ValueError(f"{name} must be on the input's device ({device}), got {value.device}")
-        return value.detach()
-    return _check_real_number(name, value)
+    if value.__class__ is float or not isinstance(value, Tensor):
+        return check_real_number(name, value)
+    if value.dim() != 0:
+        raise ValueError(f"{name} must be a float or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} must be on the input's device ({device}), got {value.device}")
+    return value.detach() if value.requires_grad else value
 
 
 def _check_reduction(reduction) -> Reduction:
-    names = {"none": Reduction.NONE, "mean": Reduction.MEAN, "sum": Reduction.SUM}
-    if not isinstance(reduction, str) or reduction not in names:
+    if reduction.__class__ is not str or reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")
-    return names[reduction]
-
-
-def check_backend(backend) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-    return backend
+    return _REDUCTIONS[reduction]
 
 
 def _check_input(input) -> None:
-    if not isinstance(input, torch.Tensor):
+    if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor of logits, got {type(input).__name__}")
     if input.dtype not in FLOAT_DTYPES:
         raise TypeError(f"input must be float16, bfloat16, float32 or float64 logits, got {input.dtype}")
@@ -117,36 +64,38 @@ def _check_input(input) -> None:
         raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor")
 
 
-def _check_target(input: torch.Tensor, target) -> bool:
+def _check_target(input: Tensor, target, device: torch.device) -> bool:
     """Returns True for class-probability targets, False for class indices."""
-    if not isinstance(target, torch.Tensor):
+    if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.device != input.device:
-        raise ValueError(f"target must be on the input's device ({input.device}), got {target.device}")
-    if target.is_floating_point():
-        if target.shape != input.shape:
-            raise ValueError("target of class probabilities must have the input's shape "
-                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
-        if target.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"target probabilities must be a float dtype, got {target.dtype}")
-        if target.requires_grad and torch.is_grad_enabled():
-            raise ValueError("target: gradients with respect to probability targets are not supported; "
-                             "pass target.detach()")
-        return True
-    if target.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"target must hold int64/int32 class indices or float class probabilities, "
-                        f"got {target.dtype}")
-    expected = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else torch.Size([])
-    if target.shape != expected:
+    if target.device != device:
+        raise ValueError(f"target must be on the input's device ({device}), got {target.device}")
+    dtype = target.dtype
+    if dtype in INDEX_DTYPES:
+        if input.dim() == 2:  # the common case without building Sizes
+            if target.dim() == 1 and target.size(0) == input.size(0):
+                return False
+        elif target.shape == (input.shape[:1] + input.shape[2:] if input.dim() > 2 else ()):
+            return False
+        shape = input.shape
+        expected = shape[:1] + shape[2:] if len(shape) >= 2 else torch.Size([])
         raise ValueError(f"target of class indices must have shape {tuple(expected)} for input of shape "
+                         f"{tuple(shape)}, got {tuple(target.shape)}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"target must hold int64/int32 class indices or float class probabilities, got {dtype}")
+    if target.shape != input.shape:
+        raise ValueError("target of class probabilities must have the input's shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
-    return False
+    if target.requires_grad and torch.is_grad_enabled():
+        raise ValueError("target: gradients with respect to probability targets are not supported; "
+                         "pass target.detach()")
+    return True
 
 
-def _check_weight(weight, input: torch.Tensor) -> Optional[torch.Tensor]:
+def _check_weight(weight, input: Tensor) -> Optional[Tensor]:
     if weight is None:
         return None
-    if not isinstance(weight, torch.Tensor):
+    if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a 1-d tensor of per-class weights or None, got {type(weight).__name__}")
     n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
     if weight.dim() != 1 or weight.shape[0] != n_classes:
@@ -158,14 +107,70 @@ def _check_weight(weight, input: torch.Tensor) -> Optional[torch.Tensor]:
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight: gradients with respect to class weights are not supported "
                          "(nor in nn.CrossEntropyLoss); pass weight.detach()")
-    return weight.contiguous()  # the kernels index classes without a stride
+    return weight
 
 
-def _check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
-    """Raises IndexError for an out-of-range class index. Only where it costs no device sync
-    (CPU tensors, outside tracing); on CUDA the kernels mark such rows NaN instead."""
+def _rows(input: Tensor, target: Tensor, prob_target: bool):
+    """(N, C, d1, ...) or (C,) input -> rows (R, C), targets (R,) or (R, C), the per-row shape."""
+    if input.dim() == 1:
+        return input.unsqueeze(0), target.unsqueeze(0), torch.Size([])
+    row_shape = input.shape[:1] + input.shape[2:]
+    input = input.movedim(1, -1)
+    target = target.movedim(1, -1) if prob_target else target
+    n_classes = input.shape[-1]
+    return (input.reshape(-1, n_classes), target.reshape(-1, n_classes) if prob_target else target.reshape(-1),
+            row_shape)
+
+
+def prepare(input, target, weight, ce_weight, epg_weight, entropy_weight, label_smoothing, focal_gamma,
+            ignore_index, reduction, need_entropy: bool) -> Tuple[Call, Optional[torch.Size]]:
+    """Validates every argument of `policy_loss` and packs the call (see the module docstring).
+    Returns the call and the shape of a per-row result (None when the input is (N, C) already)."""
+    _check_input(input)
+    device = input.device
+    prob_target = _check_target(input, target, device)
+    weight = _check_weight(weight, input)
+    if ignore_index.__class__ is not int:
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        ignore_index = int(ignore_index)
+    a = _check_coefficient("ce_weight", ce_weight, device)
+    if epg_weight is ONE_MINUS_CE_WEIGHT and isinstance(a, Tensor):
+        b = epg_weight
+    else:
+        b = _check_coefficient("epg_weight", epg_weight, device)
+    beta = check_real_number("entropy_weight", entropy_weight)
+    eps = check_real_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    gamma = check_real_number("focal_gamma", focal_gamma, low=0.0)
+    if prob_target and gamma > 0:
+        raise ValueError("focal_gamma > 0 is defined for class-index targets only, got class-probability targets")
+    call = pack(a, b, beta, eps, gamma, ignore_index, _check_reduction(reduction), prob_target, need_entropy)
+    if input.dim() == 2:
+        if input.size(1) == 0:
+            raise ValueError("input must have at least one class (C >= 1), got C=0")
+        return (input, target, weight, *call), None
+    if input.shape[1 if input.dim() > 1 else 0] == 0:
+        raise ValueError("input must have at least one class (C >= 1), got C=0")
+    input, target, row_shape = _rows(input, target, prob_target)
+    return (input, target, weight, *call), row_shape
+
+
+def widen_targets(target: Tensor, ignore_index: int) -> Tensor:
+    """int32 class indices as int64 when ignore_index does not fit in int32 (a comparison in
+    int32 would wrap it around), for the Python backends."""
+    if target.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
+        return target.long()
+    return target
+
+
+def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
+    """Raises IndexError for an out-of-range class index, for the Python backends. Only where it
+    costs no device sync (CPU tensors, outside tracing); on CUDA the kernels mark such rows NaN."""
     if target.device.type != "cpu" or target.numel() == 0 or torch.compiler.is_compiling():
         return
+    if isinstance(target, torch._subclasses.FakeTensor):
+        return
+    target = widen_targets(target, ignore_index)
     low, high = torch.stack(torch.aminmax(target)).tolist()
     if 0 <= low and high < n_classes:  # the common case, in one reduction
         return
@@ -176,51 +181,4 @@ def _check_target_range(target: torch.Tensor, n_classes: int, ignore_index: int)
                          f"(and is not ignore_index={ignore_index})")
 
 
-def canonicalize(input, target, *, weight, ce_weight, epg_weight, entropy_weight, label_smoothing,
-                 focal_gamma, ignore_index, reduction):
-    """Validates every argument and flattens (N, C, d1, ...) to rows of C classes.
-
-    Returns (logits_2d, target_rows, weight, spec, row_shape) where target_rows is (R,) for
-    indices or (R, C) for probabilities and row_shape is the shape of a per-row result.
-    """
-    _check_input(input)
-    prob_target = _check_target(input, target)
-    weight = _check_weight(weight, input)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    spec = LossSpec(
-        ce_weight=_check_coefficient("ce_weight", ce_weight, input.device),
-        epg_weight=_check_coefficient("epg_weight", epg_weight, input.device),
-        entropy_weight=_check_real_number("entropy_weight", entropy_weight),
-        label_smoothing=_check_real_number("label_smoothing", label_smoothing, low=0.0, high=1.0),
-        focal_gamma=_check_real_number("focal_gamma", focal_gamma, low=0.0),
-        ignore_index=ignore_index,
-        reduction=_check_reduction(reduction),
-        prob_target=prob_target,
-    )
-    if prob_target and spec.focal_gamma > 0:
-        raise ValueError("focal_gamma > 0 is defined for class-index targets only, "
-                         "got class-probability targets")
-
-    if input.dim() == 1:
-        input, target = input.unsqueeze(0), target.unsqueeze(0)
-        row_shape = torch.Size([])
-    else:
-        row_shape = input.shape[:1] + input.shape[2:]
-    if input.dim() > 2:  # (N, C, d1, ...) -> (N * d1 * ..., C)
-        input = input.movedim(1, -1)
-        target = target.movedim(1, -1) if prob_target else target
-    n_classes = input.shape[-1]
-    if n_classes == 0:
-        raise ValueError("input must have at least one class (C >= 1), got C=0")
-    logits = input.reshape(-1, n_classes)
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    if prob_target:
-        target = target.reshape(-1, n_classes).contiguous()
-    else:
-        target = target.reshape(-1).contiguous()
-        if target.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
-            target = target.long()  # compared in int32, a wide ignore_index would wrap around
-        _check_target_range(target, n_classes, ignore_index)
-    return logits, target, weight, spec, row_shape
+__all__ = ["Call", "Flag", "check_real_number", "check_target_range", "prepare", "widen_targets"]

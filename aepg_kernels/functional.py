@@ -1,6 +1,6 @@
 """The public functional API: the policy-gradient loss family as one fused op.
 
-Per row, with index targets (method.md section 2):
+Per row, with index targets (docs/math.md):
     loss_i = w_y [a (1-eps) (1-p_y)^gamma (-log p_y) + b (1-p_y) + beta H(p)]
              + a eps / C * sum_k w_k (-log p_k)
 "mean" divides the sum over counted rows by the sum of their w_y, as nn.CrossEntropyLoss.
@@ -11,9 +11,9 @@ from typing import NamedTuple, Optional
 
 from torch import Tensor
 
-from . import _op, reference
-from ._spec import Coefficient, Stat, canonicalize
-from .backends import resolve_backend
+from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, Stat
+from ._spec import prepare
+from .backends import resolve
 
 
 class LossStats(NamedTuple):
@@ -23,6 +23,9 @@ class LossStats(NamedTuple):
     p_target: Tensor       # p_y, or sum_k q_k p_k for probability targets; 0 for ignored rows
     sample_weight: Tensor  # the factor of (p - e_y) in the gradient: a(1-eps) w_focal + b p_y
     lse: Tensor            # log sum_k exp(z_k)
+
+
+_STAT_ROWS = (Stat.ENTROPY, Stat.P_TARGET, Stat.SAMPLE_WEIGHT, Stat.LSE)  # LossStats' fields
 
 
 def policy_loss(input: Tensor, target: Tensor, *, ce_weight: Coefficient = 1.0, epg_weight: Coefficient = 0.0,
@@ -44,21 +47,16 @@ def policy_loss(input: Tensor, target: Tensor, *, ce_weight: Coefficient = 1.0, 
         backend: "auto", "triton", "cuda", "cpu" or "eager" (see ``available_backends()``).
         return_stats: also return ``LossStats`` (entropy, p_target, sample_weight, lse) per row.
     """
-    logits, rows_target, weight, spec, row_shape = canonicalize(
-        input, target, weight=weight, ce_weight=ce_weight, epg_weight=epg_weight, entropy_weight=entropy_weight,
-        label_smoothing=label_smoothing, focal_gamma=focal_gamma, ignore_index=ignore_index, reduction=reduction)
-    backend = resolve_backend(backend, input.device)
-    if backend == "eager":
-        loss, stats = reference.policy_loss(logits, rows_target, weight, spec)
-    else:
-        loss, stats = _op.policy_loss(logits, rows_target, weight, spec, backend,
-                                      need_entropy=return_stats or spec.has_entropy_term)
-    if loss.dim():
+    call, row_shape = prepare(input, target, weight, ce_weight, epg_weight, entropy_weight, label_smoothing,
+                              focal_gamma, ignore_index, reduction, return_stats)
+    loss, stats = resolve(backend, input.device).loss(*call)
+    if row_shape is not None and loss.dim():
         loss = loss.reshape(row_shape)
     if not return_stats:
         return loss
-    rows = (stats[key].reshape(row_shape) for key in (Stat.ENTROPY, Stat.P_TARGET, Stat.SAMPLE_WEIGHT, Stat.LSE))
-    return loss, LossStats(*rows)
+    if row_shape is None:
+        return loss, LossStats(*(stats[key] for key in _STAT_ROWS))
+    return loss, LossStats(*(stats[key].reshape(row_shape) for key in _STAT_ROWS))
 
 
 def cross_entropy(input: Tensor, target: Tensor, **kwargs):
@@ -75,8 +73,8 @@ def aepg_loss(input: Tensor, target: Tensor, alpha: Coefficient, **kwargs):
     """Annealed EPG: alpha CE + (1 - alpha) EPG, per-sample weight alpha + (1 - alpha) p_y.
 
     alpha may be a 0-d tensor on the input's device (no recompilation, CUDA-graph friendly)."""
-    if isinstance(alpha, Tensor):
-        return policy_loss(input, target, ce_weight=alpha, epg_weight=1 - alpha, **kwargs)
+    if isinstance(alpha, Tensor):  # the kernels take epg_weight = 1 - alpha from alpha itself
+        return policy_loss(input, target, ce_weight=alpha, epg_weight=ONE_MINUS_CE_WEIGHT, **kwargs)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1] or a 0-d tensor, got {alpha!r}")
     return policy_loss(input, target, ce_weight=float(alpha), epg_weight=1.0 - float(alpha), **kwargs)

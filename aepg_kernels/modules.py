@@ -31,14 +31,11 @@ class PolicyLoss(nn.Module):
         self.focal_gamma = focal_gamma
         self.backend = backend
 
-    def _options(self) -> dict:
-        return dict(weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-                    label_smoothing=self.label_smoothing, entropy_weight=self.entropy_weight,
-                    focal_gamma=self.focal_gamma, backend=self.backend)
-
     def forward(self, input: Tensor, target: Tensor, return_stats: bool = False):
         return policy_loss(input, target, ce_weight=self.ce_weight, epg_weight=self.epg_weight,
-                           return_stats=return_stats, **self._options())
+                           entropy_weight=self.entropy_weight, label_smoothing=self.label_smoothing,
+                           focal_gamma=self.focal_gamma, weight=self.weight, ignore_index=self.ignore_index,
+                           reduction=self.reduction, backend=self.backend, return_stats=return_stats)
 
     def extra_repr(self) -> str:
         return (f"ce_weight={self.ce_weight}, epg_weight={self.epg_weight}, entropy_weight={self.entropy_weight}, "
@@ -61,7 +58,10 @@ class AEPGLoss(PolicyLoss):
         self.schedule = schedule
 
     def forward(self, input: Tensor, target: Tensor, return_stats: bool = False):
-        return aepg_loss(input, target, self.schedule.alpha, return_stats=return_stats, **self._options())
+        return aepg_loss(input, target, self.schedule.alpha, entropy_weight=self.entropy_weight,
+                         label_smoothing=self.label_smoothing, focal_gamma=self.focal_gamma, weight=self.weight,
+                         ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+                         return_stats=return_stats)
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule!r}, " + super().extra_repr()

@@ -2,9 +2,10 @@
 
 A schedule counts optimizer steps: `.alpha` is the current value, `.step()` advances one step,
 `.reset(total_steps)` starts a new task. By default the state is a Python int and `.alpha` a
-float. With `device=...` the step counter is a 0-d tensor and `.alpha` a 0-d tensor computed from
-it: `.step()` is then an in-place add, so a compiled or CUDA-graph-captured training step can
-advance the schedule without recompiling or re-capturing.
+float. With `device=...` the step counter and `.alpha` are 0-d tensors on that device, updated in
+place by `.step()` / `.reset()`: `.alpha` is always the same tensor, so reading it costs nothing
+per loss call, and a compiled or CUDA-graph-captured training step sees each new value without
+recompiling or re-capturing.
 """
 from __future__ import annotations
 
@@ -29,18 +30,26 @@ class AlphaSchedule:
         self.total_steps = _check_total_steps(total_steps)
         self.device = None if device is None else torch.device(device)
         self._step = 0 if self.device is None else torch.zeros((), dtype=torch.float32, device=self.device)
+        self._alpha = None if self.device is None else torch.empty((), dtype=torch.float32, device=self.device)
+        self._refresh()
 
     def _alpha_at(self, progress: Alpha) -> Alpha:
         raise NotImplementedError
 
-    @property
-    def alpha(self) -> Alpha:
+    def _current(self) -> Alpha:
         progress = self._step / self.total_steps
         if isinstance(progress, torch.Tensor):
-            progress = progress.clamp(max=1.0)
-        else:
-            progress = min(progress, 1.0)
-        return self._alpha_at(progress)
+            return self._alpha_at(progress.clamp(max=1.0))
+        return self._alpha_at(min(progress, 1.0))
+
+    def _refresh(self) -> None:
+        """Recomputes the device tensor alpha in place after the state changed."""
+        if self._alpha is not None:
+            self._alpha.copy_(self._current())
+
+    @property
+    def alpha(self) -> Alpha:
+        return self._current() if self._alpha is None else self._alpha
 
     @property
     def step_count(self) -> int:
@@ -49,6 +58,7 @@ class AlphaSchedule:
     def step(self) -> None:
         if isinstance(self._step, torch.Tensor):
             self._step.add_(1)
+            self._refresh()
         else:
             self._step += 1
 
@@ -58,6 +68,7 @@ class AlphaSchedule:
             self.total_steps = _check_total_steps(total_steps)
         if isinstance(self._step, torch.Tensor):
             self._step.zero_()
+            self._refresh()
         else:
             self._step = 0
 
@@ -68,6 +79,7 @@ class AlphaSchedule:
         self.reset(state["total_steps"])
         if isinstance(self._step, torch.Tensor):
             self._step.fill_(state["step"])
+            self._refresh()
         else:
             self._step = int(state["step"])
 

@@ -26,6 +26,7 @@ struct KernelArgs {
   const void* w_total = nullptr; // 0-d sum of the weights (smoothing / probability targets with weights)
   const void* a_ptr = nullptr;   // 0-d CE weight when given as a tensor, else a
   const void* b_ptr = nullptr;   // 0-d EPG weight when given as a tensor, else b
+  bool b_one_minus_a = false;    // b = 1 - a (aEPG with a tensor alpha)
   double a = 1, b = 0, beta = 0, eps = 0, gamma = 0;
   int64_t ignore_index = -100;
   bool prob_target = false, focal = false, entropy = false;
@@ -49,7 +50,7 @@ template <class T>
 AEPG_HD LossParams<T> loss_params(const KernelArgs& args) {
   LossParams<T> p;
   p.a = args.a_ptr ? *static_cast<const T*>(args.a_ptr) : static_cast<T>(args.a);
-  p.b = args.b_ptr ? *static_cast<const T*>(args.b_ptr) : static_cast<T>(args.b);
+  p.b = args.b_one_minus_a ? T(1) - p.a : args.b_ptr ? *static_cast<const T*>(args.b_ptr) : static_cast<T>(args.b);
   p.beta = static_cast<T>(args.beta);
   p.eps = static_cast<T>(args.eps);
   p.gamma = static_cast<T>(args.gamma);

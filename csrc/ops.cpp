@@ -1,40 +1,66 @@
-// The operators aepg::native_forward / native_backward / native_scale_ (CPU, CUDA and Meta
-// kernels) and the Python module aepg_kernels._C. The glue here validates the tensors, allocates
-// the outputs and fills KernelArgs once for both devices; the kernels only compute.
+// The operators of the native backends and the Python module aepg_kernels._C.
+//
+//   aepg::policy_loss     the differentiable entry point: an Autograd kernel in C++, so that an
+//                         eager call, its autograd node and its backward never enter Python;
+//   aepg::native_forward  loss, stats, fused gradient and "mean" denominator (CPU, CUDA, Meta);
+//   aepg::native_backward the gradient recomputed from the saved stats (CPU, CUDA, Meta);
+//   aepg::native_scale_   grad *= grad_loss in place, skipped when grad_loss == 1.
+//
+// Every operator takes the call of aepg_kernels/_contract.py (csrc/contract.h): the tensors, then
+// `float[] scalars` indexed by Scalar and `int flags` of Flag bits. `unpack` turns a call into the
+// KernelArgs the CPU and CUDA kernels read. A traced call (torch.compile, make_fx, fake tensors)
+// runs the same Autograd kernel, which records native_forward / native_backward in the graph.
+#include "contract.h"
 #include "kernel_args.h"
-#include "policy_loss_math.h"
 
 #include <ATen/ATen.h>
-#include <pybind11/pybind11.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C
 #endif
 
+// The arguments of a call, in the order of the schemas below.
+#define AEPG_CALL_PARAMS                                                                            \
+  const Tensor &logits, const Tensor &target, const std::optional<Tensor>&weight,                 \
+      const std::optional<Tensor>&ce_weight_t, const std::optional<Tensor>&epg_weight_t,          \
+      c10::ArrayRef<double> scalars, int64_t ignore_index, int64_t flags
+#define AEPG_CALL_ARGS logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags
+#define AEPG_CALL_SCHEMA                                                                            \
+  "Tensor logits, Tensor target, Tensor? weight, Tensor? ce_weight_t, Tensor? epg_weight_t, "     \
+  "float[] scalars, int ignore_index, int flags"
+
 namespace aepg {
 namespace {
 
 using at::Tensor;
+using Forward = std::tuple<Tensor, Tensor, Tensor, Tensor>;  // loss, stats, grad, denominator
 
 c10::ScalarType accumulation_dtype(c10::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<Tensor, Tensor, Tensor> forward_outputs(const Tensor& logits, bool write_grad) {
-  const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
-  const auto acc = logits.options().dtype(accumulation_dtype(logits.scalar_type()));
-  return {at::empty({n_rows}, acc), at::empty({kNumStats, n_rows}, acc),
-          write_grad ? at::empty({n_rows, n_cols}, logits.options()) : at::empty({0}, logits.options())};
+int64_t reduction_of(int64_t flags) { return flags & kReductionMask; }
+
+// Whether the forward can write the gradient: a reduced loss (every row's upstream scale is then
+// known) and, on CUDA, a row that stays on chip.
+bool fuses_grad(const Tensor& logits, int64_t flags) {
+  return reduction_of(flags) != kReductionNone && (!logits.is_cuda() || logits.size(1) <= cuda::kMaxOnChipCols);
 }
 
-void check_inputs(const Tensor& logits, const Tensor& target, bool prob_target) {
+void check_call(const Tensor& logits, const Tensor& target, c10::ArrayRef<double> scalars, int64_t flags) {
   TORCH_CHECK(logits.dim() == 2, "aepg: logits must be (rows, classes), got ", logits.sizes());
   TORCH_CHECK(logits.size(1) >= 1, "aepg: logits need at least one class");
-  TORCH_CHECK(logits.stride(1) == 1, "aepg: logits must have unit column stride");
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "aepg: logits must be floating point");
   TORCH_CHECK(target.device() == logits.device(), "aepg: target must be on the logits' device");
-  if (prob_target) {
+  TORCH_CHECK(scalars.size() == kNumScalars, "aepg: scalars must hold ", int(kNumScalars), " values, got ",
+              scalars.size());
+  TORCH_CHECK(reduction_of(flags) <= kReductionSum, "aepg: flags hold an unknown reduction");
+  if (flags & kProbTarget) {
     TORCH_CHECK(target.sizes() == logits.sizes(), "aepg: probability targets must have the logits' shape");
   } else {
     TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "aepg: targets must be (rows,)");
@@ -43,14 +69,10 @@ void check_inputs(const Tensor& logits, const Tensor& target, bool prob_target) 
   }
 }
 
-// Fills the arguments both directions share. `keep` holds converted tensors until the kernels
-// have run (on CUDA the caching allocator orders their reuse after the launch on this stream).
-KernelArgs common_args(const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
-                       const std::optional<Tensor>& ce_weight_t, const std::optional<Tensor>& epg_weight_t,
-                       double ce_weight, double epg_weight, double entropy_weight, double label_smoothing,
-                       int64_t ignore_index, int64_t reduction, bool prob_target, const Tensor& denom,
-                       std::vector<Tensor>& keep) {
-  check_inputs(logits, target, prob_target);
+// The KernelArgs of a call. `keep` holds converted tensors until the kernels have run (on CUDA the
+// caching allocator orders their reuse after the launch on this stream).
+KernelArgs unpack(AEPG_CALL_PARAMS, std::vector<Tensor>& keep) {
+  check_call(logits, target, scalars, flags);
   const auto acc = accumulation_dtype(logits.scalar_type());
   auto in_acc = [&](const Tensor& t) -> const void* {
     keep.push_back(t.to(logits.device(), acc).contiguous());
@@ -62,10 +84,12 @@ KernelArgs common_args(const Tensor& logits, const Tensor& target, const std::op
   args.device_index = logits.is_cuda() ? logits.device().index() : -1;
   args.dtype = logits.scalar_type();
   args.fp64 = acc == at::kDouble;
-  args.logits = logits.data_ptr();
-  args.logits_stride = logits.stride(0);
-  args.prob_target = prob_target;
-  if (prob_target) {
+  if (logits.stride(1) != 1) keep.push_back(logits.contiguous());
+  const Tensor& rows = logits.stride(1) == 1 ? logits : keep.back();
+  args.logits = rows.data_ptr();
+  args.logits_stride = rows.stride(0);
+  args.prob_target = flags & kProbTarget;
+  if (args.prob_target) {
     args.target = in_acc(target);
     args.q_stride = args.n_cols;
   } else {
@@ -73,67 +97,139 @@ KernelArgs common_args(const Tensor& logits, const Tensor& target, const std::op
     args.target = keep.back().data_ptr();
     args.target_int32 = target.scalar_type() == at::kInt;
   }
+  args.a = scalars[kCeWeight];
+  args.b = scalars[kEpgWeight];
+  args.beta = scalars[kEntropyWeight];
+  args.eps = scalars[kLabelSmoothing];
+  args.gamma = scalars[kFocalGamma];
+  args.focal = args.gamma > 0;
+  args.entropy = (flags & kNeedEntropy) || args.beta != 0;
+  args.ignore_index = ignore_index;
+  args.mean = reduction_of(flags) == kReductionMean;
   if (weight.has_value()) {
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == args.n_cols, "aepg: weight must be (classes,)");
     args.weight = in_acc(*weight);
-    if (label_smoothing > 0 || prob_target) args.w_total = in_acc(keep.back().sum());
+    if (args.eps > 0 || args.prob_target) args.w_total = in_acc(keep.back().sum());
   }
   if (ce_weight_t.has_value()) args.a_ptr = in_acc(*ce_weight_t);
+  args.b_one_minus_a = flags & kEpgOneMinusCe;
+  TORCH_CHECK(!args.b_one_minus_a || (args.a_ptr && !epg_weight_t.has_value()),
+              "aepg: Flag.EPG_ONE_MINUS_CE needs a CE weight tensor and no EPG weight tensor");
   if (epg_weight_t.has_value()) args.b_ptr = in_acc(*epg_weight_t);
-  args.a = ce_weight;
-  args.b = epg_weight;
-  args.beta = entropy_weight;
-  args.eps = label_smoothing;
-  args.ignore_index = ignore_index;
-  args.mean = reduction == 1;  // at::Reduction::Mean
-  args.denom = in_acc(denom);
   return args;
 }
 
-std::tuple<Tensor, Tensor, Tensor> native_forward(
-    const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& ce_weight_t, const std::optional<Tensor>& epg_weight_t, double ce_weight,
-    double epg_weight, double entropy_weight, double label_smoothing, double focal_gamma, int64_t ignore_index,
-    int64_t reduction, bool prob_target, const Tensor& denom, bool need_entropy, bool write_grad) {
+// ---- the "mean" denominator and the reduction ---------------------------------------------------
+// As nn.CrossEntropyLoss: the summed class weights of the counted rows for index targets, the
+// number of rows for probability targets.
+
+// CPU: one pass over the targets, which also refuses an out-of-range class index.
+template <class T>
+double cpu_denominator(const KernelArgs& args) {
+  if (args.prob_target) return static_cast<double>(args.n_rows);
+  const T* weight = static_cast<const T*>(args.weight);
+  double total = 0;
+  for (int64_t i = 0; i < args.n_rows; ++i) {
+    const int64_t y = args.target_int32 ? static_cast<const int32_t*>(args.target)[i]
+                                        : static_cast<const int64_t*>(args.target)[i];
+    if (y == args.ignore_index) continue;
+    TORCH_CHECK_INDEX(y >= 0 && y < args.n_cols, "target: class index ", y, " is out of bounds for C=",
+                      args.n_cols, " (and is not ignore_index=", args.ignore_index, ")");
+    total += weight ? static_cast<double>(weight[y]) : 1.0;
+  }
+  return total;
+}
+
+// CUDA: the same sum as tensor ops, with no host synchronisation (out-of-range rows are counted;
+// the kernels make their loss NaN).
+Tensor cuda_denominator(const Tensor& target, const std::optional<Tensor>& weight, int64_t ignore_index,
+                        bool prob_target, int64_t n_rows, const at::TensorOptions& acc) {
+  if (prob_target) return at::full({}, static_cast<double>(n_rows), acc);
+  const Tensor counted = target.ne(ignore_index);
+  if (!weight.has_value()) return counted.sum(at::kDouble).to(acc.dtype());
+  const Tensor safe = at::where(counted & target.ge(0) & target.lt(weight->size(0)), target, 0);
+  return at::where(counted, weight->to(acc.dtype()).index_select(0, safe.reshape(-1)), 0).sum();
+}
+
+template <class T>
+double sum_of(const Tensor& row_loss) {
+  const T* values = row_loss.const_data_ptr<T>();
+  double total = 0;
+  for (int64_t i = 0; i < row_loss.numel(); ++i) total += values[i];
+  return total;
+}
+
+// The reduced (0-d) or per-row loss in the logits' dtype from the per-row loss (accumulation
+// dtype); on the CPU summed in double on the host, `cpu_denom` the denominator there.
+Tensor reduce_rows(const Tensor& row_loss, const Tensor& denom, double cpu_denom, int64_t reduction,
+                   c10::ScalarType dtype) {
+  if (reduction == kReductionNone) return row_loss.to(dtype);
+  if (row_loss.is_cuda()) {
+    const Tensor total = row_loss.sum();
+    return (reduction == kReductionMean ? total / denom : total).to(dtype);
+  }
+  double total = row_loss.scalar_type() == at::kDouble ? sum_of<double>(row_loss) : sum_of<float>(row_loss);
+  if (reduction == kReductionMean) total /= cpu_denom;
+  return at::scalar_tensor(total, row_loss.options().dtype(dtype));
+}
+
+// ---- native_forward / native_backward -----------------------------------------------------------
+
+Forward forward_outputs(const Tensor& logits, int64_t flags) {
+  const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
+  const auto acc = logits.options().dtype(accumulation_dtype(logits.scalar_type()));
+  const bool write_grad = flags & kWriteGrad;
+  return {at::empty({n_rows}, acc), at::empty({kNumStats, n_rows}, acc),
+          at::empty(write_grad ? at::IntArrayRef{n_rows, n_cols} : at::IntArrayRef{0}, logits.options()),
+          at::empty({}, acc)};
+}
+
+Forward native_forward(AEPG_CALL_PARAMS) {
   std::vector<Tensor> keep;
-  KernelArgs args = common_args(logits, target, weight, ce_weight_t, epg_weight_t, ce_weight, epg_weight,
-                                entropy_weight, label_smoothing, ignore_index, reduction, prob_target, denom, keep);
-  auto [loss, stats, grad] = forward_outputs(logits, write_grad);
-  if (args.n_rows == 0) return {loss, stats, grad};
-  args.gamma = focal_gamma;
-  args.focal = focal_gamma > 0;
-  args.entropy = need_entropy || entropy_weight != 0;
-  args.loss = loss.data_ptr();
+  KernelArgs args = unpack(AEPG_CALL_ARGS, keep);
+  auto [row_loss, stats, grad, denom] = forward_outputs(logits, flags);
+  const bool write_grad = flags & kWriteGrad;
+  double cpu_denom = 0;
+  if (logits.is_cuda()) {
+    TORCH_CHECK(!write_grad || fuses_grad(logits, flags), "aepg: the fused gradient needs a reduced loss and a ",
+                "row on chip (C <= ", cuda::kMaxOnChipCols, "), got C=", args.n_cols);
+    denom = cuda_denominator(target, weight, ignore_index, args.prob_target, args.n_rows, denom.options());
+  } else {
+    TORCH_CHECK(!write_grad || reduction_of(flags) != kReductionNone, "aepg: the fused gradient needs a reduced loss");
+    cpu_denom = args.fp64 ? cpu_denominator<double>(args) : cpu_denominator<float>(args);
+    if (args.fp64) {
+      *denom.data_ptr<double>() = cpu_denom;
+    } else {
+      *denom.data_ptr<float>() = static_cast<float>(cpu_denom);
+    }
+  }
+  args.denom = denom.data_ptr();
+  args.loss = row_loss.data_ptr();
   args.stats = stats.data_ptr();
   args.grad = write_grad ? grad.data_ptr() : nullptr;
-  if (logits.is_cuda()) {
+  if (args.n_rows > 0) {
+    if (logits.is_cuda()) {
 #ifdef AEPG_WITH_CUDA
-    TORCH_CHECK(!write_grad || args.n_cols <= cuda::kMaxOnChipCols,
-                "aepg: the fused gradient needs a row on chip, C=", args.n_cols, " is too long");
-    cuda::forward(args);
+      cuda::forward(args);
 #endif
-  } else {
-    cpu::forward(args);
+    } else {
+      cpu::forward(args);
+    }
   }
-  return {loss, stats, grad};
+  return {reduce_rows(row_loss, denom, cpu_denom, reduction_of(flags), logits.scalar_type()), stats, grad, denom};
 }
 
-std::tuple<Tensor, Tensor, Tensor> native_forward_meta(
-    const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& ce_weight_t, const std::optional<Tensor>& epg_weight_t, double ce_weight,
-    double epg_weight, double entropy_weight, double label_smoothing, double focal_gamma, int64_t ignore_index,
-    int64_t reduction, bool prob_target, const Tensor& denom, bool need_entropy, bool write_grad) {
-  return forward_outputs(logits, write_grad);
+Forward native_forward_meta(AEPG_CALL_PARAMS) {
+  check_call(logits, target, scalars, flags);
+  auto [row_loss, stats, grad, denom] = forward_outputs(logits, flags);
+  const bool reduced = reduction_of(flags) != kReductionNone;
+  Tensor loss = reduced ? at::empty({}, logits.options()) : at::empty({logits.size(0)}, logits.options());
+  return {loss, stats, grad, denom};
 }
 
-Tensor native_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
-                       const std::optional<Tensor>& weight, const std::optional<Tensor>& ce_weight_t,
-                       const std::optional<Tensor>& epg_weight_t, double ce_weight, double epg_weight,
-                       double entropy_weight, double label_smoothing, int64_t ignore_index, int64_t reduction,
-                       bool prob_target, const Tensor& stats, const Tensor& denom) {
+Tensor native_backward(const Tensor& grad_loss, AEPG_CALL_PARAMS, const Tensor& stats, const Tensor& denom) {
   std::vector<Tensor> keep;
-  KernelArgs args = common_args(logits, target, weight, ce_weight_t, epg_weight_t, ce_weight, epg_weight,
-                                entropy_weight, label_smoothing, ignore_index, reduction, prob_target, denom, keep);
+  KernelArgs args = unpack(AEPG_CALL_ARGS, keep);
   Tensor grad = at::empty({args.n_rows, args.n_cols}, logits.options());
   if (args.n_rows == 0) return grad;
   TORCH_CHECK(grad_loss.dim() == 0 || (grad_loss.dim() == 1 && grad_loss.size(0) == args.n_rows),
@@ -146,7 +242,9 @@ Tensor native_backward(const Tensor& grad_loss, const Tensor& logits, const Tens
   args.grad_loss_stride = grad_loss.dim() ? keep.back().stride(0) : 0;
   keep.push_back(stats.to(acc).contiguous());
   args.saved_stats = keep.back().data_ptr();
-  args.entropy = entropy_weight != 0;
+  keep.push_back(denom.to(acc));
+  args.denom = keep.back().data_ptr();
+  args.entropy = args.beta != 0;
   args.grad = grad.data_ptr();
   if (logits.is_cuda()) {
 #ifdef AEPG_WITH_CUDA
@@ -158,11 +256,7 @@ Tensor native_backward(const Tensor& grad_loss, const Tensor& logits, const Tens
   return grad;
 }
 
-Tensor native_backward_meta(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
-                            const std::optional<Tensor>& weight, const std::optional<Tensor>& ce_weight_t,
-                            const std::optional<Tensor>& epg_weight_t, double ce_weight, double epg_weight,
-                            double entropy_weight, double label_smoothing, int64_t ignore_index, int64_t reduction,
-                            bool prob_target, const Tensor& stats, const Tensor& denom) {
+Tensor native_backward_meta(const Tensor& grad_loss, AEPG_CALL_PARAMS, const Tensor& stats, const Tensor& denom) {
   return at::empty(logits.sizes(), logits.options());
 }
 
@@ -185,21 +279,117 @@ void native_scale_(Tensor& grad, const Tensor& grad_loss) {
 
 void native_scale_meta(Tensor& grad, const Tensor& grad_loss) {}
 
+// ---- aepg::policy_loss: the autograd node in C++ ------------------------------------------------
+
+const c10::TypedOperatorHandle<Forward(AEPG_CALL_PARAMS)>& forward_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aepg::native_forward", "")
+                             .typed<Forward(AEPG_CALL_PARAMS)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<Tensor(const Tensor&, AEPG_CALL_PARAMS, const Tensor&, const Tensor&)>&
+backward_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aepg::native_backward", "")
+                             .typed<Tensor(const Tensor&, AEPG_CALL_PARAMS, const Tensor&, const Tensor&)>();
+  return op;
+}
+
+// A tensor that a trace sees (fake, functional or proxy tensors, or any dispatch mode): neither
+// read on the host nor mutated.
+bool traced(const Tensor& t) {
+  static const c10::DispatchKeySet python_keys({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
+  return c10::impl::TorchDispatchModeTLS::stack_len() > 0 || t.key_set().has_any(python_keys);
+}
+
+// The saved fused gradient times the upstream gradient g (0-d). In eager calls it is scaled in
+// place (nothing reads it again unless the graph is retained); under a trace out of place, so
+// that the backward graph mutates no forward output.
+Tensor scale_fused_grad(Tensor grad, const Tensor& g) {
+  if (!traced(grad) && !traced(g)) {
+    if (!grad.is_cuda() && g.item<double>() == 1.0) return grad;
+    if (!torch::autograd::get_current_graph_task_keep_graph()) {
+      native_scale_(grad, g);
+      return grad;
+    }
+  }
+  return grad * g.to(grad.scalar_type());
+}
+
+std::optional<Tensor> optional_of(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
+
+class PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, AEPG_CALL_PARAMS) {
+    const int64_t call_flags = fuses_grad(logits, flags) ? (flags | kWriteGrad) : flags;
+    auto [loss, stats, grad, denom] = forward_op().call(logits, target, weight, ce_weight_t, epg_weight_t, scalars,
+                                                        ignore_index, call_flags);
+    ctx->saved_data["scalars"] = scalars.vec();
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["flags"] = call_flags;
+    if (call_flags & kWriteGrad) {
+      ctx->save_for_backward({grad});
+    } else {
+      ctx->save_for_backward({logits, target, weight.value_or(Tensor()), ce_weight_t.value_or(Tensor()),
+                              epg_weight_t.value_or(Tensor()), stats, denom});
+    }
+    ctx->mark_non_differentiable({stats});
+    return {loss, stats};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const Tensor& grad_loss = grad_outputs[0];
+    const auto saved = ctx->get_saved_variables();
+    const int64_t flags = ctx->saved_data["flags"].toInt();
+    torch::autograd::variable_list grads(8);  // one per argument of the call; only logits has one
+    if (flags & kWriteGrad) {
+      grads[0] = scale_fused_grad(saved[0], grad_loss);
+      return grads;
+    }
+    const std::vector<double> scalars = ctx->saved_data["scalars"].toDoubleVector();
+    grads[0] = backward_op().call(grad_loss, saved[0], saved[1], optional_of(saved[2]), optional_of(saved[3]),
+                                  optional_of(saved[4]), scalars, ctx->saved_data["ignore_index"].toInt(), flags,
+                                  saved[5], saved[6]);
+    return grads;
+  }
+};
+
+std::tuple<Tensor, Tensor> policy_loss_autograd(AEPG_CALL_PARAMS) {
+  TORCH_CHECK(!(flags & kWriteGrad), "aepg::policy_loss: Flag.WRITE_GRAD is set by the operator, not the caller");
+  if (!(at::GradMode::is_enabled() && logits.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, stats, grad, denom] = forward_op().call(AEPG_CALL_ARGS);
+    return {loss, stats};
+  }
+  const auto outputs = PolicyLossFunction::apply(AEPG_CALL_ARGS);
+  return {outputs[0], outputs[1]};
+}
+
+// aepg::policy_loss as the dispatcher sees it (its Autograd kernel, or the one below).
+std::tuple<Tensor, Tensor> call_policy_loss(AEPG_CALL_PARAMS) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aepg::policy_loss", "")
+                             .typed<std::tuple<Tensor, Tensor>(AEPG_CALL_PARAMS)>();
+  return op.call(AEPG_CALL_ARGS);
+}
+
+// Below autograd (inference mode, or a caller that dispatches past it): the forward alone.
+std::tuple<Tensor, Tensor> policy_loss_forward_only(AEPG_CALL_PARAMS) {
+  auto [loss, stats, grad, denom] = forward_op().call(AEPG_CALL_ARGS);
+  return {loss, stats};
+}
+
 }  // namespace
 
-// FRAGMENT: the namespace aepg also holds the Python custom ops (aepg_kernels/_op.py).
+// FRAGMENT: the namespace aepg also holds the Python custom ops of the Triton backend.
 TORCH_LIBRARY_FRAGMENT(aepg, m) {
-  m.def(
-      "native_forward(Tensor logits, Tensor target, Tensor? weight, Tensor? ce_weight_t, Tensor? epg_weight_t, "
-      "float ce_weight, float epg_weight, float entropy_weight, float label_smoothing, float focal_gamma, "
-      "int ignore_index, int reduction, bool prob_target, Tensor denom, bool need_entropy, bool write_grad) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "native_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor? ce_weight_t, "
-      "Tensor? epg_weight_t, float ce_weight, float epg_weight, float entropy_weight, float label_smoothing, "
-      "int ignore_index, int reduction, bool prob_target, Tensor stats, Tensor denom) -> Tensor");
+  m.def("policy_loss(" AEPG_CALL_SCHEMA ") -> (Tensor loss, Tensor stats)");
+  m.def("native_forward(" AEPG_CALL_SCHEMA ") -> (Tensor loss, Tensor stats, Tensor grad, Tensor denom)");
+  m.def("native_backward(Tensor grad_loss, " AEPG_CALL_SCHEMA ", Tensor stats, Tensor denom) -> Tensor");
   m.def("native_scale_(Tensor(a!) grad, Tensor grad_loss) -> ()");
 }
+
+TORCH_LIBRARY_IMPL(aepg, Autograd, m) { m.impl("policy_loss", &policy_loss_autograd); }
+TORCH_LIBRARY_IMPL(aepg, CompositeExplicitAutograd, m) { m.impl("policy_loss", &policy_loss_forward_only); }
 
 TORCH_LIBRARY_IMPL(aepg, CPU, m) {
   m.impl("native_forward", &native_forward);
@@ -224,6 +414,7 @@ TORCH_LIBRARY_IMPL(aepg, Meta, m) {
 }  // namespace aepg
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
   m.doc() = "Native CPU and CUDA kernels of aepg_kernels (operators in torch.ops.aepg)";
   m.attr("HAS_CPU") = true;
 #ifdef AEPG_WITH_CUDA
@@ -233,4 +424,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.attr("CUDA_MAX_ON_CHIP_COLS") = aepg::cuda::kMaxOnChipCols;
   m.def("cpu_capability", &aepg::cpu::capability, "the instruction set the CPU kernels use");
+  // aepg::policy_loss through the dispatcher, without the boxed argument parsing of torch.ops.
+  m.def("policy_loss",
+        [](const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+           const std::optional<at::Tensor>& ce_weight_t, const std::optional<at::Tensor>& epg_weight_t,
+           const std::vector<double>& scalars, int64_t ignore_index, int64_t flags) {
+          return aepg::call_policy_loss(AEPG_CALL_ARGS);
+        });
+  // The contract's enums (csrc/contract.h), compared with aepg_kernels/_contract.py by the tests.
+  py::dict contract;
+  contract["Stat"] = py::dict(py::arg("LSE") = int(aepg::kLse), py::arg("ENTROPY") = int(aepg::kEntropy),
+                              py::arg("P_TARGET") = int(aepg::kPTarget),
+                              py::arg("SAMPLE_WEIGHT") = int(aepg::kSampleWeight),
+                              py::arg("ROW_WEIGHT") = int(aepg::kRowWeight), py::arg("AUX") = int(aepg::kAux),
+                              py::arg("ROW_MAX") = int(aepg::kRowMax), py::arg("LOG_SUM") = int(aepg::kLogSum));
+  contract["Scalar"] = py::dict(py::arg("CE_WEIGHT") = int(aepg::kCeWeight),
+                                py::arg("EPG_WEIGHT") = int(aepg::kEpgWeight),
+                                py::arg("ENTROPY_WEIGHT") = int(aepg::kEntropyWeight),
+                                py::arg("LABEL_SMOOTHING") = int(aepg::kLabelSmoothing),
+                                py::arg("FOCAL_GAMMA") = int(aepg::kFocalGamma));
+  contract["Flag"] = py::dict(py::arg("REDUCTION") = int(aepg::kReductionMask),
+                              py::arg("PROB_TARGET") = int(aepg::kProbTarget),
+                              py::arg("NEED_ENTROPY") = int(aepg::kNeedEntropy),
+                              py::arg("WRITE_GRAD") = int(aepg::kWriteGrad),
+                              py::arg("EPG_ONE_MINUS_CE") = int(aepg::kEpgOneMinusCe));
+  contract["Reduction"] = py::dict(py::arg("NONE") = int(aepg::kReductionNone),
+                                   py::arg("MEAN") = int(aepg::kReductionMean),
+                                   py::arg("SUM") = int(aepg::kReductionSum));
+  m.attr("CONTRACT") = contract;
 }

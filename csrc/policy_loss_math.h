@@ -20,24 +20,13 @@
 #define AEPG_HD inline
 #endif
 
+#include "contract.h"
+
 #ifdef AEPG_VECTORIZED
 #include <ATen/cpu/vec/vec.h>
 #endif
 
 namespace aepg {
-
-// Rows of the (NUM_STATS, n_rows) statistics tensor: the layout of aepg_kernels._spec.Stat.
-enum Stat : int {
-  kLse = 0,           // log-sum-exp of the row
-  kEntropy = 1,       // H(p), NaN when not asked for
-  kPTarget = 2,       // p_y, or sum_k q_k p_k for probability targets
-  kSampleWeight = 3,  // the per-row factor of (p - e_y) in the gradient
-  kRowWeight = 4,     // w_y for a counted row (0 when ignored); sum_k w_k q_k for probabilities
-  kAux = 5,           // 1 - p_y, accurate near p_y = 1; sum_k w_k q_k p_k for probabilities
-  kRowMax = 6,        // the row max m (0 for a row of -inf)
-  kLogSum = 7,        // log S = log sum_k exp(z_k - m)
-  kNumStats = 8,
-};
 
 constexpr double kLog2e = 1.4426950408889634;
 

@@ -85,7 +85,7 @@ def assert_matches_reference(x, y, backend, grad_output=None, rtol=1e-5, atol=1e
 @contextlib.contextmanager
 def tile_config(**overrides):
     """Temporarily shrink the Triton tiling (e.g. to reach the chunked path with small C)."""
-    from aepg_kernels.triton import CONFIG
+    from aepg_kernels.backends.triton.launch import CONFIG
     saved = {k: getattr(CONFIG, k) for k in overrides}
     for k, v in overrides.items():
         setattr(CONFIG, k, v)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import aepg_kernels as ak
-from aepg_kernels import _native
-from aepg_kernels.backends import resolve_backend
+from aepg_kernels.backends import native as _native
+from aepg_kernels.backends import resolve, resolve_backend
 
 from helpers import ALL_BACKENDS, DEVICE
 
@@ -118,7 +118,7 @@ def test_policy_loss_rejects(case, backend):
 @pytest.mark.parametrize("backend", ["gpu", "Triton", "native", "", None, 0])
 def test_bad_backend_name(backend):
     """An unknown backend name: ValueError listing the backends."""
-    with pytest.raises(ValueError, match=r"backend must be one of 'auto', 'triton', 'cuda', 'cpu', 'eager'"):
+    with pytest.raises(ValueError, match=r"backend must be one of 'auto', 'cuda', 'triton', 'cpu', 'eager'"):
         ak.policy_loss(_x(), _y(), backend=backend)
 
 
@@ -227,8 +227,16 @@ def test_constant_alpha_range(alpha):
 
 # --- backends -----------------------------------------------------------------------------------
 
+@pytest.fixture
+def uncached_resolve():
+    """resolve() caches its answer per process; these tests change what is available."""
+    resolve.cache_clear()
+    yield
+    resolve.cache_clear()
+
+
 @pytest.mark.parametrize("backend,device", [("cpu", "cpu"), ("cuda", "cuda")])
-def test_native_backend_not_built(backend, device, monkeypatch):
+def test_native_backend_not_built(backend, device, monkeypatch, uncached_resolve):
     """Selecting "cpu"/"cuda" while the native extension is not built (simulated, so that the test
     runs whatever this machine built): a RuntimeError that says it is not built (resolve_backend
     checks the device type only, so no GPU is needed)."""
@@ -248,7 +256,7 @@ def test_backend_on_wrong_device(backend, device):
         resolve_backend(backend, torch.device(device))
 
 
-def test_triton_on_cpu_without_interpreter(monkeypatch):
+def test_triton_on_cpu_without_interpreter(monkeypatch, uncached_resolve):
     """backend="triton" for CPU tensors needs TRITON_INTERPRET=1: ValueError naming the backend."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

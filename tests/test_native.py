@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import aepg_kernels as ak
-from aepg_kernels import _native, _op
+from aepg_kernels._contract import Flag, LossSpec, Reduction
+from aepg_kernels.backends import native as _native
 
 from helpers import FAMILY, STATS, assert_matches_reference, class_weights, index_targets, loss_and_grad, \
     prob_targets, reference64
@@ -18,6 +19,7 @@ from helpers import FAMILY, STATS, assert_matches_reference, class_weights, inde
 HAS_CPU = _native.has_cpu_kernels()
 needs_cpu = pytest.mark.skipif(not HAS_CPU, reason=_native.native_error())
 OPS = ("native_forward", "native_backward", "native_scale_")
+MEAN_WITH_GRAD = int(Reduction.MEAN | Flag.WRITE_GRAD)
 
 
 def test_package_imports_and_reports_the_native_backends():
@@ -47,19 +49,23 @@ def test_operator_schema_and_meta(prob):
     x = torch.randn(n, c, dtype=torch.float64)
     y = prob_targets(n, c, device="cpu") if prob else index_targets(n, c, ignore_index=-100, device="cpu")
     w = class_weights(c, device="cpu")
-    denom = torch.tensor(3.0, dtype=torch.float64)
-    fwd = (x, y, w, torch.tensor(0.25, dtype=torch.float64), None, 0.0, 0.75, 0.25, 0.1, 0.0, -100, 1, prob,
-           denom, True, True)
+    spec = LossSpec(ce_weight=torch.tensor(0.25, dtype=torch.float64), epg_weight=0.75, entropy_weight=0.25,
+                    label_smoothing=0.1, prob_target=prob)
+    a_t, b_t, scalars, ignore_index, flags = spec.pack(need_entropy=True)
+    fwd = (x, y, w, a_t, b_t, scalars, ignore_index, flags | Flag.WRITE_GRAD)
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.aepg.native_forward.default, fwd, test_utils=tests)
-    loss, stats, grad = torch.ops.aepg.native_forward(*fwd)
-    assert loss.shape == (n,) and stats.shape == (8, n) and grad.shape == (n, c)
-    bwd = (torch.rand(n, dtype=torch.float64), x, y, w, None, None, 0.5, 0.5, 0.25, 0.1, -100, 0, prob, stats,
-           denom)
+    loss, stats, grad, denom = torch.ops.aepg.native_forward(*fwd)
+    assert loss.shape == () and stats.shape == (8, n) and grad.shape == (n, c) and denom.shape == ()
+    none = LossSpec(ce_weight=0.5, epg_weight=0.5, entropy_weight=0.25, label_smoothing=0.1,
+                    reduction=Reduction.NONE, prob_target=prob).pack()
+    bwd = (torch.rand(n, dtype=torch.float64), x, y, w, *none, stats, denom)
     torch.library.opcheck(torch.ops.aepg.native_backward.default, bwd, test_utils=tests)
-    meta = torch.ops.aepg.native_forward(x.to("meta"), y.to("meta"), w.to("meta"), None, None, 1.0, 0.0, 0.0, 0.0,
-                                         0.0, -100, 1, prob, denom.to("meta"), False, False)
-    assert [t.shape for t in meta] == [(n,), (8, n), (0,)]
+    meta = torch.ops.aepg.native_forward(x.to("meta"), y.to("meta"), w.to("meta"), *none)
+    assert [t.shape for t in meta] == [(n,), (8, n), (0,), ()]
+    call = (x.clone().requires_grad_(), y, w, *spec.pack(need_entropy=True))
+    torch.library.opcheck(torch.ops.aepg.policy_loss.default, call,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def _assert_matches_eager(x, y, grad_output=None, **kw):
@@ -154,17 +160,17 @@ def test_scale_skips_one_and_scales_otherwise():
 @needs_cpu
 def test_fused_gradient_for_every_row_length():
     """fits_on_chip is True for every C on the CPU: the forward writes the gradient (one pass)."""
-    assert _op._kernels("cpu").fits_on_chip(1 << 20)
+    assert _native.CPU.fits_on_chip(1 << 20)
     x = torch.randn(2, 70000, requires_grad=True)
     y = torch.tensor([3, 69999])
-    _, _, grad, _ = _op.policy_loss_fwd(x, y, None, None, None, 0.5, 0.5, 0.1, 0.0, 0.0, -100, 1, False, True,
-                                        True, "cpu")
+    call = LossSpec(ce_weight=0.5, epg_weight=0.5, entropy_weight=0.1).pack()
+    _, _, grad, _ = torch.ops.aepg.native_forward(x, y, None, *call[:-1], call[-1] | Flag.WRITE_GRAD)
     assert grad.shape == x.shape
 
 
 ISA_CHECK = textwrap.dedent("""
     import sys, torch, aepg_kernels as ak
-    from aepg_kernels import _native
+    from aepg_kernels.backends import native as _native
     assert _native._C.cpu_capability() == sys.argv[1], _native._C.cpu_capability()
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):

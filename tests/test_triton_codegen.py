@@ -21,17 +21,21 @@ if COMPILING:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from aepg_kernels.triton.backward import policy_loss_bwd_kernel
-    from aepg_kernels.triton.forward import policy_loss_fwd_kernel
-    from aepg_kernels.triton.scale import scale_grad_kernel
+    from aepg_kernels.backends.triton.backward import policy_loss_bwd_kernel
+    from aepg_kernels.backends.triton.forward import policy_loss_fwd_kernel
+    from aepg_kernels.backends.triton.reduce import denominator_kernel, reduce_rows_kernel
+    from aepg_kernels.backends.triton.scale import scale_grad_kernel
 
 POINTERS = dict(x_ptr="X", q_ptr="X", grad_ptr="X", y_ptr="i64", w_ptr="fp32", w_total_ptr="fp32", a_ptr="fp32",
-                b_ptr="fp32", denom_ptr="fp32", loss_ptr="A", stats_ptr="A", g_ptr="X")
+                b_ptr="fp32", denom_ptr="fp32", loss_ptr="A", stats_ptr="A", g_ptr="X", row_loss_ptr="A",
+                denom_out_ptr="A", out_ptr="X")
 SCALARS = dict(a_value="fp64", b_value="fp64", beta="fp64", eps="fp64", gamma="fp64", ignore_index="i64",
                x_stride="i64", q_stride="i64", grad_stride="i64", g_stride="i64", n_rows="i32", n_cols="i32",
                numel="i64")
-FWD_FLAGS = ["PROB_TARGET", "HAS_WEIGHT", "SMOOTHING", "FOCAL", "ENTROPY", "A_FROM_PTR", "B_FROM_PTR", "MEAN"]
-BWD_FLAGS = ["PROB_TARGET", "HAS_WEIGHT", "SMOOTHING", "ENTROPY_TERM", "A_FROM_PTR", "B_FROM_PTR", "MEAN"]
+FWD_FLAGS = ["PROB_TARGET", "HAS_WEIGHT", "SMOOTHING", "FOCAL", "ENTROPY", "A_FROM_PTR", "B_FROM_PTR",
+             "B_ONE_MINUS_A", "MEAN"]
+BWD_FLAGS = ["PROB_TARGET", "HAS_WEIGHT", "SMOOTHING", "ENTROPY_TERM", "A_FROM_PTR", "B_FROM_PTR", "B_ONE_MINUS_A",
+             "MEAN"]
 
 
 def _in_compiler(request) -> bool:
@@ -90,6 +94,16 @@ def test_backward_and_scale_compile(request, dtype):
     for flags in flag_sets(BWD_FLAGS):
         _compile(policy_loss_bwd_kernel, dtype, dict(flags, BLOCK_R=2, BLOCK_C=512))
     _compile(scale_grad_kernel, dtype, dict(BLOCK=4096), num_warps=8)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp64"])
+def test_row_reductions_compile(request, dtype):
+    if not _in_compiler(request):
+        return
+    for flags in flag_sets(["PROB_TARGET", "HAS_WEIGHT"]):
+        _compile(denominator_kernel, dtype, dict(flags, BLOCK=1024))
+    for mean in (False, True):
+        _compile(reduce_rows_kernel, dtype, dict(MEAN=mean, BLOCK=1024))
 
 
 def test_flag_sets_cover_each_flag():

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union, g
 
 import yaml
 
+import aepg_kernels as ak
+
 PEFT_KINDS = ("lora", "adapter", "prefix", "prompt", "none")
 LOSS_NAMES = ("ce", "epg", "aepg", "cp", "ep", "ls", "focal")
 
@@ -136,7 +138,7 @@ class LossConfig:
     entropy_weight: float = 1.0  # beta > 0 of cp / ep (the sign comes from the name)
     label_smoothing: float = 0.1  # ls
     focal_gamma: float = 2.0  # focal
-    backend: Literal["auto", "triton", "cuda", "cpu", "eager"] = "auto"
+    backend: Literal[ak.BACKEND_NAMES] = "auto"
 
     def __post_init__(self):
         if self.name == "aepg" and self.schedule == "constant":

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._row_math import exp_shifted, grad_tile, merge_sums, row_grad_coefficients, row_results, safe_ref, tile_sums
-from ._tiles import (as_acc, load_coefficient, load_row_targets, load_tile, load_weight_total, store_grad_tile,
+from ._tiles import (as_acc, load_coefficients, load_row_targets, load_tile, load_weight_total, store_grad_tile,
                      store_row_stats)
 
 
@@ -23,14 +23,13 @@ def policy_loss_fwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ONE_TILE: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
     FOCAL: tl.constexpr, ENTROPY: tl.constexpr, ENTROPY_TERM: tl.constexpr,
-    A_FROM_PTR: tl.constexpr, B_FROM_PTR: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    A_FROM_PTR: tl.constexpr, B_FROM_PTR: tl.constexpr, B_ONE_MINUS_A: tl.constexpr, WRITE_GRAD: tl.constexpr,
     MEAN: tl.constexpr, ACC: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     rows = rows.to(tl.int64)  # offsets in int64: N * C may exceed 2^31
-    a = load_coefficient(a_ptr, a_value, A_FROM_PTR, ACC)
-    b = load_coefficient(b_ptr, b_value, B_FROM_PTR, ACC)
+    a, b = load_coefficients(a_ptr, b_ptr, a_value, b_value, A_FROM_PTR, B_FROM_PTR, B_ONE_MINUS_A, ACC)
     beta, eps, gamma = as_acc(beta, ACC), as_acc(eps, ACC), as_acc(gamma, ACC)  # fp64 arguments
     w_total = load_weight_total(w_total_ptr, n_cols, HAS_WEIGHT and (SMOOTHING or PROB_TARGET), ACC)
     y, counted, bad, z_y, w_y = load_row_targets(x_ptr, x_stride, y_ptr, w_ptr, rows, row_ok, ignore_index,

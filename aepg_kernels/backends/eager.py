@@ -1,9 +1,9 @@
 """The eager PyTorch composite: the mathematical reference of every backend.
 
 Plain differentiable PyTorch, in the accumulation dtype (fp32, or fp64 for fp64 inputs), written
-for clarity and stability rather than speed. It is `backend="eager"`, the parity target of the
-kernels in the tests, and the baseline of the benchmarks (eager and under torch.compile).
-See method.md section 2 for the formulas and section 4 for the stable forms.
+for clarity and stability rather than speed. It is `backend="eager"`, runs on any device, and is
+the parity target of the kernels in the tests. The formulas and their stable forms are in
+docs/math.md.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._spec import LossSpec, Reduction, Stat, accumulation_dtype
+from .._contract import NUM_STATS, ONE_MINUS_CE_WEIGHT, LossSpec, Reduction, Stat, accumulation_dtype
+from .._spec import check_target_range, widen_targets
 
 
 def _coefficient(value, dtype: torch.dtype):
@@ -164,11 +165,11 @@ def policy_loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: Optiona
     p = logp.exp()
     entropy = _entropy(z, p, lse)
     a = _coefficient(spec.ce_weight, acc)
-    b = _coefficient(spec.epg_weight, acc)
+    b = 1 - a if spec.epg_weight is ONE_MINUS_CE_WEIGHT else _coefficient(spec.epg_weight, acc)
     rows = _prob_target_rows if spec.prob_target else _index_target_rows
     loss, named = rows(z, logp, p, entropy, target, weight, spec, a, b)
 
-    stats = torch.empty(len(Stat), z.shape[0], dtype=acc, device=z.device)
+    stats = torch.empty(NUM_STATS, z.shape[0], dtype=acc, device=z.device)
     row_max = torch.where(row_max == float("-inf"), 0.0, row_max).squeeze(-1)
     stats[Stat.LSE] = (lse + row_max).detach()
     stats[Stat.ROW_MAX] = row_max
@@ -185,3 +186,26 @@ def policy_loss(logits, target, weight, spec: LossSpec):
     row_loss, stats = policy_loss_rows(logits, target, weight, spec)
     denominator = mean_denominator(target, weight, spec, acc)
     return reduce_rows(row_loss, denominator, spec.reduction).to(logits.dtype), stats
+
+
+class EagerBackend:
+    name = "eager"
+    auto_devices = None  # every device: the fallback of "auto"
+
+    def unavailable(self) -> Optional[str]:
+        return None
+
+    def device_error(self, device: torch.device) -> Optional[str]:
+        return None
+
+    def loss(self, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags):
+        spec = LossSpec.unpack(ce_weight_t, epg_weight_t, scalars, ignore_index, flags)
+        if not spec.prob_target:
+            target = widen_targets(target, ignore_index)
+            check_target_range(target, logits.shape[-1], ignore_index)
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()
+        return policy_loss(logits, target, weight, spec)
+
+
+EAGER = EagerBackend()

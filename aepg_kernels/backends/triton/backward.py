@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from ._row_math import LOG2E, grad_tile, log_p_target, row_grad_coefficients
-from ._tiles import (as_acc, load_coefficient, load_row_stats, load_row_targets, load_tile, load_weight_total,
+from ._tiles import (as_acc, load_coefficients, load_row_stats, load_row_targets, load_tile, load_weight_total,
                      store_grad_tile)
 
 
@@ -17,14 +17,13 @@ def policy_loss_bwd_kernel(
     stats_ptr, g_ptr, g_stride, grad_ptr, grad_stride, n_rows, n_cols,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
-    ENTROPY_TERM: tl.constexpr, A_FROM_PTR: tl.constexpr, B_FROM_PTR: tl.constexpr,
+    ENTROPY_TERM: tl.constexpr, A_FROM_PTR: tl.constexpr, B_FROM_PTR: tl.constexpr, B_ONE_MINUS_A: tl.constexpr,
     MEAN: tl.constexpr, ACC: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     rows = rows.to(tl.int64)
-    a = load_coefficient(a_ptr, a_value, A_FROM_PTR, ACC)
-    b = load_coefficient(b_ptr, b_value, B_FROM_PTR, ACC)
+    a, b = load_coefficients(a_ptr, b_ptr, a_value, b_value, A_FROM_PTR, B_FROM_PTR, B_ONE_MINUS_A, ACC)
     beta, eps = as_acc(beta, ACC), as_acc(eps, ACC)  # fp64 arguments
     w_total = load_weight_total(w_total_ptr, n_cols, HAS_WEIGHT and (SMOOTHING or PROB_TARGET), ACC)
     y, counted, bad, z_y, w_y = load_row_targets(x_ptr, x_stride, y_ptr, w_ptr, rows, row_ok, ignore_index,

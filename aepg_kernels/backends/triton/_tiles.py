@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .._spec import Stat
+from ..._contract import Stat
 
 _LSE = tl.constexpr(Stat.LSE.value)
 _ENTROPY = tl.constexpr(Stat.ENTROPY.value)
@@ -27,6 +27,18 @@ def load_coefficient(ptr, value, FROM_PTR: tl.constexpr, ACC: tl.constexpr):
     if FROM_PTR:
         return tl.load(ptr).to(ACC)
     return as_acc(value, ACC)
+
+
+@triton.jit
+def load_coefficients(a_ptr, b_ptr, a_value, b_value, A_FROM_PTR: tl.constexpr, B_FROM_PTR: tl.constexpr,
+                      B_ONE_MINUS_A: tl.constexpr, ACC: tl.constexpr):
+    """The CE and EPG weights (a, b); B_ONE_MINUS_A: b = 1 - a (aEPG with a tensor alpha)."""
+    a = load_coefficient(a_ptr, a_value, A_FROM_PTR, ACC)
+    if B_ONE_MINUS_A:
+        b = 1.0 - a
+    else:
+        b = load_coefficient(b_ptr, b_value, B_FROM_PTR, ACC)
+    return a, b
 
 
 @triton.jit

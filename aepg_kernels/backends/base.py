@@ -1,0 +1,54 @@
+"""The interface every backend satisfies: the op contract of aepg_kernels/_contract.py, run on
+some devices.
+
+`loss` is the differentiable entry point the public API calls with a packed call; kernel
+backends also expose their kernels (forward, backward, scale_) and their on-chip rule, which the
+custom-op glue and the tests use.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Protocol, Tuple, runtime_checkable
+
+import torch
+from torch import Tensor
+
+LossAndStats = Tuple[Tensor, Tensor]
+ForwardOutputs = Tuple[Tensor, Tensor, Tensor, Tensor]  # loss, stats, grad, denominator
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    # The device types "auto" picks this backend for, in registry order (None: every device).
+    auto_devices: Optional[Tuple[str, ...]]
+
+    def unavailable(self) -> Optional[str]:
+        """Why this backend cannot run on this machine, or None when it can."""
+
+    def device_error(self, device: torch.device) -> Optional[str]:
+        """Why it cannot run on tensors of `device`, or None when it can."""
+
+    def loss(self, logits: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight_t: Optional[Tensor],
+             epg_weight_t: Optional[Tensor], scalars: List[float], ignore_index: int, flags: int) -> LossAndStats:
+        """The loss (reduced, or per row) and the (NUM_STATS, R) stats of a call, differentiable
+        with respect to the logits."""
+
+
+@runtime_checkable
+class KernelBackend(Backend, Protocol):
+    def fits_on_chip(self, n_cols: int) -> bool:
+        """Whether a row of `n_cols` classes stays on chip, so that the forward can write the
+        gradient (1 read + 1 write)."""
+
+    def forward(self, logits: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight_t: Optional[Tensor],
+                epg_weight_t: Optional[Tensor], scalars: List[float], ignore_index: int,
+                flags: int) -> ForwardOutputs:
+        """The contract's forward: (loss, stats, grad, denominator), no autograd."""
+
+    def backward(self, grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                 ce_weight_t: Optional[Tensor], epg_weight_t: Optional[Tensor], scalars: List[float],
+                 ignore_index: int, flags: int, stats: Tensor, denom: Tensor) -> Tensor:
+        """dL/dlogits recomputed from the saved stats; grad_loss 0-d or (R,)."""
+
+    def scale_(self, grad: Tensor, grad_loss: Tensor) -> None:
+        """grad *= grad_loss (0-d) in place, skipped when grad_loss == 1 (decided on the device)."""

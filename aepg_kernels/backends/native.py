@@ -1,0 +1,92 @@
+"""The native backends "cpu" and "cuda": the C++ operators of the extension aepg_kernels._C
+(csrc/ops.cpp), when it is built. Importing the package never fails because of it:
+`native_error()` says why it is missing.
+
+`loss` is one C++ call: the operator aepg::policy_loss validates what needs the data (the target
+range on the CPU), computes the "mean" denominator, runs the kernel and builds the autograd node,
+whose backward is C++ as well. Under torch.compile the call goes through torch.ops so that Dynamo
+sees the operator; everywhere else straight to the extension's binding of it.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+_C = None
+_IMPORT_ERROR: Optional[str] = "it is not built (pip install . builds it where a compiler is found)"
+if importlib.util.find_spec(f"{__package__.rpartition('.')[0]}._C") is not None:  # pragma: no cover - build
+    try:
+        from .. import _C  # noqa: F401  (registers the aepg:: operators)
+        _IMPORT_ERROR = None
+    except ImportError as error:
+        _IMPORT_ERROR = f"it failed to load: {error}"
+
+
+def has_cpu_kernels() -> bool:
+    return _C is not None and bool(getattr(_C, "HAS_CPU", False))
+
+
+def has_cuda_kernels() -> bool:
+    return _C is not None and bool(getattr(_C, "HAS_CUDA", False))
+
+
+def native_error() -> str:
+    if _C is None:
+        return f"the native extension aepg_kernels._C is unavailable: {_IMPORT_ERROR}"
+    return "the native extension was built without these kernels"
+
+
+# Rows up to this C stay in registers on the GPU (csrc/kernel_args.h cuda::kMaxOnChipCols); longer
+# rows are streamed and their gradient recomputed. On the CPU a row is processed while it is in
+# cache whatever C (its exponentials go to a per-thread buffer), so the forward always writes the
+# gradient of a reduced loss.
+CUDA_MAX_ON_CHIP_COLS: int = getattr(_C, "CUDA_MAX_ON_CHIP_COLS", 16384)
+
+
+@dataclass(frozen=True)
+class NativeBackend:
+    """One device's operators; the kernels decide the fused gradient in C++ (csrc/ops.cpp
+    fuses_grad), with the on-chip rule below."""
+
+    name: str
+    device_type: str
+    max_on_chip_cols: Optional[int]  # None: every row fits
+
+    @property
+    def auto_devices(self) -> Tuple[str, ...]:
+        return (self.device_type,)
+
+    def unavailable(self) -> Optional[str]:
+        built = has_cuda_kernels() if self.device_type == "cuda" else has_cpu_kernels()
+        return None if built else native_error()
+
+    def device_error(self, device: torch.device) -> Optional[str]:
+        if device.type == self.device_type:
+            return None
+        return f"backend={self.name!r} needs {self.device_type.upper()} tensors, got a tensor on {device}"
+
+    def fits_on_chip(self, n_cols: int) -> bool:
+        return self.max_on_chip_cols is None or n_cols <= self.max_on_chip_cols
+
+    def loss(self, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags):
+        op = torch.ops.aepg.policy_loss.default if torch.compiler.is_compiling() else _C.policy_loss
+        return op(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags)
+
+    def forward(self, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags):
+        return torch.ops.aepg.native_forward.default(logits, target, weight, ce_weight_t, epg_weight_t, scalars,
+                                                     ignore_index, flags)
+
+    def backward(self, grad_loss, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags,
+                 stats, denom):
+        return torch.ops.aepg.native_backward.default(grad_loss, logits, target, weight, ce_weight_t, epg_weight_t,
+                                                      scalars, ignore_index, flags, stats, denom)
+
+    def scale_(self, grad, grad_loss) -> None:
+        torch.ops.aepg.native_scale_.default(grad, grad_loss)
+
+
+CPU = NativeBackend("cpu", "cpu", max_on_chip_cols=None)
+CUDA = NativeBackend("cuda", "cuda", max_on_chip_cols=CUDA_MAX_ON_CHIP_COLS)
