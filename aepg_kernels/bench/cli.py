@@ -1,12 +1,20 @@
 """aepg-bench: how close to the hardware limit the fused loss runs, and how much faster it is than
-the eager composite, torch.compile, F.cross_entropy and Liger-Kernel, on this machine.
+what a user would write (the lean composite, eager and torch.compile), F.cross_entropy and
+Liger-Kernel, on this machine; and what swapping nn.CrossEntropyLoss for ak.PolicyLoss costs per call.
 
     aepg-bench [--suite quick|cpu|gpu] [--out FILE.json] [filters...]
+    aepg-bench --suite overhead [--threads T] [--repeats R] [--shapes NxC,...] [--modes fwd+bwd,fwd]
     aepg-bench trainer-step [--batch B] [--classes 100,21843] [--out FILE.json]
     python -m aepg_kernels.bench ...
 
-Writes FILE.json (every number and the machine) and FILE.png (GB/s vs C per implementation);
-by default under bench/results/ of the checkout when run from one, else the working directory.
+Baselines: lean-eager (the default: log_softmax, gather, exp and the loss's own terms, as a user
+writes them), lean-compile (torch.compile of it), F.cross_entropy for CE, and the package's own
+stability-first composite as an extra row, reference (package eager); the gate checks every row
+against the float64 reference before timing.
+
+Writes FILE.json (every number and the machine) and FILE.png (GB/s vs C per implementation); the
+overhead suite writes FILE.json and FILE.md (its markdown table). By default under bench/results/
+of the checkout when run from one, else the working directory.
 """
 from __future__ import annotations
 
@@ -19,9 +27,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import implementations, machine, metrics, report, runner, timing, trainer_step
-from .correctness import GATE_MAX_ELEMENTS, TOLERANCE
-from .sweeps import DTYPES, LOSSES, MODES, SUITES, Case, check_names, grid, parse_shapes
+from . import implementations, machine, metrics, overhead, report, runner, timing, trainer_step
+from .correctness import GATE_MAX_ELEMENTS, GATE_REFERENCE, TOLERANCE
+from .sweeps import (DTYPES, LOSSES, MODES, OVERHEAD_MODES, SUITES, Case, check_names, grid, overhead_cases,
+                     parse_shapes)
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 INTERRUPTED = 130  # the exit status of a run stopped by SIGINT (128 + 2), its numbers written
@@ -35,12 +44,18 @@ def bench_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aepg-bench", description=__doc__.splitlines()[0],
                                      epilog="Subcommand: 'aepg-bench trainer-step --help'.")
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick",
-                        help="quick: the main job on this device; cpu: the CPU table; gpu: the full GPU sweep")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+                        help="quick: the main job on this device; cpu: the CPU table; gpu: the full GPU sweep; "
+                             "overhead: us per call of nn.CrossEntropyLoss() vs ak.PolicyLoss() vs aEPG on the "
+                             "CPU, interleaved (1 thread unless --threads), plus host time on CUDA tensors when "
+                             "CUDA is available")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="overhead suite: its table is always on the CPU; cpu also skips the CUDA host time")
     parser.add_argument("--implementations", type=_csv, default=None,
-                        help=f"comma list among {','.join(implementations.ALL_NAMES)} (eager always runs)")
+                        help=f"comma list among {','.join(implementations.ALL_NAMES)} ({implementations.BASELINE} "
+                             "always runs; default: all available but reference-compile)")
     parser.add_argument("--losses", type=_csv, default=None, help=f"keep these losses ({','.join(LOSSES)})")
-    parser.add_argument("--modes", type=_csv, default=None, help=f"keep these modes ({','.join(MODES)})")
+    parser.add_argument("--modes", type=_csv, default=None,
+                        help=f"keep these modes ({','.join(MODES)}; overhead suite: fwd+bwd, fwd = eval forward)")
     parser.add_argument("--dtypes", type=_csv, default=None, help=f"keep these dtypes ({','.join(DTYPES)})")
     parser.add_argument("--shapes", default=None,
                         help="NxC list replacing the suite's shapes, e.g. 256x100,4096x1000 (with --losses, "
@@ -48,7 +63,11 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="skip (and record) the cases that would start after this many seconds "
                              "(default: the suite's budget, 420 s for gpu, none for quick and cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (torch.set_num_threads)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU intra-op threads (torch.set_num_threads; the overhead suite's default is 1)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"overhead suite: interleaved rounds per case (default: as many as fit in "
+                             f"~{overhead.CASE_SECONDS:g} s, {overhead.MIN_SAMPLES}-{overhead.MAX_SAMPLES})")
     parser.add_argument("--no-graphs", action="store_true", help="GPU: skip the CUDA-graph timing of small shapes")
     parser.add_argument("--no-profile", action="store_true", help="GPU: skip counting kernel launches")
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
@@ -85,6 +104,8 @@ def select_cases(parser: argparse.ArgumentParser, args) -> List[Case]:
         losses = check_names("losses", args.losses, LOSSES) if args.losses else None
         modes = check_names("modes", args.modes, MODES) if args.modes else None
         dtypes = check_names("dtypes", args.dtypes, DTYPES) if args.dtypes else None
+        if args.shapes and SUITES[args.suite]().kind == "overhead":
+            return overhead_cases(parse_shapes(args.shapes), modes or OVERHEAD_MODES, (dtypes or ["fp32"])[0])
         if args.shapes:
             return grid(losses or ["aepg"], modes or ["fwd+bwd"], dtypes or ["fp32"], parse_shapes(args.shapes))
     except ValueError as error:
@@ -121,15 +142,27 @@ def progress_bar(total: int):
     return bar, bar.write
 
 
+def check_implementations(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """Exits with a usage error for an unknown name (a renamed one says its new names)."""
+    renamed = [f"{name!r} is now {implementations.RENAMED[name]}" for name in names if name in implementations.RENAMED]
+    if renamed:
+        parser.error(f"--implementations: {'; '.join(renamed)}")
+    try:
+        check_names("implementations", names, implementations.ALL_NAMES)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def run_bench(argv: Sequence[str]) -> int:
     parser = bench_parser()
     args = parser.parse_args(argv)
     device = resolve_device(parser, args.device)
+    if SUITES[args.suite]().kind == "overhead":
+        return run_overhead(parser, args, argv, device)
+    if args.repeats is not None:
+        parser.error("--repeats: for --suite overhead only")
     if args.implementations:
-        try:
-            check_names("implementations", args.implementations, implementations.ALL_NAMES)
-        except ValueError as error:
-            parser.error(str(error))
+        check_implementations(parser, args.implementations)
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
@@ -208,7 +241,9 @@ def new_document(suite: str, argv, info: dict, copy: dict, settings: runner.RunS
     } if settings.device.type == "cuda" else {}
     return {
         "suite": suite, "argv": list(argv), "complete": False, "machine": info, "copy": copy,
-        "settings": {"gate_max_elements": GATE_MAX_ELEMENTS, "tolerance": TOLERANCE,
+        "settings": {"gate_max_elements": GATE_MAX_ELEMENTS, "tolerance": TOLERANCE, "gate_reference": GATE_REFERENCE,
+                     "speedups": {key: f"{name} seconds / this seconds"
+                                  for key, name in implementations.SPEEDUP_BASELINES.items()},
                      "flush_bytes": runner.FLUSH_BYTES, "max_rotations": runner.max_rotations(settings.device),
                      "graph_max_n": runner.GRAPH_MAX_N, "graph_max_elements": runner.GRAPH_MAX_ELEMENTS,
                      "max_seconds": settings.budget_seconds, "timing": timing_method, **gpu_only},
@@ -236,6 +271,91 @@ def run_with_progress(cases, impls, settings, copy_gbps, document: dict, json_pa
     finally:
         if bar is not None:
             bar.close()
+
+
+def run_overhead(parser: argparse.ArgumentParser, args, argv: Sequence[str], device: torch.device) -> int:
+    """--suite overhead: the interleaved CPU table (overhead.py), then the host time on CUDA tensors
+    when CUDA is available and --device is not cpu; FILE.json rewritten after every case, FILE.md
+    (the markdown tables) at the end. 1 when ak.PolicyLoss or aEPG fails the gate or raises."""
+    for name in ("implementations", "losses"):
+        if getattr(args, name):
+            parser.error(f"--{name}: --suite overhead has fixed rows ({', '.join(r.name for r in overhead.ROWS)})")
+    for name in ("threads", "repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        parser.error("--max-seconds must be > 0")
+    cases = select_cases(parser, args)
+    if not cases:
+        parser.error("no case left after the --modes/--dtypes filters")
+    if args.list:
+        print("\n".join(f"{overhead.OVERHEAD_MODE_TITLES.get(case.mode, case.mode)} {case.dtype} {case.n}x{case.c}"
+                        for case in cases))
+        return 0
+    torch.set_num_threads(args.threads or 1)
+    info = machine.describe(torch.device("cpu"))
+    cuda = device if device.type == "cuda" else None
+    if cuda is not None:
+        info["cuda_device"] = machine.gpu_info(cuda)
+    print(f"aepg-bench --suite overhead: {len(cases)} cases on {machine.title(info)}")
+    print("rows: " + "; ".join(row.description for row in overhead.ROWS))
+    json_path = output_path(args.out, f"{device_tag(info)}-overhead")
+    document = {"suite": "overhead", "argv": list(argv), "complete": False, "machine": info,
+                "settings": {**overhead.settings(), "max_seconds": args.max_seconds, "repeats": args.repeats},
+                "records": [], "cuda_host": None}
+
+    def case_done(record):
+        print(overhead.progress_line(record), flush=True)
+        document["records"].append(record)
+        report.write_json(json_path, document)
+
+    try:
+        overhead.run(cases, args.repeats, args.max_seconds, case_done)
+        document["cuda_host"] = measure_cuda_host(cuda, args.device)
+        interrupted = False
+    except KeyboardInterrupt:
+        interrupted = True
+        document["interrupted"] = "KeyboardInterrupt: the cases after the last record did not run"
+    return finish_overhead(document, json_path, interrupted)
+
+
+def measure_cuda_host(cuda: Optional[torch.device], requested: str) -> dict:
+    """The document's cuda_host entry: records, or why it was not measured."""
+    if cuda is None:
+        why = "--device cpu" if requested == "cpu" else "no CUDA device here"
+        print(f"host time on CUDA tensors: not measured on GPU ({why})")
+        return {"status": "not measured on GPU", "reason": why, "records": []}
+    try:
+        records = overhead.host_times(cuda)
+    except Exception as error:  # noqa: BLE001  (the CPU table stays; the error is recorded)
+        return {"status": "error", "reason": f"{type(error).__name__}: {str(error)[:300]}", "records": []}
+    return {"status": "ok", "reason": "", "device": str(cuda), "records": records}
+
+
+def finish_overhead(document: dict, json_path: Path, interrupted: bool) -> int:
+    """Prints the markdown tables and the target verdicts, writes FILE.json and FILE.md; the exit code."""
+    records = document["records"]
+    document["targets"] = overhead.target_summary(records)
+    tables = [overhead.markdown(records)]
+    if document["cuda_host"] and document["cuda_host"]["records"]:
+        host = overhead.host_markdown(document["cuda_host"]["records"])
+        tables.append(f"Host time per call on CUDA tensors ({document['cuda_host']['device']}):\n\n{host}")
+    text = "\n\n".join(tables)
+    print("\n" + text + "\n")
+    for line in overhead.summary_lines(document["targets"]):
+        print(line)
+    if interrupted:
+        print(f"interrupted: writing the {len(records)} records measured so far", flush=True)
+    document["complete"] = not interrupted
+    print(f"wrote {report.write_json(json_path, document)}")
+    md = json_path.with_suffix(".md")
+    md.write_text(text + "\n")
+    print(f"wrote {md}")
+    if interrupted:
+        return INTERRUPTED
+    ours = {row.name for row in overhead.ROWS[1:]}
+    return int(any(r["status"] == "error" or r["rows"].get(name, {}).get("status") == "failed check"
+                   for r in records for name in ours))
 
 
 def run_trainer_step(argv: Sequence[str]) -> int:

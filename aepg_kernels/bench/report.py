@@ -17,12 +17,13 @@ COLUMNS = (
     ("mode", "mode", "{}", 12),
     ("dtype", "dtype", "{}", 5),
     ("N x C", None, "{}", 14),
-    ("implementation", "implementation", "{}", 15),
+    ("implementation", "label", "{}", 25),  # the record's label, else its implementation
     ("ms", "ms", None, 9),
     ("GB/s", "gbps", None, 8),
     ("%copy", "percent_of_copy", "{:.1f}", 6),
-    ("x eager", "speedup_vs_eager", "{:.2f}", 7),
-    ("x compile", "speedup_vs_compile", "{:.2f}", 9),
+    ("x lean-eager", "speedup_vs_lean_eager", "{:.2f}", 12),     # vs the lean composite a user writes,
+    ("x lean-compile", "speedup_vs_lean_compile", "{:.2f}", 14),  # its torch.compile,
+    ("x F.ce", "speedup_vs_torch_ce", "{:.2f}", 6),               # and F.cross_entropy (CE)
     ("peak/logits", "peak_extra_over_logits", "{:.2f}", 11),
     ("kernels", "kernels_per_call", "{:.3g}", 7),
     ("b2b us", "back_to_back_us", None, 8),  # launch-bound shapes: per call back to back, without
@@ -44,6 +45,8 @@ def _number(value: float) -> str:
 def _cell(record: Dict, key: Optional[str], fmt: str) -> str:
     if key is None:
         return f"{record['n']}x{record['c']}"
+    if key == "label":
+        return record.get("label") or record["implementation"]
     value = record.get(key)
     if value is None:
         return "-"
@@ -65,6 +68,13 @@ def format_row(record: Dict) -> str:
 
 def format_table(records: Iterable[Dict]) -> str:
     return "\n".join([header()] + [format_row(r) for r in records if r["status"] != NOT_APPLICABLE])
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A GitHub markdown table; cells as str(), None as "-"."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join("-" if cell is None else str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def default_output_dir(cwd: Path, package_dir: Path) -> Path:
@@ -99,12 +109,13 @@ def write_json(path: Path, document: Dict) -> Path:
 
 
 def _plot_groups(records: Sequence[Dict]) -> Dict[tuple, Dict[str, Dict[int, float]]]:
-    """(loss, mode, dtype) -> implementation -> C -> GB/s, at the largest N measured for that C."""
+    """(loss, mode, dtype) -> implementation (its label) -> C -> GB/s, at the largest N measured for that C."""
     best: Dict[tuple, Dict[str, Dict[int, tuple]]] = {}
     for r in records:
         if r["status"] != "ok" or not r.get("gbps"):
             continue
-        per_c = best.setdefault((r["loss"], r["mode"], r["dtype"]), {}).setdefault(r["implementation"], {})
+        name = r.get("label") or r["implementation"]
+        per_c = best.setdefault((r["loss"], r["mode"], r["dtype"]), {}).setdefault(name, {})
         if r["c"] not in per_c or r["n"] > per_c[r["c"]][0]:
             per_c[r["c"]] = (r["n"], r["gbps"])
     return {key: {impl: {c: v[1] for c, v in per_c.items()} for impl, per_c in impls.items()}

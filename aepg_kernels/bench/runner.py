@@ -1,6 +1,7 @@
-"""Runs a list of cases over the implementations: per case, the correctness gate, then the timing
-and (on a GPU) memory, launches, host synchronisation, and for small shapes the time per call back
-to back with and without a CUDA graph; one JSON-ready record per (case, implementation)."""
+"""Runs a list of cases over the implementations: per case, the correctness gate (against the
+float64 reference), then the timing and (on a GPU) memory, launches, host synchronisation, and for
+small shapes the time per call back to back with and without a CUDA graph; one JSON-ready record
+per (case, implementation), with its speed-ups over the baselines (SPEEDUP_BASELINES)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from . import metrics, report, timing
-from .correctness import check, gate_rows, loss_and_grad
-from .implementations import Implementation
+from .correctness import check, float64_reference, gate_rows
+from .implementations import SPEEDUP_BASELINES, Implementation
 from .inputs import make_inputs
 from .sweeps import COMPILE_SKIPPED, MODES, Case, fits, logits_bytes, memory_needed, rotations, target
 
@@ -50,9 +51,21 @@ def max_rotations(device: torch.device) -> int:
     return MAX_ROTATIONS["cuda" if device.type == "cuda" else "cpu"]
 
 
-def base_record(case: Case, impl: str, status: str, reason: str = "") -> Record:
-    return {**dataclasses.asdict(case), "implementation": impl, "status": status, "reason": reason,
-            "minimal_bytes": metrics.minimal_bytes(case)}
+def base_record(case: Case, impl: str, status: str, reason: str = "", label: Optional[str] = None) -> Record:
+    """`label`: the table's name of the implementation when it is not `impl`."""
+    record = {**dataclasses.asdict(case), "implementation": impl, "status": status, "reason": reason,
+              "minimal_bytes": metrics.minimal_bytes(case)}
+    if label and label != impl:
+        record["label"] = label
+    return record
+
+
+def add_speedups(records: List[Record]) -> None:
+    """Each record's SPEEDUP_BASELINES fields: that baseline's time in the case over the record's."""
+    seconds = {r["implementation"]: r.get("seconds") for r in records}
+    for record in records:
+        for key, baseline in SPEEDUP_BASELINES.items():
+            record[key] = metrics.speedup(seconds.get(baseline), record.get("seconds"))
 
 
 def measure(impl: Implementation, fn, inputs, case: Case, settings: RunSettings, copy_gbps: Optional[float]
@@ -112,25 +125,24 @@ def run_case(case: Case, impls: Sequence[Implementation], settings: RunSettings,
         return [base_record(case, "*", "skipped", f"does not fit: needs {memory_needed(case, 0, copies) / 1e9:.1f} GB "
                                                   f"of {settings.memory_bytes / 1e9:.1f} GB")]
     gate_inputs = make_inputs(case, device, rows=gate_rows(case.n, case.c), seed=1)
-    eager = next(impl for impl in impls if impl.name == "eager")
-    reference = loss_and_grad(eager.build(case), gate_inputs, backward, in_place=False)
+    reference = float64_reference(case, gate_inputs)
     inputs = make_inputs(case, device, rotations=copies)
-    records, eager_seconds = [], None
+    records = []
     for impl in sorted(impls, key=lambda impl: impl.in_place):  # in-place ones last: they overwrite inputs
         why_not = impl.unsupported(case)
         if why_not is not None:
-            records.append(base_record(case, impl.name, report.NOT_APPLICABLE, why_not))
+            records.append(base_record(case, impl.name, report.NOT_APPLICABLE, why_not, impl.label))
             continue
-        if impl.name == "compile" and settings.compile_targets_only and target(case) is None:
-            records.append(base_record(case, impl.name, "skipped", COMPILE_SKIPPED))
+        if impl.compiled and settings.compile_targets_only and target(case) is None:
+            records.append(base_record(case, impl.name, "skipped", COMPILE_SKIPPED, impl.label))
             continue
         if not fits(case, settings.memory_bytes, impl.workspace_fp32_copies, copies):
             why_not = (f"does not fit: needs ~{memory_needed(case, impl.workspace_fp32_copies, copies) / 1e9:.1f} "
                        f"GB of {settings.memory_bytes / 1e9:.1f} GB")
         if why_not is not None:
-            records.append(base_record(case, impl.name, "skipped", why_not))
+            records.append(base_record(case, impl.name, "skipped", why_not, impl.label))
             continue
-        record = base_record(case, impl.name, "ok")
+        record = base_record(case, impl.name, "ok", label=impl.label)
         record["rotations"] = copies
         try:
             fn = impl.build(case)
@@ -142,13 +154,8 @@ def run_case(case: Case, impls: Sequence[Implementation], settings: RunSettings,
                 record.update(measure(impl, fn, inputs, case, settings, copy_gbps))
         except Exception as error:  # noqa: BLE001  (one broken implementation must not end the run)
             record.update(status="error", reason=f"{type(error).__name__}: {str(error)[:300]}")
-        if impl.name == "eager":
-            eager_seconds = record.get("seconds")
         records.append(record)
-    compile_seconds = next((r.get("seconds") for r in records if r["implementation"] == "compile"), None)
-    for record in records:
-        record["speedup_vs_eager"] = metrics.speedup(eager_seconds, record.get("seconds"))
-        record["speedup_vs_compile"] = metrics.speedup(compile_seconds, record.get("seconds"))
+    add_speedups(records)
     del inputs, gate_inputs, reference
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -115,6 +115,9 @@ class Suite:
     # torch.compile only on the issue's target shapes (`target`): on a GPU each case recompiles
     # (10-40 s), which ~130 cases cannot afford. The CPU suites compile every case.
     compile_targets_only: bool = False
+    # "kernels": every implementation per case (runner.py); "overhead": the drop-in rows of
+    # overhead.py (nn.CrossEntropyLoss vs ak.PolicyLoss vs aEPG) interleaved on the CPU.
+    kind: str = "kernels"
 
 
 def _unique(cases: Iterable[Case]) -> Tuple[Case, ...]:
@@ -189,7 +192,26 @@ def gpu_suite() -> Suite:
                  _unique(cases), budget_seconds=GPU_BUDGET_SECONDS, compile_targets_only=True)
 
 
-SUITES = {"quick": quick_suite, "cpu": cpu_suite, "gpu": gpu_suite}
+# The overhead suite: what a user sees swapping nn.CrossEntropyLoss() for ak.PolicyLoss() in a
+# classification loop. Its "fwd" cases are the evaluation loop (under torch.no_grad()).
+OVERHEAD_SHAPES = ((8, 10), (32, 10), (32, 100), (256, 100), (256, 1000), (1024, 1000), (4096, 1000))
+OVERHEAD_MODES = ("fwd+bwd", "fwd")
+OVERHEAD_MODE_TITLES = {"fwd+bwd": "fwd+bwd", "fwd": "eval forward"}
+
+
+def overhead_cases(shapes: Iterable[Tuple[int, int]] = OVERHEAD_SHAPES,
+                   modes: Sequence[str] = OVERHEAD_MODES, dtype: str = "fp32") -> List[Case]:
+    """The overhead suite's cases: CE (the loss being replaced) per mode and shape, modes outer."""
+    return grid(["ce"], modes, [dtype], shapes)
+
+
+def overhead_suite() -> Suite:
+    """nn.CrossEntropyLoss() vs ak.PolicyLoss() vs aEPG, per call on the CPU, fwd+bwd and eval."""
+    return Suite("overhead", "drop-in cost: nn.CrossEntropyLoss vs ak.PolicyLoss vs aEPG per call on the CPU",
+                 _unique(overhead_cases()), kind="overhead")
+
+
+SUITES = {"quick": quick_suite, "cpu": cpu_suite, "gpu": gpu_suite, "overhead": overhead_suite}
 
 
 def parse_shapes(text: str) -> List[Tuple[int, int]]:

@@ -24,7 +24,7 @@ def _one_thread():
 def test_cpu_run_writes_json_and_png(tmp_path, capsys):
     out = tmp_path / "run.json"
     fused = ["cpu"] if "cpu" in ak.available_backends() else []
-    impls = ",".join(["eager", "F.cross_entropy", "triton"] + fused)
+    impls = ",".join(["lean-eager", "reference", "F.cross_entropy", "triton"] + fused)
     rc = cli.main(["--device", "cpu", "--shapes", "8x10,16x33", "--losses", "ce,aepg",
                    "--modes", "fwd,fwd+bwd,fwd+bwd/rows", "--implementations", impls, "--out", str(out)])
     printed = capsys.readouterr().out
@@ -38,7 +38,7 @@ def test_cpu_run_writes_json_and_png(tmp_path, capsys):
     records = document["records"]
     assert len({(r["loss"], r["mode"], r["n"], r["c"]) for r in records}) == 12
     timed = [r for r in records if r["status"] == "ok"]
-    assert {r["implementation"] for r in timed} == {"eager", "F.cross_entropy", *fused}
+    assert {r["implementation"] for r in timed} == {"lean-eager", "reference", "F.cross_entropy", *fused}
     for r in timed:
         case = Case(r["loss"], r["mode"], r["dtype"], r["n"], r["c"])
         assert r["gbps"] == pytest.approx(metrics.minimal_bytes(case) / r["seconds"] / 1e9)
@@ -46,22 +46,39 @@ def test_cpu_run_writes_json_and_png(tmp_path, capsys):
     assert all(r["status"] == report.NOT_APPLICABLE for r in records
                if r["implementation"] == "F.cross_entropy" and r["loss"] != "ce")
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
-    assert "x eager" in printed and "16x33" in printed and f"wrote {out}" in printed
+    for r in timed:
+        if r["loss"] == "ce":
+            ce_seconds = next(o["seconds"] for o in timed if o["implementation"] == "F.cross_entropy"
+                              and (o["mode"], o["n"], o["c"]) == (r["mode"], r["n"], r["c"]))
+            assert r["speedup_vs_torch_ce"] == pytest.approx(ce_seconds / r["seconds"])
+        else:
+            assert r["speedup_vs_torch_ce"] is None
+        assert r["speedup_vs_lean_compile"] is None  # lean-compile did not run
+    assert "gate_reference" in document["settings"] and "speedup_vs_lean_eager" in document["settings"]["speedups"]
+    assert "x lean-eager" in printed and "reference (package eager)" in printed and "16x33" in printed
+    assert f"wrote {out}" in printed
 
 
 def test_compile_runs_and_is_checked(tmp_path):
     out = tmp_path / "compile.json"
-    argv = ["--device", "cpu", "--shapes", "8x10", "--modes", "fwd", "--implementations", "eager,compile",
+    argv = ["--device", "cpu", "--shapes", "8x10", "--modes", "fwd", "--implementations", "lean-compile",
             "--out", str(out)]
     assert cli.main(argv) == 0
-    (compiled,) = [r for r in json.loads(out.read_text())["records"] if r["implementation"] == "compile"]
+    records = {r["implementation"]: r for r in json.loads(out.read_text())["records"]}
+    assert set(records) == {"lean-eager", "lean-compile"}  # lean-eager always runs: the baseline
+    compiled = records["lean-compile"]
     assert compiled["status"] == "ok" and compiled["check"]["passed"]
+    assert compiled["speedup_vs_lean_compile"] == 1.0
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--losses", "nll"], "--losses: unknown"),
     (["--shapes", "10"], "--shapes: expected NxC"),
     (["--implementations", "apex"], "--implementations: unknown"),
+    (["--implementations", "eager"], "'eager' is now lean-eager"),
+    (["--suite", "overhead", "--implementations", "reference"], "--suite overhead has fixed rows"),
+    (["--suite", "overhead", "--repeats", "0"], "--repeats must be >= 1"),
+    (["--repeats", "3"], "--repeats: for --suite overhead only"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--max-seconds", "0"], "--max-seconds must be > 0"),
     (["--suite", "nightly"], "invalid choice"),
@@ -87,7 +104,7 @@ def test_gpu_only_requests_fail_clearly_without_a_gpu(capsys):
 def test_time_budget_skips_the_remaining_cases_and_says_so():
     cases = [Case("ce", "fwd", "fp32", 8, 10), Case("ce", "fwd", "fp32", 8, 11)]
     settings = runner.RunSettings(torch.device("cpu"), memory_bytes=None, budget_seconds=1e-9)
-    records = runner.run(cases, [implementations.EAGER], settings, copy_gbps=None, report=lambda rows: None)
+    records = runner.run(cases, [implementations.LEAN_EAGER], settings, copy_gbps=None, report=lambda rows: None)
     assert records[-1]["status"] == "skipped" and "time budget" in records[-1]["reason"]
     assert records[-1]["c"] == 11
 
@@ -113,7 +130,7 @@ def test_trainer_step_on_a_tiny_vit(tmp_path, capsys):
 
 def test_exit_code_fails_only_for_our_backends():
     # Built explicitly: select() leaves the cpu backend out where it is not available.
-    impls = [implementations.EAGER, implementations.LIGER, implementations.fused_backend("cpu")]
+    impls = [implementations.LEAN_EAGER, implementations.LIGER, implementations.fused_backend("cpu")]
     baseline_failed = [{"implementation": "liger", "status": "failed check"}]
     assert cli.exit_code(baseline_failed, impls) == 0
     for status in ("error", "failed check"):
@@ -137,7 +154,8 @@ def test_an_interrupted_run_writes_what_it_measured_and_exits_130(tmp_path, monk
         return run_case(*args, **kwargs)
 
     monkeypatch.setattr(runner, "run_case", interrupted_after_one_case)
-    rc = cli.main(["--device", "cpu", "--shapes", "8x10,8x11,8x12", "--implementations", "eager", "--out", str(out)])
+    rc = cli.main(["--device", "cpu", "--shapes", "8x10,8x11,8x12", "--implementations", "lean-eager",
+                   "--out", str(out)])
     assert rc == cli.INTERRUPTED == 130
     document = json.loads(out.read_text())
     assert document["complete"] is False and "KeyboardInterrupt" in document["interrupted"]
@@ -149,10 +167,11 @@ def test_an_interrupted_run_writes_what_it_measured_and_exits_130(tmp_path, monk
 def test_compile_runs_only_on_target_shapes_when_the_suite_says_so():
     case = Case("aepg", "fwd+bwd", "fp32", 8, 10)  # not a target: compile is not even built
     settings = runner.RunSettings(torch.device("cpu"), memory_bytes=None, compile_targets_only=True)
-    records = {r["implementation"]: r for r in runner.run_case(case, [implementations.EAGER, implementations.COMPILE],
-                                                                 settings, copy_gbps=None)}
-    assert records["compile"]["status"] == "skipped" and "target shapes only" in records["compile"]["reason"]
-    assert records["eager"]["status"] == "ok" and records["eager"]["speedup_vs_compile"] is None
+    impls = [implementations.LEAN_EAGER, implementations.LEAN_COMPILE, implementations.REFERENCE_COMPILE]
+    records = {r["implementation"]: r for r in runner.run_case(case, impls, settings, copy_gbps=None)}
+    for name in ("lean-compile", "reference-compile"):
+        assert records[name]["status"] == "skipped" and "target shapes only" in records[name]["reason"]
+    assert records["lean-eager"]["status"] == "ok" and records["lean-eager"]["speedup_vs_lean_compile"] is None
 
 
 def test_implementations_share_the_rotation_of_input_copies():

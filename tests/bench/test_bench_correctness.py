@@ -5,7 +5,7 @@ import torch
 import aepg_kernels as ak
 from aepg_kernels.bench import runner
 from aepg_kernels.bench.correctness import TOLERANCE, check, gate_rows, loss_and_grad, relative_error
-from aepg_kernels.bench.implementations import EAGER, Implementation, policy_loss_fn
+from aepg_kernels.bench.implementations import LEAN_EAGER, REFERENCE, Implementation, policy_loss_fn
 from aepg_kernels.bench.inputs import make_inputs
 from aepg_kernels.bench.sweeps import MODES, Case
 
@@ -76,7 +76,15 @@ def test_runner_gives_no_time_to_an_implementation_that_fails_the_gate():
     case = Case("aepg", "fwd+bwd", "fp32", 32, 10)
     wrong = Implementation("wrong", doubled_loss)
     settings = runner.RunSettings(CPU, memory_bytes=None)
-    records = {r["implementation"]: r for r in runner.run_case(case, [EAGER, wrong], settings, copy_gbps=10.0)}
+    impls = [LEAN_EAGER, REFERENCE, wrong]
+    records = {r["implementation"]: r for r in runner.run_case(case, impls, settings, copy_gbps=10.0)}
     assert records["wrong"]["status"] == "failed check" and "seconds" not in records["wrong"]
-    assert records["eager"]["status"] == "ok" and records["eager"]["seconds"] > 0
-    assert records["eager"]["speedup_vs_eager"] == 1.0
+    assert "differs from the reference" in records["wrong"]["reason"]
+    for name in ("lean-eager", "reference"):
+        assert records[name]["status"] == "ok" and records[name]["seconds"] > 0
+        assert records[name]["check"]["loss_error"] < 1e-6  # against the float64 reference
+    assert records["lean-eager"]["speedup_vs_lean_eager"] == 1.0
+    assert records["reference"]["speedup_vs_lean_eager"] == pytest.approx(
+        records["lean-eager"]["seconds"] / records["reference"]["seconds"])
+    assert records["reference"]["label"] == "reference (package eager)" and "label" not in records["lean-eager"]
+    assert records["wrong"]["speedup_vs_lean_eager"] is None and records["reference"]["speedup_vs_torch_ce"] is None

@@ -20,14 +20,14 @@ def test_host_sync_detects_a_synchronising_call_and_restores_the_mode():
 
 def test_run_case_measures_every_gpu_metric_of_a_small_case():
     device = torch.device("cuda")
-    impls = implementations.select(device, ["eager", *implementations.FUSED_BACKENDS])
+    impls = implementations.select(device, ["lean-eager", "reference", *implementations.FUSED_BACKENDS])
     fused = [impl.name for impl in impls if impl.fused]
     assert fused, "no fused backend available on this GPU"
     settings = runner.RunSettings(device, torch.cuda.get_device_properties(device).total_memory)
     case = Case("aepg", "fwd+bwd", "fp32", 256, 100)
     assert runner.launch_bound(case)
     records = {r["implementation"]: r for r in runner.run_case(case, impls, settings, copy_gbps=None)}
-    for name in ["eager", *fused]:
+    for name in ["lean-eager", "reference", *fused]:
         r = records[name]
         assert r["status"] == "ok", (name, r.get("reason"))
         for key in ("graph_us", "back_to_back_us", "kernels_per_call", "peak_extra_bytes"):
