@@ -122,31 +122,55 @@ def _rows(input: Tensor, target: Tensor, prob_target: bool):
             row_shape)
 
 
-def prepare(input, target, weight, ce_weight, epg_weight, entropy_weight, label_smoothing, focal_gamma,
-            ignore_index, reduction, need_entropy: bool) -> Tuple[Call, Optional[torch.Size]]:
-    """Validates every argument of `policy_loss` and packs the call (see the module docstring).
-    Returns the call and the shape of a per-row result (None when the input is (N, C) already)."""
-    _check_input(input)
-    device = input.device
-    prob_target = _check_target(input, target, device)
-    weight = _check_weight(weight, input)
+# Validated options of a call: (entropy_weight, label_smoothing, focal_gamma, ignore_index, reduction),
+# in the order `_contract.pack` takes them after the coefficients. Modules keep theirs between calls.
+Options = Tuple[float, float, float, int, int]
+
+
+def check_options(entropy_weight, label_smoothing, focal_gamma, ignore_index, reduction) -> Options:
     if ignore_index.__class__ is not int:
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         ignore_index = int(ignore_index)
+    return (check_real_number("entropy_weight", entropy_weight),
+            check_real_number("label_smoothing", label_smoothing, low=0.0, high=1.0),
+            check_real_number("focal_gamma", focal_gamma, low=0.0), ignore_index, int(_check_reduction(reduction)))
+
+
+def _check_coefficients(ce_weight, epg_weight, device: torch.device):
+    if ce_weight.__class__ is float and epg_weight.__class__ is float and math.isfinite(ce_weight + epg_weight):
+        return ce_weight, epg_weight  # the common case in one test (the sum of two finite floats is finite)
     a = _check_coefficient("ce_weight", ce_weight, device)
     if epg_weight is ONE_MINUS_CE_WEIGHT and isinstance(a, Tensor):
-        b = epg_weight
-    else:
-        b = _check_coefficient("epg_weight", epg_weight, device)
-    beta = check_real_number("entropy_weight", entropy_weight)
-    eps = check_real_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    gamma = check_real_number("focal_gamma", focal_gamma, low=0.0)
-    if prob_target and gamma > 0:
+        return a, epg_weight
+    return a, _check_coefficient("epg_weight", epg_weight, device)
+
+
+def prepare(input, target, weight, ce_weight, epg_weight, options: Options,
+            need_entropy: bool) -> Tuple[Call, Optional[torch.Size]]:
+    """Validates the tensors and coefficients of a call and packs it with validated `options`
+    (see the module docstring). Returns the call and the shape of a per-row result (None when
+    the input is (N, C) already)."""
+    if (weight is None and input.__class__ is Tensor and target.__class__ is Tensor and input.dtype in FLOAT_DTYPES
+            and target.dtype in INDEX_DTYPES):
+        shape, device = input.shape, input.device  # the common case: (N, C) logits, (N,) class indices
+        if len(shape) == 2 and shape[1] and target.shape == shape[:1] and target.device == device:
+            a, b = _check_coefficients(ce_weight, epg_weight, device)
+            return (input, target, None, *pack(a, b, *options, False, need_entropy)), None
+    return _prepare_checked(input, target, weight, ce_weight, epg_weight, options, need_entropy)
+
+
+def _prepare_checked(input, target, weight, ce_weight, epg_weight, options, need_entropy):
+    _check_input(input)
+    device = input.device
+    prob_target = _check_target(input, target, device)
+    weight = _check_weight(weight, input)
+    a, b = _check_coefficients(ce_weight, epg_weight, device)
+    if prob_target and options[2] > 0:
         raise ValueError("focal_gamma > 0 is defined for class-index targets only, got class-probability targets")
-    call = pack(a, b, beta, eps, gamma, ignore_index, _check_reduction(reduction), prob_target, need_entropy)
+    call = pack(a, b, *options, prob_target, need_entropy)
     if input.dim() == 2:
-        if input.size(1) == 0:
+        if input.shape[1] == 0:
             raise ValueError("input must have at least one class (C >= 1), got C=0")
         return (input, target, weight, *call), None
     if input.shape[1 if input.dim() > 1 else 0] == 0:
@@ -181,4 +205,5 @@ def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> Non
                          f"(and is not ignore_index={ignore_index})")
 
 
-__all__ = ["Call", "Flag", "check_real_number", "check_target_range", "prepare", "widen_targets"]
+__all__ = ["Call", "Options", "check_options", "check_real_number", "check_target_range", "prepare",
+           "widen_targets"]

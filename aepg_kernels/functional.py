@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 from torch import Tensor
 
 from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, Stat
-from ._spec import prepare
+from ._spec import Options, check_options, prepare
 from .backends import resolve
 
 
@@ -47,8 +47,14 @@ def policy_loss(input: Tensor, target: Tensor, *, ce_weight: Coefficient = 1.0, 
         backend: "auto", "triton", "cuda", "cpu" or "eager" (see ``available_backends()``).
         return_stats: also return ``LossStats`` (entropy, p_target, sample_weight, lse) per row.
     """
-    call, row_shape = prepare(input, target, weight, ce_weight, epg_weight, entropy_weight, label_smoothing,
-                              focal_gamma, ignore_index, reduction, return_stats)
+    options = check_options(entropy_weight, label_smoothing, focal_gamma, ignore_index, reduction)
+    return run(input, target, weight, ce_weight, epg_weight, options, backend, return_stats)
+
+
+def run(input: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight, epg_weight, options: Options,
+        backend: str, return_stats: bool):
+    """`policy_loss` with its options validated already (the modules keep theirs)."""
+    call, row_shape = prepare(input, target, weight, ce_weight, epg_weight, options, return_stats)
     loss, stats = resolve(backend, input.device).loss(*call)
     if row_shape is not None and loss.dim():
         loss = loss.reshape(row_shape)
@@ -73,8 +79,15 @@ def aepg_loss(input: Tensor, target: Tensor, alpha: Coefficient, **kwargs):
     """Annealed EPG: alpha CE + (1 - alpha) EPG, per-sample weight alpha + (1 - alpha) p_y.
 
     alpha may be a 0-d tensor on the input's device (no recompilation, CUDA-graph friendly)."""
-    if isinstance(alpha, Tensor):  # the kernels take epg_weight = 1 - alpha from alpha itself
-        return policy_loss(input, target, ce_weight=alpha, epg_weight=ONE_MINUS_CE_WEIGHT, **kwargs)
+    ce_weight, epg_weight = aepg_coefficients(alpha)
+    return policy_loss(input, target, ce_weight=ce_weight, epg_weight=epg_weight, **kwargs)
+
+
+def aepg_coefficients(alpha: Coefficient):
+    """(ce_weight, epg_weight) = (alpha, 1 - alpha); for a tensor alpha the kernels take 1 - alpha
+    from alpha itself (no tensor op per call)."""
+    if isinstance(alpha, Tensor):
+        return alpha, ONE_MINUS_CE_WEIGHT
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1] or a 0-d tensor, got {alpha!r}")
-    return policy_loss(input, target, ce_weight=float(alpha), epg_weight=1.0 - float(alpha), **kwargs)
+    return float(alpha), 1.0 - float(alpha)

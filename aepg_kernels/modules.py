@@ -6,14 +6,19 @@ from typing import Optional
 from torch import Tensor, nn
 from torch.nn import _reduction
 
-from .functional import aepg_loss, policy_loss
+from ._spec import check_options
+from .functional import aepg_coefficients, run
 from .schedules import AlphaSchedule
 
 
 class PolicyLoss(nn.Module):
     """The fused EPG-family loss as a module. With the defaults it is a drop-in for
     ``nn.CrossEntropyLoss`` (same positional arguments, same results); the family's terms
-    are keyword arguments (see ``policy_loss``)."""
+    are keyword arguments (see ``policy_loss``). The options are validated when the module is made
+    and whenever one is assigned, not on every call."""
+
+    _OPTION_ORDER = ("entropy_weight", "label_smoothing", "focal_gamma", "ignore_index", "reduction")
+    _OPTIONS = frozenset(_OPTION_ORDER)
 
     def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100, reduce=None,
                  reduction: str = "mean", label_smoothing: float = 0.0, *, ce_weight=1.0, epg_weight=0.0,
@@ -30,12 +35,23 @@ class PolicyLoss(nn.Module):
         self.entropy_weight = entropy_weight
         self.focal_gamma = focal_gamma
         self.backend = backend
+        self._check_options()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._OPTIONS and "_options" in self.__dict__:
+            self._check_options(**{name: value})  # before the assignment: a bad value changes nothing
+        super().__setattr__(name, value)
+
+    def _check_options(self, **new) -> None:
+        options = {name: new[name] if name in new else getattr(self, name) for name in self._OPTION_ORDER}
+        self.__dict__["_options"] = check_options(**options)
+
+    def _coefficients(self):
+        return self.ce_weight, self.epg_weight
 
     def forward(self, input: Tensor, target: Tensor, return_stats: bool = False):
-        return policy_loss(input, target, ce_weight=self.ce_weight, epg_weight=self.epg_weight,
-                           entropy_weight=self.entropy_weight, label_smoothing=self.label_smoothing,
-                           focal_gamma=self.focal_gamma, weight=self.weight, ignore_index=self.ignore_index,
-                           reduction=self.reduction, backend=self.backend, return_stats=return_stats)
+        ce_weight, epg_weight = self._coefficients()
+        return run(input, target, self.weight, ce_weight, epg_weight, self._options, self.backend, return_stats)
 
     def extra_repr(self) -> str:
         return (f"ce_weight={self.ce_weight}, epg_weight={self.epg_weight}, entropy_weight={self.entropy_weight}, "
@@ -57,11 +73,8 @@ class AEPGLoss(PolicyLoss):
         super().__init__(**kwargs)
         self.schedule = schedule
 
-    def forward(self, input: Tensor, target: Tensor, return_stats: bool = False):
-        return aepg_loss(input, target, self.schedule.alpha, entropy_weight=self.entropy_weight,
-                         label_smoothing=self.label_smoothing, focal_gamma=self.focal_gamma, weight=self.weight,
-                         ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
-                         return_stats=return_stats)
+    def _coefficients(self):
+        return aepg_coefficients(self.schedule.alpha)
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule!r}, " + super().extra_repr()

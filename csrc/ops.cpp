@@ -14,6 +14,7 @@
 #include "kernel_args.h"
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/graph_task.h>
@@ -151,86 +152,94 @@ Tensor cuda_denominator(const Tensor& target, const std::optional<Tensor>& weigh
   return at::where(counted, weight->to(acc.dtype()).index_select(0, safe.reshape(-1)), 0).sum();
 }
 
+// A new tensor on the logits' device; on the CPU without a trip through the dispatcher (host
+// time is the whole cost of a small call).
+Tensor new_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return options.device().is_cpu() ? Tensor(at::detail::empty_cpu(sizes, options)) : at::empty(sizes, options);
+}
+
 template <class T>
-double sum_of(const Tensor& row_loss) {
-  const T* values = row_loss.const_data_ptr<T>();
+double sum_of(const void* values, int64_t n) {
   double total = 0;
-  for (int64_t i = 0; i < row_loss.numel(); ++i) total += values[i];
+  for (int64_t i = 0; i < n; ++i) total += static_cast<const T*>(values)[i];
   return total;
 }
 
-// The reduced (0-d) or per-row loss in the logits' dtype from the per-row loss (accumulation
-// dtype); on the CPU summed in double on the host, `cpu_denom` the denominator there.
-Tensor reduce_rows(const Tensor& row_loss, const Tensor& denom, double cpu_denom, int64_t reduction,
-                   c10::ScalarType dtype) {
-  if (reduction == kReductionNone) return row_loss.to(dtype);
-  if (row_loss.is_cuda()) {
-    const Tensor total = row_loss.sum();
-    return (reduction == kReductionMean ? total / denom : total).to(dtype);
+// CPU: the denominator and the reduction on the host, the per-row losses of a reduced loss in a
+// host buffer rather than a tensor; returns the loss in the logits' dtype.
+Tensor cpu_forward(KernelArgs& args, Tensor& denom, int64_t reduction, const at::TensorOptions& options) {
+  const double total_weight = args.fp64 ? cpu_denominator<double>(args) : cpu_denominator<float>(args);
+  if (args.fp64) {
+    *denom.data_ptr<double>() = total_weight;
+  } else {
+    *denom.data_ptr<float>() = static_cast<float>(total_weight);
   }
-  double total = row_loss.scalar_type() == at::kDouble ? sum_of<double>(row_loss) : sum_of<float>(row_loss);
-  if (reduction == kReductionMean) total /= cpu_denom;
-  return at::scalar_tensor(total, row_loss.options().dtype(dtype));
+  args.denom = denom.data_ptr();
+  if (reduction == kReductionNone) {
+    Tensor row_loss = new_empty({args.n_rows}, denom.options());
+    args.loss = row_loss.data_ptr();
+    if (args.n_rows > 0) cpu::forward(args);
+    return row_loss.to(options.dtype());
+  }
+  std::vector<double> row_loss(args.n_rows);  // room for n_rows values of the accumulation dtype
+  args.loss = row_loss.data();
+  if (args.n_rows > 0) cpu::forward(args);
+  double total = args.fp64 ? sum_of<double>(args.loss, args.n_rows) : sum_of<float>(args.loss, args.n_rows);
+  if (reduction == kReductionMean) total /= total_weight;
+  Tensor loss = new_empty({}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, loss.scalar_type(), "aepg_cpu_forward",
+                                  [&] { *loss.data_ptr<scalar_t>() = static_cast<scalar_t>(total); });
+  return loss;
 }
 
-// ---- native_forward / native_backward -----------------------------------------------------------
-
-Forward forward_outputs(const Tensor& logits, int64_t flags) {
-  const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
-  const auto acc = logits.options().dtype(accumulation_dtype(logits.scalar_type()));
-  const bool write_grad = flags & kWriteGrad;
-  return {at::empty({n_rows}, acc), at::empty({kNumStats, n_rows}, acc),
-          at::empty(write_grad ? at::IntArrayRef{n_rows, n_cols} : at::IntArrayRef{0}, logits.options()),
-          at::empty({}, acc)};
+// CUDA: the denominator and the reduction as tensor ops, no host synchronisation.
+Tensor cuda_forward(KernelArgs& args, const Tensor& target, const std::optional<Tensor>& weight, int64_t ignore_index,
+                    Tensor& denom, int64_t reduction) {
+  denom = cuda_denominator(target, weight, ignore_index, args.prob_target, args.n_rows, denom.options());
+  args.denom = denom.data_ptr();
+  Tensor row_loss = at::empty({args.n_rows}, denom.options());
+  args.loss = row_loss.data_ptr();
+#ifdef AEPG_WITH_CUDA
+  if (args.n_rows > 0) cuda::forward(args);
+#endif
+  if (reduction == kReductionNone) return row_loss.to(args.dtype);
+  const Tensor total = row_loss.sum();
+  return (reduction == kReductionMean ? total / denom : total).to(args.dtype);
 }
 
 Forward native_forward(AEPG_CALL_PARAMS) {
   std::vector<Tensor> keep;
   KernelArgs args = unpack(AEPG_CALL_ARGS, keep);
-  auto [row_loss, stats, grad, denom] = forward_outputs(logits, flags);
   const bool write_grad = flags & kWriteGrad;
-  double cpu_denom = 0;
-  if (logits.is_cuda()) {
-    TORCH_CHECK(!write_grad || fuses_grad(logits, flags), "aepg: the fused gradient needs a reduced loss and a ",
-                "row on chip (C <= ", cuda::kMaxOnChipCols, "), got C=", args.n_cols);
-    denom = cuda_denominator(target, weight, ignore_index, args.prob_target, args.n_rows, denom.options());
-  } else {
-    TORCH_CHECK(!write_grad || reduction_of(flags) != kReductionNone, "aepg: the fused gradient needs a reduced loss");
-    cpu_denom = args.fp64 ? cpu_denominator<double>(args) : cpu_denominator<float>(args);
-    if (args.fp64) {
-      *denom.data_ptr<double>() = cpu_denom;
-    } else {
-      *denom.data_ptr<float>() = static_cast<float>(cpu_denom);
-    }
-  }
-  args.denom = denom.data_ptr();
-  args.loss = row_loss.data_ptr();
+  TORCH_CHECK(!write_grad || fuses_grad(logits, flags), "aepg: the fused gradient needs a reduced loss and, on ",
+              "CUDA, a row on chip (C <= ", cuda::kMaxOnChipCols, "), got C=", args.n_cols);
+  const auto acc = logits.options().dtype(accumulation_dtype(logits.scalar_type()));
+  Tensor stats = new_empty({kNumStats, args.n_rows}, acc);
+  Tensor grad = new_empty(write_grad ? at::IntArrayRef{args.n_rows, args.n_cols} : at::IntArrayRef{0},
+                          logits.options());
+  Tensor denom = new_empty({}, acc);
   args.stats = stats.data_ptr();
   args.grad = write_grad ? grad.data_ptr() : nullptr;
-  if (args.n_rows > 0) {
-    if (logits.is_cuda()) {
-#ifdef AEPG_WITH_CUDA
-      cuda::forward(args);
-#endif
-    } else {
-      cpu::forward(args);
-    }
-  }
-  return {reduce_rows(row_loss, denom, cpu_denom, reduction_of(flags), logits.scalar_type()), stats, grad, denom};
+  Tensor loss = logits.is_cuda() ? cuda_forward(args, target, weight, ignore_index, denom, reduction_of(flags))
+                                 : cpu_forward(args, denom, reduction_of(flags), logits.options());
+  return {loss, stats, grad, denom};
 }
 
 Forward native_forward_meta(AEPG_CALL_PARAMS) {
   check_call(logits, target, scalars, flags);
-  auto [row_loss, stats, grad, denom] = forward_outputs(logits, flags);
+  const int64_t n_rows = logits.size(0), n_cols = logits.size(1);
+  const auto acc = logits.options().dtype(accumulation_dtype(logits.scalar_type()));
   const bool reduced = reduction_of(flags) != kReductionNone;
-  Tensor loss = reduced ? at::empty({}, logits.options()) : at::empty({logits.size(0)}, logits.options());
-  return {loss, stats, grad, denom};
+  return {reduced ? at::empty({}, logits.options()) : at::empty({n_rows}, logits.options()),
+          at::empty({kNumStats, n_rows}, acc),
+          at::empty(flags & kWriteGrad ? at::IntArrayRef{n_rows, n_cols} : at::IntArrayRef{0}, logits.options()),
+          at::empty({}, acc)};
 }
 
 Tensor native_backward(const Tensor& grad_loss, AEPG_CALL_PARAMS, const Tensor& stats, const Tensor& denom) {
   std::vector<Tensor> keep;
   KernelArgs args = unpack(AEPG_CALL_ARGS, keep);
-  Tensor grad = at::empty({args.n_rows, args.n_cols}, logits.options());
+  Tensor grad = new_empty({args.n_rows, args.n_cols}, logits.options());
   if (args.n_rows == 0) return grad;
   TORCH_CHECK(grad_loss.dim() == 0 || (grad_loss.dim() == 1 && grad_loss.size(0) == args.n_rows),
               "aepg: grad_loss must be 0-d or (rows,)");

@@ -190,7 +190,7 @@ def test_aepg_module_rejects_fixed_weights(name):
                                                                                 "label_smoothing"),
                                         (dict(backend="gpu"), "backend")])
 def test_policy_loss_module_rejects(kw, pattern):
-    """PolicyLoss forwards its options to policy_loss, which rejects them on the first call."""
+    """PolicyLoss rejects bad options when it is made (the backend on the first call)."""
     with pytest.raises(ValueError, match=pattern):
         ak.PolicyLoss(**kw)(_x(), _y())
 
@@ -262,3 +262,15 @@ def test_triton_on_cpu_without_interpreter(monkeypatch, uncached_resolve):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"backend='triton'.*TRITON_INTERPRET"):
         resolve_backend("triton", torch.device("cpu"))
+
+
+def test_module_checks_options_assigned_after_a_call():
+    """PolicyLoss keeps its validated options between calls; assigning one checks it again."""
+    x, y = _x(), _y()
+    criterion = ak.PolicyLoss()
+    torch.testing.assert_close(criterion(x, y), torch.nn.functional.cross_entropy(x, y))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        criterion.label_smoothing = 1.5
+    assert criterion.label_smoothing == 0.0  # the refused value was not kept
+    criterion.reduction = "sum"
+    torch.testing.assert_close(criterion(x, y), torch.nn.functional.cross_entropy(x, y, reduction="sum"))
