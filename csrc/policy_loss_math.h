@@ -66,12 +66,37 @@ AEPG_HD T select(bool condition, T if_true, T if_false) {
 inline at::vec::Vectorized<double> exp_of(const at::vec::Vectorized<double>& x) {
   return x.exp();  // Sleef, 1 ulp: fp64 is for gradcheck
 }
+#if defined(CPU_CAPABILITY_AVX512)
+// exp(x) for x <= 0 or NaN in 12 instructions (half of exp_u20 and its NaN blend): 2^n exp(r) with
+// n = round(x log2 e), r = x - n ln 2 (Cody-Waite), Cephes' expf polynomial and vscalefps for 2^n.
+// Measured against exp in double: at most 0.89 ulp for every float in [-87.34, 0]; 0 below
+// log(FLT_MIN), as exp_u20 (no subnormals, which would slow later arithmetic), exactly 0 for -inf
+// (r is NaN there, but the lane is masked), NaN for NaN.
+inline at::vec::Vectorized<float> exp_of(const at::vec::Vectorized<float>& v) {
+  const __m512 x = v;
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365478515625f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+#else
 // ATen's inline polynomial exp (measured: at most 6 ulp on [-80, 0], 0 below log(FLT_MIN)), not
 // the Sleef call, which would spill every accumulator register at each vector. It turns NaN into
 // inf: NaN lanes are kept NaN.
 inline at::vec::Vectorized<float> exp_of(const at::vec::Vectorized<float>& x) {
   return at::vec::Vectorized<float>::blendv(x, x.exp_u20(), x == x);
 }
+#endif
 template <class T>
 inline at::vec::Vectorized<T> select(const at::vec::Vectorized<T>& condition, const at::vec::Vectorized<T>& if_true,
                                      const at::vec::Vectorized<T>& if_false) {
