@@ -342,15 +342,17 @@ class PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction> 
                               epg_weight_t.value_or(Tensor()), stats, denom});
     }
     ctx->mark_non_differentiable({stats});
+    ctx->set_materialize_grads(false);  // no zero-filled gradient for the stats (or an unused loss)
     return {loss, stats};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     const Tensor& grad_loss = grad_outputs[0];
+    torch::autograd::variable_list grads(8);  // one per argument of the call; only logits has one
+    if (!grad_loss.defined()) return grads;   // the loss took no part in what is differentiated
     const auto saved = ctx->get_saved_variables();
     const int64_t flags = ctx->saved_data["flags"].toInt();
-    torch::autograd::variable_list grads(8);  // one per argument of the call; only logits has one
     if (flags & kWriteGrad) {
       grads[0] = scale_fused_grad(saved[0], grad_loss);
       return grads;

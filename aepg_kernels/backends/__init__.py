@@ -65,8 +65,9 @@ def resolve(backend: str, device: torch.device) -> Backend:
     pretend otherwise call `resolve.cache_clear()`)."""
     if type(backend) is not str:
         check_backend(backend)
-    if torch.compiler.is_compiling():  # traced once per graph; Dynamo warns about lru_cache
-        return _resolve.__wrapped__(backend, device.type)
+    if torch.compiler.is_compiling():  # traced once per graph (Dynamo warns about lru_cache)
+        b = _resolve.__wrapped__(backend, device.type)
+        return b.traced() if hasattr(b, "traced") else b
     return _resolve(backend, device.type)
 
 

@@ -1,9 +1,11 @@
 """The interface every backend satisfies: the op contract of aepg_kernels/_contract.py, run on
 some devices.
 
-`loss` is the differentiable entry point the public API calls with a packed call; kernel
-backends also expose their kernels (forward, backward, scale_) and their on-chip rule, which the
-custom-op glue and the tests use.
+`loss` is the differentiable entry point the public API calls with a packed call (a method, or
+the operator itself as an attribute); kernel backends also expose their kernels (forward,
+backward, scale_) and their on-chip rule, which the custom-op glue and the tests use. A backend
+whose eager entry point Dynamo cannot trace has `traced()`, the twin `resolve` returns while
+compiling.
 """
 from __future__ import annotations
 

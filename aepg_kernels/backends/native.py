@@ -10,8 +10,9 @@ sees the operator; everywhere else straight to the extension's binding of it.
 from __future__ import annotations
 
 import importlib.util
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -49,11 +50,17 @@ CUDA_MAX_ON_CHIP_COLS: int = getattr(_C, "CUDA_MAX_ON_CHIP_COLS", 16384)
 @dataclass(frozen=True)
 class NativeBackend:
     """One device's operators; the kernels decide the fused gradient in C++ (csrc/ops.cpp
-    fuses_grad), with the on-chip rule below."""
+    fuses_grad), with the on-chip rule below. `loss` is the operator itself, called with no
+    Python frame in between: the extension's binding in eager calls, torch.ops in `traced()`."""
 
     name: str
     device_type: str
     max_on_chip_cols: Optional[int]  # None: every row fits
+    loss: Optional[Callable] = getattr(_C, "policy_loss", None)
+
+    def traced(self) -> "NativeBackend":
+        """The twin that Dynamo can trace: the same operator through torch.ops."""
+        return dataclasses.replace(self, loss=torch.ops.aepg.policy_loss.default)
 
     @property
     def auto_devices(self) -> Tuple[str, ...]:
@@ -70,10 +77,6 @@ class NativeBackend:
 
     def fits_on_chip(self, n_cols: int) -> bool:
         return self.max_on_chip_cols is None or n_cols <= self.max_on_chip_cols
-
-    def loss(self, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags):
-        op = torch.ops.aepg.policy_loss.default if torch.compiler.is_compiling() else _C.policy_loss
-        return op(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags)
 
     def forward(self, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags):
         return torch.ops.aepg.native_forward.default(logits, target, weight, ce_weight_t, epg_weight_t, scalars,

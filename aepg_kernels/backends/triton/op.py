@@ -77,6 +77,7 @@ def _setup_context(ctx, inputs, output):
     else:
         ctx.save_for_backward(logits, target, weight, a_t, b_t, stats, denom)
     ctx.mark_non_differentiable(stats, grad, denom)
+    ctx.set_materialize_grads(False)  # else autograd fills an (R, C) tensor of zeros for `grad` in backward
 
 
 def _scale_in_place_ok(tracing: bool) -> bool:
@@ -88,6 +89,8 @@ def _scale_in_place_ok(tracing: bool) -> bool:
 
 
 def _backward(ctx, grad_loss, _grad_stats, _grad_grad, _grad_denom):
+    if grad_loss is None:  # the loss took no part in what is differentiated
+        return (None,) * _NUM_CALL_ARGS
     tracing = _tracing()
     if ctx.fused:
         (grad,) = ctx.saved_tensors
