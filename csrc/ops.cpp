@@ -21,6 +21,10 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C
 #endif
@@ -158,6 +162,23 @@ Tensor new_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return options.device().is_cpu() ? Tensor(at::detail::empty_cpu(sizes, options)) : at::empty(sizes, options);
 }
 
+// A large CPU gradient is usually fresh memory from the OS, whose first touch faults one 4 KiB
+// page at a time (about 0.5 s per GiB here, as long as the kernel itself at 8192 x 32000 fp32).
+// Where transparent huge pages are enabled on request ("madvise"), ask for them before the kernel
+// touches the block: 2 MiB pages fault 512 times less often. Harmless on a block already in use.
+Tensor with_huge_pages(Tensor grad) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t bytes = grad.numel() * grad.element_size();
+  if (grad.is_cpu() && bytes >= 8 * kHuge) {
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(grad.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(grad.data_ptr()) + bytes) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return grad;
+}
+
 template <class T>
 double sum_of(const void* values, int64_t n) {
   double total = 0;
@@ -215,8 +236,8 @@ Forward native_forward(AEPG_CALL_PARAMS) {
               "CUDA, a row on chip (C <= ", cuda::kMaxOnChipCols, "), got C=", args.n_cols);
   const auto acc = logits.options().dtype(accumulation_dtype(logits.scalar_type()));
   Tensor stats = new_empty({kNumStats, args.n_rows}, acc);
-  Tensor grad = new_empty(write_grad ? at::IntArrayRef{args.n_rows, args.n_cols} : at::IntArrayRef{0},
-                          logits.options());
+  Tensor grad = with_huge_pages(new_empty(
+      write_grad ? at::IntArrayRef{args.n_rows, args.n_cols} : at::IntArrayRef{0}, logits.options()));
   Tensor denom = new_empty({}, acc);
   args.stats = stats.data_ptr();
   args.grad = write_grad ? grad.data_ptr() : nullptr;
@@ -239,7 +260,7 @@ Forward native_forward_meta(AEPG_CALL_PARAMS) {
 Tensor native_backward(const Tensor& grad_loss, AEPG_CALL_PARAMS, const Tensor& stats, const Tensor& denom) {
   std::vector<Tensor> keep;
   KernelArgs args = unpack(AEPG_CALL_ARGS, keep);
-  Tensor grad = new_empty({args.n_rows, args.n_cols}, logits.options());
+  Tensor grad = with_huge_pages(new_empty({args.n_rows, args.n_cols}, logits.options()));
   if (args.n_rows == 0) return grad;
   TORCH_CHECK(grad_loss.dim() == 0 || (grad_loss.dim() == 1 && grad_loss.size(0) == args.n_rows),
               "aepg: grad_loss must be 0-d or (rows,)");
