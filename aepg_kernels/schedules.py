@@ -1,4 +1,4 @@
-"""Schedules for aEPG's alpha within a task (method.md section 3): from CE (alpha ~ 1) to EPG.
+"""Schedules for aEPG's alpha within a task (docs/math.md section 5): from CE (alpha ~ 1) to EPG.
 
 A schedule counts optimizer steps: `.alpha` is the current value, `.step()` advances one step,
 `.reset(total_steps)` starts a new task. By default the state is a Python int and `.alpha` a

@@ -80,7 +80,7 @@ AEPG_HD RowTarget row_target(const KernelArgs& args, int64_t i) {
 }
 
 // Writes every per-row output of row i: ignored rows get 0 loss and weights, out-of-range
-// targets NaN (as triton/_tiles.py store_row_stats).
+// targets NaN (as backends/triton/_tiles.py store_row_stats).
 template <class T>
 AEPG_HD void store_row_stats(const KernelArgs& args, int64_t i, const RowTarget& target, T m, const RowResults<T>& r) {
   const T nan = nan_of<T>();

@@ -1,5 +1,5 @@
 // Per-row math of the policy-loss family, shared by the CPU and the CUDA kernels: the one C++
-// source of truth, mirroring aepg_kernels/triton/_row_math.py (method.md sections 2 and 4).
+// source of truth, mirroring aepg_kernels/backends/triton/_row_math.py (docs/math.md sections 1 and 2).
 //
 //   RowSums / add_element / merge:  the running row statistics relative to the row max m,
 //   row_results:                    loss, log S, entropy, p_target, sample weight, aux, log p_y,
@@ -170,7 +170,7 @@ AEPG_HD void add_element(RowSums<V>& acc, V zm, V e, V q, V wq, V wq_smooth, boo
 }
 
 // Sums of two parts of a row relative to their own maxima -> relative to the common max
-// (method.md section 4: S <- e^d S, T <- e^d (T + d S), zs <- zs + d sum wq', d = m_old - m_new).
+// (docs/math.md section 2: S <- e^d S, T <- e^d (T + d S), zs <- zs + d sum wq', d = m_old - m_new).
 // A part whose max is still -inf saw only -inf or NaN (the max skips NaN): its sums are 0, or NaN,
 // which must survive (multiplied by 0, as Triton's merge does, never reset).
 template <class T>

@@ -16,7 +16,7 @@ if DEVICE == "cpu" and "triton" in ak.available_backends() and not triton_interp
 ALL_BACKENDS = ["eager"] + KERNEL_BACKENDS
 STATS = ak.LossStats._fields  # entropy, p_target, sample_weight, lse
 
-# The loss family of method.md section 2, as policy_loss keyword arguments.
+# The loss family of docs/math.md section 1, as policy_loss keyword arguments.
 FAMILY = {
     "ce": dict(),
     "epg": dict(ce_weight=0.0, epg_weight=1.0),

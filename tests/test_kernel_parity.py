@@ -73,7 +73,7 @@ def test_upstream_scale_and_retain_graph(backend, retain):
 
 def test_sample_weight_is_the_gradient_factor():
     """sample_weight is the per-row factor w with dL/dz = w (p - e_y): checked against autograd of
-    the eager composite for aEPG and for focal (whose factor is derived in method.md)."""
+    the eager composite for aEPG and for focal (whose factor is derived in docs/math.md section 1)."""
     x = logits(16, 10)
     y = index_targets(16, 10)
     for kw in (dict(ce_weight=0.3, epg_weight=0.7), dict(focal_gamma=2.0), dict(focal_gamma=0.5),

@@ -131,7 +131,7 @@ def test_strided_upstream_gradient_and_tensor_coefficients(target_dtype):
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_cpu_kernel_matches_triton(dtype, member, reduction):
     """The two kernel backends implement the same per-row math (csrc/policy_loss_math.h mirrors
-    triton/_row_math.py): equal to rounding, stats included."""
+    backends/triton/_row_math.py): equal to rounding, stats included."""
     n, c = 6, 37
     x = (torch.randn(n, c, dtype=torch.float64) * 2).to(dtype)
     y = index_targets(n, c, ignore_index=-100, device="cpu")

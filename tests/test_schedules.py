@@ -1,4 +1,4 @@
-"""The annealing schedules (method.md section 3) and the AEPGLoss module that reads them."""
+"""The annealing schedules (docs/math.md section 5) and the AEPGLoss module that reads them."""
 import math
 
 import pytest

@@ -6,7 +6,7 @@
 // (forward with gradient) one pass that turns the stored exponentials into the gradient, so each
 // exponential is computed once. Rows are split over threads with at::parallel_for.
 //
-// Throughput (4096 x 1000 fp32 and 8192 x 32000 on an AVX-512 core, bench/cpu_throughput.py):
+// Throughput (4096 x 1000 fp32 and 8192 x 32000 on an AVX-512 core, aepg-bench --suite cpu):
 // every pass runs in whole vectors (the target column's lane is masked out of s_other in the one
 // vector that holds it, a row's partial last vector is masked), the element loops are inlined into
 // one row function per Mode so they test no flag, the next row is prefetched while this one is
@@ -93,7 +93,7 @@ struct Row {
 };
 
 // Class weight w, and q, w q, w q' for probability targets (w for index targets), as
-// triton/_tiles.py load_tile.
+// backends/triton/_tiles.py load_tile.
 template <class V>
 struct ElementTargets {
   V w, q, wq, wq_smooth;

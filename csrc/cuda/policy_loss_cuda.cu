@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kStreamBlock) forward_streamed_kernel(KernelAr
       T m_new = m;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) m_new = z[v] > m_new ? z[v] : m_new;
-      if (m_new > m) {  // the online rescale of method.md section 4
+      if (m_new > m) {  // the online rescale of docs/math.md section 2
         rescale(sums, m, m_new);
         m = m_new;
       }

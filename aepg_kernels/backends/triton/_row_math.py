@@ -1,4 +1,4 @@
-"""Per-row math shared by the Triton forward and backward kernels (method.md sections 2 and 4).
+"""Per-row math shared by the Triton forward and backward kernels (docs/math.md sections 1 and 2).
 
 Every formula of the loss family lives here once for the Triton backend:
   * `tile_sums`: a tile's contribution to the running row statistics,
@@ -51,7 +51,7 @@ def tile_sums(z, e, m_ref, r_ref, cols, y, wq, wq_smooth, q,
 
 @triton.jit
 def merge_sums(m_old, m_new, s, t, s_other, u, pq):
-    """Rescales the running exponential sums from max m_old to m_new (method.md section 4):
+    """Rescales the running exponential sums from max m_old to m_new (docs/math.md section 2):
     S <- e^d S, T <- e^d (T + d S), d = m_old - m_new. Rows that saw only -inf are all zero."""
     seen = m_old != float("-inf")
     d = tl.where(seen, m_old - safe_ref(m_new), 0.0)
@@ -130,7 +130,7 @@ def row_results(m_ref, s, t, s_other, u, pq, zs, r, z_y, w_y, w_total, wq_total,
 def row_grad_coefficients(a, b, beta, eps, n_cols, w_y, w_total, entropy, p_y, logp_y, aux,
                           sample_weight, wq_total, PROB_TARGET: tl.constexpr,
                           ENTROPY_TERM: tl.constexpr):
-    """Per-row coefficients of dL/dz (method.md section 2); aux is 1 - p_y (index targets) or
+    """Per-row coefficients of dL/dz (docs/math.md section 1); aux is 1 - p_y (index targets) or
     sum_k w_k q_k p_k (probability targets), as `row_results` returns it.
 
     index:  G_k = c_p p_k - c_e p_k (log p_k + H) - c_w w_k, and G_y = g_y computed directly

@@ -3,7 +3,7 @@ the row is on chip and the upstream scale is known, the gradient too (1 read + 1
 
 A program owns BLOCK_R rows. ONE_TILE: the whole row is one [BLOCK_R, BLOCK_C] register tile and
 each exponential is computed once, then reused for the gradient. Otherwise the row streams in
-chunks of BLOCK_C with the online statistics of method.md section 4 (statistics only; the
+chunks of BLOCK_C with the online statistics of docs/math.md section 2 (statistics only; the
 backward kernel recomputes the gradient from them).
 """
 import triton
