@@ -65,7 +65,9 @@ class Stat(enum.IntEnum):
 
 
 NUM_SCALARS = len(Scalar)
-_PROB_TARGET, _NEED_ENTROPY, _EPG_ONE_MINUS_CE = int(Flag.PROB_TARGET), int(Flag.NEED_ENTROPY), int(Flag.EPG_ONE_MINUS_CE)
+NUM_STATS = len(Stat)
+_PROB_TARGET, _NEED_ENTROPY = int(Flag.PROB_TARGET), int(Flag.NEED_ENTROPY)
+_EPG_ONE_MINUS_CE = int(Flag.EPG_ONE_MINUS_CE)
 
 
 class _OneMinusCeWeight:
@@ -77,7 +79,6 @@ class _OneMinusCeWeight:
 
 
 ONE_MINUS_CE_WEIGHT = _OneMinusCeWeight()
-NUM_STATS = len(Stat)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -127,10 +128,10 @@ def pack(ce_weight: Coefficient, epg_weight: Coefficient, entropy_weight: float,
          focal_gamma: float, ignore_index: int, reduction: int, prob_target: bool, need_entropy: bool):
     """The op's hyperparameter arguments from validated values (see `LossSpec.pack`), in plain
     ints and floats (enum arithmetic would cost microseconds on every call)."""
-    a_t = None if ce_weight.__class__ is float else ce_weight
+    a_t = ce_weight if isinstance(ce_weight, torch.Tensor) else None
     one_minus = epg_weight is ONE_MINUS_CE_WEIGHT
-    b_t = None if one_minus or epg_weight.__class__ is float else epg_weight
-    scalars = [0.0 if a_t is not None else ce_weight, epg_weight if b_t is None and not one_minus else 0.0,
+    b_t = epg_weight if isinstance(epg_weight, torch.Tensor) else None
+    scalars = [0.0 if a_t is not None else ce_weight, 0.0 if b_t is not None or one_minus else epg_weight,
                entropy_weight, label_smoothing, focal_gamma]  # in the order of Scalar
     flags = int(reduction)
     if one_minus:

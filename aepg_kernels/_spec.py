@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, Flag, Reduction, pack
+from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, Reduction, pack
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)

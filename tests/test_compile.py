@@ -8,7 +8,6 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import aepg_kernels as ak
 from aepg_kernels._contract import Flag, LossSpec, Reduction
-from aepg_kernels.backends import REGISTRY
 from aepg_kernels.backends.triton import op as triton_op
 
 from helpers import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, class_weights, index_targets, logits, loss_and_grad, \

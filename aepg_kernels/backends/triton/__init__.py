@@ -38,7 +38,7 @@ class TritonBackend:
                 f"triton is imported; got a tensor on {device}")
 
     def fits_on_chip(self, n_cols: int) -> bool:
-        return self._launch().fits_on_chip(n_cols)
+        return op.launch_module().fits_on_chip(n_cols)
 
     def loss(self, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags):
         if not flags & Flag.PROB_TARGET:  # the interpreter on CPU tensors: an IndexError, as the cpu backend
@@ -47,18 +47,13 @@ class TritonBackend:
                               self.fits_on_chip)
 
     def forward(self, *call):
-        return self._launch().forward(*call)
+        return op.launch_module().forward(*call)
 
     def backward(self, *args):
-        return self._launch().backward(*args)
+        return op.launch_module().backward(*args)
 
     def scale_(self, grad, grad_loss) -> None:
-        self._launch().scale_(grad, grad_loss)
-
-    @staticmethod
-    def _launch():
-        from . import launch
-        return launch
+        op.launch_module().scale_(grad, grad_loss)
 
 
 TRITON = TritonBackend()

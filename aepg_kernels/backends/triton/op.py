@@ -20,7 +20,8 @@ from ..._contract import NUM_STATS, Flag, Reduction, accumulation_dtype, with_fl
 _NUM_CALL_ARGS = 8  # logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags
 
 
-def _launch():
+def launch_module():
+    """The host side (launch.py), imported on first use: importing it imports triton."""
     from . import launch
     return launch
 
@@ -36,7 +37,7 @@ def _tracing() -> bool:
 def _forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight_t: Optional[Tensor],
              epg_weight_t: Optional[Tensor], scalars: List[float], ignore_index: int, flags: int
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _launch().forward(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags)
+    return launch_module().forward(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags)
 
 
 triton_forward = torch.library.custom_op("aepg::triton_forward", _forward, mutates_args=())
@@ -55,7 +56,7 @@ def _(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, 
 def _backward_kernel(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
                      ce_weight_t: Optional[Tensor], epg_weight_t: Optional[Tensor], scalars: List[float],
                      ignore_index: int, flags: int, stats: Tensor, denom: Tensor) -> Tensor:
-    return _launch().backward(grad_loss, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index,
+    return launch_module().backward(grad_loss, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index,
                               flags, stats, denom)
 
 
@@ -95,7 +96,7 @@ def _backward(ctx, grad_loss, _grad_stats, _grad_grad, _grad_denom):
     if ctx.fused:
         (grad,) = ctx.saved_tensors
         if _scale_in_place_ok(tracing):
-            _launch().scale_(grad, grad_loss)
+            launch_module().scale_(grad, grad_loss)
         else:
             grad = grad * grad_loss.to(grad.dtype)
     else:
