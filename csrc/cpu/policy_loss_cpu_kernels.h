@@ -128,16 +128,15 @@ inline T row_max(const T* z, int64_t n) {
     l3 = at::vec::maximum(l3, Vec::loadu(z + k + 3 * W));
   }
   for (; k + W <= n; k += W) l0 = at::vec::maximum(l0, Vec::loadu(z + k));
-  T m = neg_inf;
-  for (; k < n; ++k) m = std::max(m, z[k]);
-  // A lane that saw a NaN is NaN and is skipped, as a lane's values are: a tree, not a chain of
-  // 4 W dependent maxima.
-  __at_align__ T v[W];
-  at::vec::maximum(at::vec::maximum(l0, l1), at::vec::maximum(l2, l3)).store(v);
-  for (int64_t w = W / 2; w >= 1; w /= 2) {
-    for (int64_t j = 0; j < w; ++j) v[j] = (v[j + w] > v[j] || v[j] != v[j]) ? v[j + w] : v[j];
+  if (k < n) {  // the partial last vector, its lanes past the row at -inf
+    const Vec lane = Vec::arange(T(0), 1);
+    l1 = at::vec::maximum(l1, Vec::blendv(Vec(neg_inf), Vec::loadu(z + k, n - k), lane < Vec(T(n - k))));
   }
-  return std::max(m, v[0]);
+  // A lane that saw a NaN is NaN and is skipped (-inf), then a shuffle tree: no branch on the data,
+  // which would mispredict at every level for random logits.
+  const Vec l = at::vec::maximum(at::vec::maximum(l0, l1), at::vec::maximum(l2, l3));
+  const Vec lanes = Vec::blendv(l, Vec(neg_inf), l != l);
+  return at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, lanes);
 }
 
 // Visits a row of n columns in whole vectors: full(k, j) for each full vector at column k (j = 0, 1
