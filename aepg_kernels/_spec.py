@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, Reduction, pack
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-INDEX_DTYPES = (torch.int64, torch.int32)
+FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+INDEX_DTYPES = frozenset((torch.int64, torch.int32))
 _REDUCTIONS = {"none": Reduction.NONE, "mean": Reduction.MEAN, "sum": Reduction.SUM}
 
 
@@ -37,16 +37,22 @@ def check_real_number(name: str, value, *, low=-math.inf, high=math.inf) -> floa
     return value
 
 
-def _check_coefficient(name: str, value, device: torch.device) -> Coefficient:
+def check_coefficient(name: str, value) -> Coefficient:
+    """A CE or EPG weight: a finite real number or a floating 0-d tensor (detached); its device is
+    checked against the input's by `check_coefficient_devices`."""
     if value.__class__ is float or not isinstance(value, Tensor):
         return check_real_number(name, value)
     if value.dim() != 0:
         raise ValueError(f"{name} must be a float or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-    if value.device != device:
-        raise ValueError(f"{name} must be on the input's device ({device}), got {value.device}")
     return value.detach() if value.requires_grad else value
+
+
+def check_coefficient_devices(ce_weight, epg_weight, device: torch.device) -> None:
+    for name, value in (("ce_weight", ce_weight), ("epg_weight", epg_weight)):
+        if isinstance(value, Tensor) and value.device != device:
+            raise ValueError(f"{name} must be on the input's device ({device}), got {value.device}")
 
 
 def _check_reduction(reduction) -> Reduction:
@@ -92,16 +98,15 @@ def _check_target(input: Tensor, target, device: torch.device) -> bool:
     return True
 
 
-def _check_weight(weight, input: Tensor) -> Optional[Tensor]:
+def _check_weight(weight, n_classes: int, device: torch.device) -> Optional[Tensor]:
     if weight is None:
         return None
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a 1-d tensor of per-class weights or None, got {type(weight).__name__}")
-    n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
     if weight.dim() != 1 or weight.shape[0] != n_classes:
         raise ValueError(f"weight must be a 1-d tensor of length C={n_classes}, got shape {tuple(weight.shape)}")
-    if weight.device != input.device:
-        raise ValueError(f"weight must be on the input's device ({input.device}), got {weight.device}")
+    if weight.device != device:
+        raise ValueError(f"weight must be on the input's device ({device}), got {weight.device}")
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
     if weight.requires_grad and torch.is_grad_enabled():
@@ -137,13 +142,32 @@ def check_options(entropy_weight, label_smoothing, focal_gamma, ignore_index, re
             check_real_number("focal_gamma", focal_gamma, low=0.0), ignore_index, int(_check_reduction(reduction)))
 
 
-def _check_coefficients(ce_weight, epg_weight, device: torch.device):
+def check_coefficients(ce_weight, epg_weight) -> Tuple[Coefficient, Coefficient]:
+    """The CE and EPG weights, checked (see `check_coefficient`); epg_weight may be
+    ONE_MINUS_CE_WEIGHT with a tensor ce_weight."""
     if ce_weight.__class__ is float and epg_weight.__class__ is float and math.isfinite(ce_weight + epg_weight):
         return ce_weight, epg_weight  # the common case in one test (the sum of two finite floats is finite)
-    a = _check_coefficient("ce_weight", ce_weight, device)
+    a = check_coefficient("ce_weight", ce_weight)
     if epg_weight is ONE_MINUS_CE_WEIGHT and isinstance(a, Tensor):
         return a, epg_weight
-    return a, _check_coefficient("epg_weight", epg_weight, device)
+    return a, check_coefficient("epg_weight", epg_weight)
+
+
+def _check_coefficients(ce_weight, epg_weight, device: torch.device):
+    a, b = check_coefficients(ce_weight, epg_weight)
+    if a.__class__ is not float or b.__class__ is not float:
+        check_coefficient_devices(a, b, device)
+    return a, b
+
+
+def is_plain_call(input, target) -> bool:
+    """Whether a call is the common one: (N, C) float logits with C >= 1 and (N,) class indices
+    on the same device (checked without building a Size)."""
+    if (input.__class__ is not Tensor or target.__class__ is not Tensor or input.dtype not in FLOAT_DTYPES
+            or target.dtype not in INDEX_DTYPES):
+        return False
+    shape = input.shape
+    return len(shape) == 2 and shape[1] > 0 and target.shape == shape[:1] and target.device == input.device
 
 
 def prepare(input, target, weight, ce_weight, epg_weight, options: Options,
@@ -151,12 +175,9 @@ def prepare(input, target, weight, ce_weight, epg_weight, options: Options,
     """Validates the tensors and coefficients of a call and packs it with validated `options`
     (see the module docstring). Returns the call and the shape of a per-row result (None when
     the input is (N, C) already)."""
-    if (weight is None and input.__class__ is Tensor and target.__class__ is Tensor and input.dtype in FLOAT_DTYPES
-            and target.dtype in INDEX_DTYPES):
-        shape, device = input.shape, input.device  # the common case: (N, C) logits, (N,) class indices
-        if len(shape) == 2 and shape[1] and target.shape == shape[:1] and target.device == device:
-            a, b = _check_coefficients(ce_weight, epg_weight, device)
-            return (input, target, None, *pack(a, b, *options, False, need_entropy)), None
+    if weight is None and is_plain_call(input, target):
+        a, b = _check_coefficients(ce_weight, epg_weight, input.device)
+        return (input, target, None, *pack(a, b, *options, False, need_entropy)), None
     return _prepare_checked(input, target, weight, ce_weight, epg_weight, options, need_entropy)
 
 
@@ -164,7 +185,7 @@ def _prepare_checked(input, target, weight, ce_weight, epg_weight, options, need
     _check_input(input)
     device = input.device
     prob_target = _check_target(input, target, device)
-    weight = _check_weight(weight, input)
+    weight = _check_weight(weight, input.shape[1] if input.dim() >= 2 else input.shape[0], device)
     a, b = _check_coefficients(ce_weight, epg_weight, device)
     if prob_target and options[2] > 0:
         raise ValueError("focal_gamma > 0 is defined for class-index targets only, got class-probability targets")
@@ -177,6 +198,67 @@ def _prepare_checked(input, target, weight, ce_weight, epg_weight, options, need
         raise ValueError("input must have at least one class (C >= 1), got C=0")
     input, target, row_shape = _rows(input, target, prob_target)
     return (input, target, weight, *call), row_shape
+
+
+def _check_linear_operands(input, linear_weight, linear_bias) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor of hidden states (..., H), got {type(input).__name__}")
+    if input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError("input must have shape (..., H), got a 0-d tensor")
+    if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
+        shape = tuple(linear_weight.shape) if isinstance(linear_weight, Tensor) else type(linear_weight).__name__
+        raise ValueError(f"linear_weight must be a 2-d tensor (V, H), got {shape}")
+    if linear_weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"linear_weight must be (V, H) with H = input.shape[-1] = {input.shape[-1]}, got "
+                         f"{tuple(linear_weight.shape)}")
+    if linear_weight.shape[0] == 0:
+        raise ValueError("linear_weight must have at least one class (V >= 1), got V=0")
+    for name, other in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if other is None:
+            continue
+        if not isinstance(other, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(other).__name__}")
+        if other.dtype != input.dtype:  # as F.linear
+            raise TypeError(f"{name} must have the input's dtype ({input.dtype}), got {other.dtype}")
+        if other.device != input.device:
+            raise ValueError(f"{name} must be on the input's device ({input.device}), got {other.device}")
+    if linear_bias is not None and tuple(linear_bias.shape) != (linear_weight.shape[0],):
+        raise ValueError(f"linear_bias must have shape (V,) = ({linear_weight.shape[0]},), got "
+                         f"{tuple(linear_bias.shape)}")
+
+
+def check_chunk_size(chunk_size) -> Optional[int]:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    return chunk_size
+
+
+def prepare_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options: Options,
+                   need_entropy: bool):
+    """Validates a call of the linear op (see the module docstring) and returns its rows: input
+    (N, H), target (N,), the class weights, the packed hyperparameters (ce_weight_t, epg_weight_t,
+    scalars, ignore_index, flags) and the shape of a per-row result."""
+    _check_linear_operands(input, linear_weight, linear_bias)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
+    if target.dtype not in INDEX_DTYPES:
+        raise TypeError(f"target must hold int64/int32 class indices, got {target.dtype}")
+    if target.shape != input.shape[:-1]:
+        raise ValueError(f"target must have shape input.shape[:-1] = {tuple(input.shape[:-1])}, got "
+                         f"{tuple(target.shape)}")
+    if target.device != input.device:
+        raise ValueError(f"target must be on the input's device ({input.device}), got {target.device}")
+    hidden, n_classes = input.shape[-1], linear_weight.shape[0]
+    weight = _check_weight(weight, n_classes, input.device)
+    a, b = _check_coefficients(ce_weight, epg_weight, input.device)
+    packed = pack(a, b, *options, False, need_entropy)
+    return input.reshape(-1, hidden), target.reshape(-1), weight, packed, target.shape
 
 
 def widen_targets(target: Tensor, ignore_index: int) -> Tensor:
@@ -205,5 +287,6 @@ def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> Non
                          f"(and is not ignore_index={ignore_index})")
 
 
-__all__ = ["Call", "Options", "check_options", "check_real_number", "check_target_range", "prepare",
+__all__ = ["Call", "Options", "check_coefficient", "check_coefficient_devices", "check_coefficients", "check_options",
+           "check_chunk_size", "check_real_number", "check_target_range", "is_plain_call", "prepare", "prepare_linear",
            "widen_targets"]

@@ -274,3 +274,29 @@ def test_module_checks_options_assigned_after_a_call():
     assert criterion.label_smoothing == 0.0  # the refused value was not kept
     criterion.reduction = "sum"
     torch.testing.assert_close(criterion(x, y), torch.nn.functional.cross_entropy(x, y, reduction="sum"))
+
+
+def test_module_follows_coefficients_assigned_after_a_call():
+    """The module packs its hyperparameters once and again when a coefficient changes: a new
+    float, a bad value (refused at the assignment, the module unchanged), a tensor updated in place."""
+    x, y = _x(), _y()
+    criterion = ak.PolicyLoss()
+    criterion(x, y)
+    criterion.ce_weight, criterion.epg_weight = 0.25, 0.75
+    torch.testing.assert_close(criterion(x, y), ak.aepg_loss(x, y, 0.25, backend="eager"))
+    with pytest.raises(ValueError, match="epg_weight"):
+        criterion.epg_weight = float("nan")
+    with pytest.raises(ValueError, match="ce_weight"):
+        criterion.ce_weight = torch.ones(2)
+    assert (criterion.ce_weight, criterion.epg_weight) == (0.25, 0.75)
+    alpha = torch.tensor(0.5)
+    criterion.ce_weight, criterion.epg_weight = alpha, 1.0
+    criterion(x, y)
+    alpha.fill_(0.1)
+    torch.testing.assert_close(criterion(x, y), ak.policy_loss(x, y, ce_weight=0.1, epg_weight=1.0, backend="eager"))
+
+
+def test_module_refuses_a_coefficient_on_another_device():
+    criterion = ak.PolicyLoss(ce_weight=torch.tensor(0.5, device="meta"))
+    with pytest.raises(ValueError, match=r"ce_weight must be on the input's device"):
+        criterion(_x(), _y())

@@ -43,11 +43,10 @@ def available_backends() -> Tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _resolve(backend: str, device_type: str) -> Backend:
-    device = torch.device(device_type)
+def _resolve(backend: str, device: torch.device) -> Backend:
     if backend == "auto":
         for b in REGISTRY.values():
-            if (b.auto_devices is None or device_type in b.auto_devices) and b.unavailable() is None:
+            if (b.auto_devices is None or device.type in b.auto_devices) and b.unavailable() is None:
                 return b
     b = REGISTRY[check_backend(backend)]
     reason = b.device_error(device)
@@ -61,14 +60,14 @@ def _resolve(backend: str, device_type: str) -> Backend:
 
 def resolve(backend: str, device: torch.device) -> Backend:
     """The backend that runs tensors on `device`, or a clear error why `backend` cannot. Cached
-    per (name, device type): what is built and installed does not change in a process (tests that
+    per (name, device): what is built and installed does not change in a process (tests that
     pretend otherwise call `resolve.cache_clear()`)."""
     if type(backend) is not str:
         check_backend(backend)
     if torch.compiler.is_compiling():  # traced once per graph (Dynamo warns about lru_cache)
-        b = _resolve.__wrapped__(backend, device.type)
+        b = _resolve.__wrapped__(backend, device)
         return b.traced() if hasattr(b, "traced") else b
-    return _resolve(backend, device.type)
+    return _resolve(backend, device)
 
 
 resolve.cache_clear = _resolve.cache_clear
