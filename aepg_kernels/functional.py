@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import torch
 from torch import Tensor
 
+from . import _linear
 from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, Stat
-from ._spec import Options, check_options, prepare
-from .backends import resolve
+from ._spec import Options, check_chunk_size, check_options, check_target_range, prepare, prepare_linear
+from .backends import KernelBackend, resolve
 
 
 class LossStats(NamedTuple):
@@ -56,6 +58,10 @@ def run(input: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight, epg_
     """`policy_loss` with its options validated already (the modules keep theirs)."""
     call, row_shape = prepare(input, target, weight, ce_weight, epg_weight, options, return_stats)
     loss, stats = resolve(backend, input.device).loss(*call)
+    return _with_stats(loss, stats, return_stats, row_shape)
+
+
+def _with_stats(loss: Tensor, stats: Tensor, return_stats: bool, row_shape: Optional[torch.Size]):
     if row_shape is not None and loss.dim():
         loss = loss.reshape(row_shape)
     if not return_stats:
@@ -63,6 +69,67 @@ def run(input: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight, epg_
     if row_shape is None:
         return loss, LossStats(*(stats[key] for key in _STAT_ROWS))
     return loss, LossStats(*(stats[key].reshape(row_shape) for key in _STAT_ROWS))
+
+
+def linear_policy_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
+                       ce_weight: Coefficient = 1.0, epg_weight: Coefficient = 0.0, entropy_weight: float = 0.0,
+                       label_smoothing: float = 0.0, focal_gamma: float = 0.0, weight: Optional[Tensor] = None,
+                       ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
+                       backend: str = "auto", return_stats: bool = False):
+    """``policy_loss(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits:
+    they are computed chunk by chunk (docs/math.md section 6), so an LM head over 32k-256k tokens
+    costs a few chunks of memory, not (N, V).
+
+    Args:
+        input: hidden states (..., H).
+        linear_weight: (V, H), the parameter itself (tied embeddings get their gradient).
+        target: class indices of shape input.shape[:-1].
+        linear_bias: (V,) or None.
+        chunk_size: rows per chunk; by default the fp32 logits of a chunk are about 16 MiB or the
+            input's size, whichever is larger. Results do not depend on it beyond rounding.
+        backend: the row kernels ("auto", "cpu", "cuda", "triton"); "eager" materialises the logits
+            (the reference).
+        The other arguments are ``policy_loss``'s, with the loss per row shaped like the target.
+    """
+    options = check_options(entropy_weight, label_smoothing, focal_gamma, ignore_index, reduction)
+    return run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options,
+                      check_chunk_size(chunk_size), backend, return_stats)
+
+
+def run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options: Options,
+               chunk_size: Optional[int], backend: str, return_stats: bool):
+    """`linear_policy_loss` with its options validated already (the module keeps them)."""
+    x, y, weight, packed, row_shape = prepare_linear(input, linear_weight, linear_bias, target, weight, ce_weight,
+                                                     epg_weight, options, return_stats)
+    kernels = resolve(backend, input.device)
+    if not isinstance(kernels, KernelBackend):  # the reference: the logits, materialised
+        logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
+        loss, stats = kernels.loss(logits, y, weight, *packed)
+        return _with_stats(loss, stats, return_stats, row_shape)
+    check_target_range(y, linear_weight.shape[0], packed[3])
+    if chunk_size is None:
+        chunk_size = _linear.default_chunk_rows(x.shape[0], linear_weight.shape[0], x.shape[1],
+                                                torch.finfo(_linear.compute_dtype(x)).bits // 8)
+    needs = _linear.needs_of(x, linear_weight, linear_bias, compact=not return_stats)
+    loss, stats, *_ = torch.ops.aepg.linear_forward(x, linear_weight, linear_bias, y, weight, *packed, chunk_size,
+                                                    needs, kernels.name)
+    return _with_stats(loss, stats, return_stats, row_shape)
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, **kwargs):
+    """Cross-entropy of a linear layer's logits, never materialised: ``F.linear_cross_entropy``."""
+    return linear_policy_loss(input, linear_weight, target, ce_weight=1.0, epg_weight=0.0, **kwargs)
+
+
+def linear_epg_loss(input: Tensor, linear_weight: Tensor, target: Tensor, **kwargs):
+    """EPG (1 - p_y) of a linear layer's logits; its gradient is DFT's."""
+    return linear_policy_loss(input, linear_weight, target, ce_weight=0.0, epg_weight=1.0, **kwargs)
+
+
+def linear_aepg_loss(input: Tensor, linear_weight: Tensor, target: Tensor, alpha: Coefficient, **kwargs):
+    """aEPG (alpha CE + (1 - alpha) EPG) of a linear layer's logits; alpha a float or a 0-d tensor."""
+    ce_weight, epg_weight = aepg_coefficients(alpha)
+    return linear_policy_loss(input, linear_weight, target, ce_weight=ce_weight, epg_weight=epg_weight, **kwargs)
 
 
 def cross_entropy(input: Tensor, target: Tensor, **kwargs):

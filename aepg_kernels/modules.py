@@ -10,7 +10,8 @@ from torch.nn import _reduction
 from ._contract import pack
 from ._spec import check_coefficient_devices, check_coefficients, check_options, is_plain_call
 from .backends import resolve
-from .functional import aepg_coefficients, run
+from ._spec import check_chunk_size
+from .functional import aepg_coefficients, run, run_linear
 from .schedules import AlphaSchedule
 
 
@@ -112,3 +113,25 @@ class AEPGLoss(PolicyLoss):
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule!r}, " + super().extra_repr()
+
+
+class LinearPolicyLoss(PolicyLoss):
+    """``linear_policy_loss`` as a criterion: called with the hidden states, the output layer's
+    weight (and bias) and the targets, so that the head stays the model's own parameter (tied
+    embeddings, optimizers and sharding see it as usual). Options as ``PolicyLoss``, plus
+    `chunk_size`."""
+
+    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, *, chunk_size: Optional[int] = None, **kwargs):
+        super().__init__(weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                         **kwargs)
+        self.chunk_size = check_chunk_size(chunk_size)
+
+    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor] = None,
+                return_stats: bool = False):
+        ce_weight, epg_weight = self._coefficients()
+        return run_linear(input, linear_weight, linear_bias, target, self.weight, ce_weight, epg_weight,
+                          self._options, check_chunk_size(self.chunk_size), self.backend, return_stats)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", chunk_size={self.chunk_size}"

@@ -4,6 +4,8 @@
 //                         eager call, its autograd node and its backward never enter Python;
 //   aepg::native_forward  loss, stats, fused gradient and "mean" denominator (CPU, CUDA, Meta);
 //   aepg::native_backward the gradient recomputed from the saved stats (CPU, CUDA, Meta);
+//   aepg::native_forward_out / native_backward_out: the same into a gradient buffer the caller
+//                         reuses (the chunks of the linear op, aepg_kernels/_linear.py);
 //   aepg::native_scale_   grad *= grad_loss in place, skipped when grad_loss == 1.
 //
 // Every operator takes the call of aepg_kernels/_contract.py (csrc/contract.h): the tensors, then
@@ -228,22 +230,57 @@ Tensor cuda_forward(KernelArgs& args, const Tensor& target, const std::optional<
   return (reduction == kReductionMean ? total / denom : total).to(args.dtype);
 }
 
-Forward native_forward(AEPG_CALL_PARAMS) {
+// The forward into `grad` (defined: the gradient is written there; undefined: not written).
+Forward run_forward(AEPG_CALL_PARAMS, Tensor grad) {
   std::vector<Tensor> keep;
   KernelArgs args = unpack(AEPG_CALL_ARGS, keep);
-  const bool write_grad = flags & kWriteGrad;
-  TORCH_CHECK(!write_grad || fuses_grad(logits, flags), "aepg: the fused gradient needs a reduced loss and, on ",
-              "CUDA, a row on chip (C <= ", cuda::kMaxOnChipCols, "), got C=", args.n_cols);
   const auto acc = logits.options().dtype(accumulation_dtype(logits.scalar_type()));
   Tensor stats = new_empty({kNumStats, args.n_rows}, acc);
-  Tensor grad = with_huge_pages(new_empty(
-      write_grad ? at::IntArrayRef{args.n_rows, args.n_cols} : at::IntArrayRef{0}, logits.options()));
   Tensor denom = new_empty({}, acc);
   args.stats = stats.data_ptr();
-  args.grad = write_grad ? grad.data_ptr() : nullptr;
+  args.grad = grad.defined() ? grad.data_ptr() : nullptr;
   Tensor loss = logits.is_cuda() ? cuda_forward(args, target, weight, ignore_index, denom, reduction_of(flags))
                                  : cpu_forward(args, denom, reduction_of(flags), logits.options());
-  return {loss, stats, grad, denom};
+  return {loss, stats, grad.defined() ? grad : new_empty({0}, logits.options()), denom};
+}
+
+void check_fused_grad(const Tensor& logits, int64_t flags) {
+  TORCH_CHECK(fuses_grad(logits, flags), "aepg: the fused gradient needs a reduced loss and, on CUDA, a row on ",
+              "chip (C <= ", cuda::kMaxOnChipCols, "), got C=", logits.size(-1));
+}
+
+// A gradient buffer the caller passes: the logits' shape, dtype and device, contiguous.
+void check_grad_out(const Tensor& grad, const Tensor& logits) {
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
+                  grad.device() == logits.device() && grad.is_contiguous(),
+              "aepg: grad must be a contiguous tensor of the logits' shape, dtype and device, got ", grad.sizes(),
+              " ", grad.scalar_type(), " on ", grad.device());
+}
+
+Forward native_forward(AEPG_CALL_PARAMS) {
+  check_call(logits, target, scalars, flags);
+  const bool write_grad = flags & kWriteGrad;
+  if (write_grad) check_fused_grad(logits, flags);
+  Tensor grad;
+  if (write_grad) grad = with_huge_pages(new_empty({logits.size(0), logits.size(1)}, logits.options()));
+  return run_forward(AEPG_CALL_ARGS, grad);
+}
+
+// The forward writing the gradient into a buffer the caller reuses (the chunks of the linear op).
+std::tuple<Tensor, Tensor, Tensor> native_forward_out(Tensor& grad, AEPG_CALL_PARAMS) {
+  check_fused_grad(logits, flags);
+  check_grad_out(grad, logits);
+  auto [loss, stats, unused, denom] = run_forward(logits, target, weight, ce_weight_t, epg_weight_t, scalars,
+                                                  ignore_index, flags | kWriteGrad, grad);
+  return {loss, stats, denom};
+}
+
+std::tuple<Tensor, Tensor, Tensor> native_forward_out_meta(Tensor& grad, AEPG_CALL_PARAMS) {
+  check_call(logits, target, scalars, flags);
+  const auto acc = logits.options().dtype(accumulation_dtype(logits.scalar_type()));
+  const bool reduced = reduction_of(flags) != kReductionNone;
+  return {reduced ? at::empty({}, logits.options()) : at::empty({logits.size(0)}, logits.options()),
+          at::empty({kNumStats, logits.size(0)}, acc), at::empty({}, acc)};
 }
 
 Forward native_forward_meta(AEPG_CALL_PARAMS) {
@@ -257,11 +294,10 @@ Forward native_forward_meta(AEPG_CALL_PARAMS) {
           at::empty({}, acc)};
 }
 
-Tensor native_backward(const Tensor& grad_loss, AEPG_CALL_PARAMS, const Tensor& stats, const Tensor& denom) {
+void run_backward(Tensor& grad, const Tensor& grad_loss, AEPG_CALL_PARAMS, const Tensor& stats, const Tensor& denom) {
   std::vector<Tensor> keep;
   KernelArgs args = unpack(AEPG_CALL_ARGS, keep);
-  Tensor grad = with_huge_pages(new_empty({args.n_rows, args.n_cols}, logits.options()));
-  if (args.n_rows == 0) return grad;
+  if (args.n_rows == 0) return;
   TORCH_CHECK(grad_loss.dim() == 0 || (grad_loss.dim() == 1 && grad_loss.size(0) == args.n_rows),
               "aepg: grad_loss must be 0-d or (rows,)");
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kNumStats && stats.size(1) == args.n_rows,
@@ -283,8 +319,22 @@ Tensor native_backward(const Tensor& grad_loss, AEPG_CALL_PARAMS, const Tensor& 
   } else {
     cpu::backward(args);
   }
+}
+
+Tensor native_backward(const Tensor& grad_loss, AEPG_CALL_PARAMS, const Tensor& stats, const Tensor& denom) {
+  Tensor grad = with_huge_pages(new_empty({logits.size(0), logits.size(1)}, logits.options()));
+  run_backward(grad, grad_loss, AEPG_CALL_ARGS, stats, denom);
   return grad;
 }
+
+void native_backward_out(Tensor& grad, const Tensor& grad_loss, AEPG_CALL_PARAMS, const Tensor& stats,
+                         const Tensor& denom) {
+  check_grad_out(grad, logits);
+  run_backward(grad, grad_loss, AEPG_CALL_ARGS, stats, denom);
+}
+
+void native_backward_out_meta(Tensor& grad, const Tensor& grad_loss, AEPG_CALL_PARAMS, const Tensor& stats,
+                              const Tensor& denom) {}
 
 Tensor native_backward_meta(const Tensor& grad_loss, AEPG_CALL_PARAMS, const Tensor& stats, const Tensor& denom) {
   return at::empty(logits.sizes(), logits.options());
@@ -417,6 +467,9 @@ TORCH_LIBRARY_FRAGMENT(aepg, m) {
   m.def("policy_loss(" AEPG_CALL_SCHEMA ") -> (Tensor loss, Tensor stats)");
   m.def("native_forward(" AEPG_CALL_SCHEMA ") -> (Tensor loss, Tensor stats, Tensor grad, Tensor denom)");
   m.def("native_backward(Tensor grad_loss, " AEPG_CALL_SCHEMA ", Tensor stats, Tensor denom) -> Tensor");
+  m.def("native_forward_out(Tensor(a!) grad, " AEPG_CALL_SCHEMA ") -> (Tensor loss, Tensor stats, Tensor denom)");
+  m.def("native_backward_out(Tensor(a!) grad, Tensor grad_loss, " AEPG_CALL_SCHEMA
+        ", Tensor stats, Tensor denom) -> ()");
   m.def("native_scale_(Tensor(a!) grad, Tensor grad_loss) -> ()");
 }
 
@@ -426,6 +479,8 @@ TORCH_LIBRARY_IMPL(aepg, CompositeExplicitAutograd, m) { m.impl("policy_loss", &
 TORCH_LIBRARY_IMPL(aepg, CPU, m) {
   m.impl("native_forward", &native_forward);
   m.impl("native_backward", &native_backward);
+  m.impl("native_forward_out", &native_forward_out);
+  m.impl("native_backward_out", &native_backward_out);
   m.impl("native_scale_", &native_scale_);
 }
 
@@ -433,6 +488,8 @@ TORCH_LIBRARY_IMPL(aepg, CPU, m) {
 TORCH_LIBRARY_IMPL(aepg, CUDA, m) {
   m.impl("native_forward", &native_forward);
   m.impl("native_backward", &native_backward);
+  m.impl("native_forward_out", &native_forward_out);
+  m.impl("native_backward_out", &native_backward_out);
   m.impl("native_scale_", &native_scale_);
 }
 #endif
@@ -440,6 +497,8 @@ TORCH_LIBRARY_IMPL(aepg, CUDA, m) {
 TORCH_LIBRARY_IMPL(aepg, Meta, m) {
   m.impl("native_forward", &native_forward_meta);
   m.impl("native_backward", &native_backward_meta);
+  m.impl("native_forward_out", &native_forward_out_meta);
+  m.impl("native_backward_out", &native_backward_out_meta);
   m.impl("native_scale_", &native_scale_meta);
 }
 

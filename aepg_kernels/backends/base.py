@@ -44,13 +44,15 @@ class KernelBackend(Backend, Protocol):
 
     def forward(self, logits: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight_t: Optional[Tensor],
                 epg_weight_t: Optional[Tensor], scalars: List[float], ignore_index: int,
-                flags: int) -> ForwardOutputs:
-        """The contract's forward: (loss, stats, grad, denominator), no autograd."""
+                flags: int, out: Optional[Tensor] = None) -> ForwardOutputs:
+        """The contract's forward: (loss, stats, grad, denominator), no autograd; with WRITE_GRAD
+        the gradient goes into `out` when given (a contiguous tensor like the logits)."""
 
     def backward(self, grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
                  ce_weight_t: Optional[Tensor], epg_weight_t: Optional[Tensor], scalars: List[float],
-                 ignore_index: int, flags: int, stats: Tensor, denom: Tensor) -> Tensor:
-        """dL/dlogits recomputed from the saved stats; grad_loss 0-d or (R,)."""
+                 ignore_index: int, flags: int, stats: Tensor, denom: Tensor,
+                 out: Optional[Tensor] = None) -> Tensor:
+        """dL/dlogits recomputed from the saved stats (into `out` when given); grad_loss 0-d or (R,)."""
 
     def scale_(self, grad: Tensor, grad_loss: Tensor) -> None:
         """grad *= grad_loss (0-d) in place, skipped when grad_loss == 1 (decided on the device)."""

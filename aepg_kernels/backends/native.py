@@ -78,14 +78,20 @@ class NativeBackend:
     def fits_on_chip(self, n_cols: int) -> bool:
         return self.max_on_chip_cols is None or n_cols <= self.max_on_chip_cols
 
-    def forward(self, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags):
-        return torch.ops.aepg.native_forward.default(logits, target, weight, ce_weight_t, epg_weight_t, scalars,
-                                                     ignore_index, flags)
+    def forward(self, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags, out=None):
+        call = (logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags)
+        if out is None:
+            return torch.ops.aepg.native_forward.default(*call)
+        loss, stats, denom = torch.ops.aepg.native_forward_out.default(out, *call)
+        return loss, stats, out, denom
 
     def backward(self, grad_loss, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags,
-                 stats, denom):
-        return torch.ops.aepg.native_backward.default(grad_loss, logits, target, weight, ce_weight_t, epg_weight_t,
-                                                      scalars, ignore_index, flags, stats, denom)
+                 stats, denom, out=None):
+        call = (logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags)
+        if out is None:
+            return torch.ops.aepg.native_backward.default(grad_loss, *call, stats, denom)
+        torch.ops.aepg.native_backward_out.default(out, grad_loss, *call, stats, denom)
+        return out
 
     def scale_(self, grad, grad_loss) -> None:
         torch.ops.aepg.native_scale_.default(grad, grad_loss)

@@ -46,11 +46,11 @@ class TritonBackend:
         return op.policy_loss(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags,
                               self.fits_on_chip)
 
-    def forward(self, *call):
-        return op.launch_module().forward(*call)
+    def forward(self, *call, out=None):
+        return op.launch_module().forward(*call, out=out)
 
-    def backward(self, *args):
-        return op.launch_module().backward(*args)
+    def backward(self, *args, out=None):
+        return op.launch_module().backward(*args, out=out)
 
     def scale_(self, grad, grad_loss) -> None:
         op.launch_module().scale_(grad, grad_loss)

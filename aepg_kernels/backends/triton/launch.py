@@ -106,9 +106,10 @@ def _reduce(row_loss, denom, spec: LossSpec, dtype: torch.dtype):
     return loss
 
 
-def forward(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags):
+def forward(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags, out=None):
     """The contract's forward (aepg_kernels/_contract.py): (loss, stats, grad, denominator), the
-    gradient of the reduced loss for an upstream gradient of 1 when flags has WRITE_GRAD."""
+    gradient of the reduced loss for an upstream gradient of 1 when flags has WRITE_GRAD (into
+    `out`, a contiguous tensor like the logits, when given)."""
     spec = LossSpec.unpack(ce_weight_t, epg_weight_t, scalars, ignore_index, flags)
     write_grad = bool(flags & Flag.WRITE_GRAD)
     logits, target, weight = _rows(logits, target, weight, spec)
@@ -116,7 +117,7 @@ def forward(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_i
     acc = accumulation_dtype(logits.dtype)
     row_loss = torch.empty(n_rows, dtype=acc, device=logits.device)
     stats = torch.empty(NUM_STATS, n_rows, dtype=acc, device=logits.device)
-    grad = torch.empty((n_rows, n_cols) if write_grad else (0,), dtype=logits.dtype, device=logits.device)
+    grad = _grad_buffer(out, logits) if write_grad else logits.new_empty((0,))
     if write_grad and (spec.reduction == Reduction.NONE or not fits_on_chip(n_cols)):
         raise ValueError(f"the fused gradient needs a reduced loss and a row on chip, got C={n_cols}")
     denom = _denominator(target, weight, spec, n_cols, acc)
@@ -132,13 +133,23 @@ def forward(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_i
     return _reduce(row_loss, denom, spec, logits.dtype), stats, grad, denom
 
 
+def _grad_buffer(out, logits):
+    if out is None:
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous tensor like the logits {tuple(logits.shape)} {logits.dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    return out
+
+
 def backward(grad_loss, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags, stats,
-             denom):
-    """dL/dlogits from the saved stats; grad_loss is 0-d ("mean"/"sum") or (R,) ("none")."""
+             denom, out=None):
+    """dL/dlogits from the saved stats (into `out` when given); grad_loss is 0-d ("mean"/"sum")
+    or (R,) ("none")."""
     spec = LossSpec.unpack(ce_weight_t, epg_weight_t, scalars, ignore_index, flags)
     logits, target, weight = _rows(logits, target, weight, spec)
     n_rows, n_cols = logits.shape
-    grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
+    grad = _grad_buffer(out, logits)
     if n_rows == 0:
         return grad
     block_r, block_c, num_warps = _tiling(n_rows, n_cols)

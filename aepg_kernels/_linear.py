@@ -1,0 +1,314 @@
+"""The fused linear + policy loss as custom ops: the logits `input @ linear_weight^T + linear_bias`
+chunk by chunk, through a kernel backend's row op, never the whole (N, V) (docs/math.md section 6).
+
+- `aepg::linear_forward` runs the chunk loop. For a reduced loss (every row's upstream scale is
+  then known) it also returns the gradients with respect to the input, the weight and the bias,
+  for an upstream gradient of 1; backward only scales them.
+- `aepg::linear_backward` recomputes the chunks for reduction="none" (a per-row upstream gradient).
+
+Per chunk: logits into one reused workspace; the row op's forward (writing the logits gradient
+where the backend keeps the row on chip, else its recompute backward on the same workspace);
+dX_c = dlogits @ W; dW += dlogits^T @ x_c into an fp32 accumulator; db += the column sums. On the
+CPU low-precision inputs are computed in fp32 (ATen has no fast bf16/fp16 matmul there), on CUDA in
+their dtype with fp32 accumulation of dW.
+"""
+from __future__ import annotations
+
+import enum
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._contract import NUM_STATS, Flag, Reduction, accumulation_dtype, with_flag
+from .backends import REGISTRY, KernelBackend
+from .backends.eager import counted_row_weight
+
+# The fp32 logits of one chunk stay about this size (or the size of the input, when larger), as
+# Liger's aspect-ratio rule and PyTorch's linear_cross_entropy keep a chunk near the input's size.
+CHUNK_BUDGET_BYTES = 16 << 20
+
+
+class Need(enum.IntFlag):
+    """The `needs` word of the linear ops: which gradients to compute, and whether the rows that
+    are ignored may be dropped before the matmul (their stats are then not returned)."""
+
+    GRAD_INPUT = 1
+    GRAD_WEIGHT = 2
+    GRAD_BIAS = 4
+    COMPACT = 8
+
+
+_GRADS = int(Need.GRAD_INPUT | Need.GRAD_WEIGHT | Need.GRAD_BIAS)
+
+
+def default_chunk_rows(n_rows: int, n_classes: int, hidden: int, element_size: int) -> int:
+    """Rows per chunk: fp32 logits of about max(CHUNK_BUDGET_BYTES, the input's bytes)."""
+    budget = max(CHUNK_BUDGET_BYTES, n_rows * hidden * element_size)
+    return max(1, min(n_rows, budget // (4 * max(n_classes, 1))))
+
+
+def compute_dtype(input: Tensor) -> torch.dtype:
+    """The dtype of the matmuls: fp32 for low-precision CPU inputs, else the input's."""
+    if input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return input.dtype
+
+
+def _grad_accumulator(like: Tensor, shape) -> Tensor:
+    return torch.zeros(shape, dtype=accumulation_dtype(like.dtype), device=like.device)
+
+
+def _add_matmul_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b, accumulated in acc's dtype (fp32 out of bf16/fp16 operands on CUDA)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+
+
+class _Chunks:
+    """The operands of one call in the compute dtype and the chunk loop's workspace."""
+
+    def __init__(self, input, linear_weight, linear_bias, chunk_size: int):
+        dtype = compute_dtype(input)
+        self.x = input.to(dtype)
+        self.w = linear_weight.to(dtype)
+        self.b = None if linear_bias is None else linear_bias.to(dtype)
+        self.size = chunk_size
+        n_rows, n_classes = input.shape[0], linear_weight.shape[0]
+        self.workspace = torch.empty((min(chunk_size, n_rows), n_classes), dtype=dtype, device=input.device)
+        self.grad_buffer: Optional[Tensor] = None  # dlogits of a chunk, made on first use
+
+    def grad_out(self, n_rows: int) -> Tensor:
+        if self.grad_buffer is None:
+            self.grad_buffer = torch.empty_like(self.workspace)
+        return self.grad_buffer[:n_rows]
+
+    def bounds(self, n_rows: int):
+        return [(start, min(start + self.size, n_rows)) for start in range(0, n_rows, self.size)]
+
+    def logits(self, x_c: Tensor) -> Tensor:
+        out = self.workspace[: x_c.shape[0]]
+        if self.b is None:
+            return torch.mm(x_c, self.w.t(), out=out)
+        return torch.addmm(self.b, x_c, self.w.t(), out=out)
+
+
+def _summed(flags: int) -> int:
+    """The flags of one chunk of a reduced loss: the chunk's rows summed (the call divides once)."""
+    return (flags & ~int(Flag.REDUCTION)) | int(Reduction.SUM)
+
+
+def _row_grad(backend: KernelBackend, logits: Tensor, target: Tensor, rest: tuple, fused: bool, out: Tensor):
+    """(loss, stats, dlogits into `out`) of one chunk of a summed loss for an upstream gradient of 1."""
+    weight, a_t, b_t, scalars, ignore_index, flags = rest
+    if fused:
+        loss, stats, grad, _ = backend.forward(logits, target, weight, a_t, b_t, scalars, ignore_index,
+                                               with_flag(flags, Flag.WRITE_GRAD, True), out=out)
+        return loss, stats, grad
+    loss, stats, _, denom = backend.forward(logits, target, weight, a_t, b_t, scalars, ignore_index, flags)
+    grad = backend.backward(torch.ones((), dtype=stats.dtype, device=logits.device), logits, target, weight, a_t, b_t,
+                            scalars, ignore_index, flags, stats, denom, out=out)
+    return loss, stats, grad
+
+
+def _add_chunk_grads(chunks: _Chunks, grad: Tensor, x_c: Tensor, grads: dict, rows) -> None:
+    grad = grad.to(chunks.x.dtype)
+    if "input" in grads:
+        if rows.__class__ is slice:
+            torch.mm(grad, chunks.w, out=grads["input"][rows])
+        else:
+            grads["input"].index_copy_(0, rows, torch.mm(grad, chunks.w))
+    if "weight" in grads:
+        _add_matmul_(grads["weight"], grad.t(), x_c)
+    if "bias" in grads:
+        grads["bias"] += grad.sum(0, dtype=grads["bias"].dtype)
+
+
+def _empty(like: Tensor) -> Tensor:
+    """The placeholder of a gradient that is not computed (no parameter of the op is 1-d and empty)."""
+    return like.new_empty((0,))
+
+
+def _is_placeholder(grad: Tensor) -> bool:
+    return grad.dim() == 1 and grad.shape[0] == 0
+
+
+@torch.library.custom_op("aepg::linear_forward", mutates_args=())
+def linear_forward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
+                   weight: Optional[Tensor], ce_weight_t: Optional[Tensor], epg_weight_t: Optional[Tensor],
+                   scalars: List[float], ignore_index: int, flags: int, chunk_size: int, needs: int,
+                   backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, stats, grad_input, grad_weight, grad_bias, denominator) of input (N, H), linear_weight
+    (V, H), target (N,); the gradients (of the loss as returned, for an upstream gradient of 1)
+    only for a reduced loss and where `needs` asks, else empty."""
+    kernels: KernelBackend = REGISTRY[backend]
+    n_rows, n_classes = input.shape[0], linear_weight.shape[0]
+    acc = accumulation_dtype(input.dtype)
+    reduction = Reduction(flags & Flag.REDUCTION)
+    denom = (counted_row_weight(target, weight, ignore_index, acc).sum() if reduction == Reduction.MEAN
+             else torch.ones((), dtype=acc, device=input.device))
+    grads = _grad_buffers(input, linear_weight, linear_bias, needs if reduction != Reduction.NONE else 0)
+    chunks = _Chunks(input, linear_weight, linear_bias, chunk_size)
+    keep_stats = _keeps_stats(input, flags, needs)
+    rows = None if keep_stats else _kept_rows(target, ignore_index)
+    x, y = (chunks.x, target) if rows is None else (chunks.x.index_select(0, rows), target.index_select(0, rows))
+    stats = torch.zeros((NUM_STATS, n_rows if keep_stats else 0), dtype=acc, device=input.device)
+    losses = []
+    fused = kernels.fits_on_chip(n_classes)
+    rest = (weight, ce_weight_t, epg_weight_t, scalars, ignore_index,
+            flags if reduction == Reduction.NONE else _summed(flags))
+    for start, end in chunks.bounds(x.shape[0]):
+        logits = chunks.logits(x[start:end])
+        if grads:
+            loss, chunk_stats, grad = _row_grad(kernels, logits, y[start:end], rest, fused,
+                                                chunks.grad_out(end - start))
+            _add_chunk_grads(chunks, grad, x[start:end], grads,
+                             slice(start, end) if rows is None else rows[start:end])
+        else:
+            loss, chunk_stats, _, _ = kernels.forward(logits, y[start:end], *rest)
+        losses.append(loss.to(acc).reshape(-1))
+        if keep_stats:
+            stats[:, start:end] = chunk_stats
+    loss = _reduce(losses, denom, reduction, input)
+    return (loss, stats, *_finish_grads(grads, denom, reduction, input, linear_weight, linear_bias), denom)
+
+
+def _grad_buffers(input, linear_weight, linear_bias, needs: int) -> dict:
+    grads = {}
+    if needs & Need.GRAD_INPUT:
+        grads["input"] = torch.zeros(input.shape, dtype=compute_dtype(input), device=input.device)
+    if needs & Need.GRAD_WEIGHT:
+        grads["weight"] = _grad_accumulator(linear_weight, linear_weight.shape)
+    if needs & Need.GRAD_BIAS and linear_bias is not None:
+        grads["bias"] = _grad_accumulator(linear_bias, linear_bias.shape)
+    return grads
+
+
+def _keeps_stats(input: Tensor, flags: int, needs: int) -> bool:
+    """Whether the forward returns the stats of every row: unless the caller lets it drop the
+    ignored rows of a reduced loss (Need.COMPACT), which it does on the CPU only, where their count
+    costs no device synchronisation."""
+    reduced = flags & Flag.REDUCTION != Reduction.NONE
+    return not (needs & Need.COMPACT and reduced and input.device.type == "cpu")
+
+
+def _kept_rows(target: Tensor, ignore_index: int) -> Optional[Tensor]:
+    """The indices of the counted rows, or None when every row counts."""
+    kept = (target != ignore_index).nonzero().squeeze(1)
+    return None if kept.shape[0] == target.shape[0] else kept
+
+
+def _reduce(losses: List[Tensor], denom: Tensor, reduction: Reduction, input: Tensor) -> Tensor:
+    rows = torch.cat(losses) if losses else denom.new_zeros((0,))
+    if reduction == Reduction.NONE:
+        return rows.to(input.dtype)
+    total = rows.sum()
+    return (total / denom if reduction == Reduction.MEAN else total).to(input.dtype)
+
+
+def _finish_grads(grads: dict, denom: Tensor, reduction: Reduction, input, linear_weight, linear_bias):
+    """The summed-loss gradients divided by the "mean" denominator, in the parameters' dtypes. With
+    no counted row they are 0 (not 0 / 0), as nn.CrossEntropyLoss's."""
+    scale = torch.where(denom == 0, 0.0, 1.0 / denom) if reduction == Reduction.MEAN else None
+    out = []
+    for key, like in (("input", input), ("weight", linear_weight), ("bias", linear_bias)):
+        if key not in grads:
+            out.append(_empty(input))
+            continue
+        grad = grads[key] if scale is None else grads[key] * scale.to(grads[key].dtype)
+        out.append(grad.to(like.dtype))
+    return out
+
+
+@linear_forward.register_fake
+def _linear_forward_fake(input, linear_weight, linear_bias, target, weight, ce_weight_t, epg_weight_t, scalars,
+                         ignore_index, flags, chunk_size, needs, backend):
+    reduced = flags & Flag.REDUCTION != Reduction.NONE
+    acc = accumulation_dtype(input.dtype)
+    n_rows = input.shape[0]
+    keep_stats = _keeps_stats(input, flags, needs)
+    grad_shapes = [(Need.GRAD_INPUT, input), (Need.GRAD_WEIGHT, linear_weight), (Need.GRAD_BIAS, linear_bias)]
+    grads = [like.new_empty(like.shape) if reduced and needs & need and like is not None else _empty(input)
+             for need, like in grad_shapes]
+    loss = input.new_empty(() if reduced else (n_rows,))
+    stats = input.new_empty((NUM_STATS, n_rows if keep_stats else 0), dtype=acc)
+    return (loss, stats, *grads, input.new_empty((), dtype=acc))
+
+
+@torch.library.custom_op("aepg::linear_backward", mutates_args=())
+def linear_backward(grad_loss: Tensor, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
+                    target: Tensor, weight: Optional[Tensor], ce_weight_t: Optional[Tensor],
+                    epg_weight_t: Optional[Tensor], scalars: List[float], ignore_index: int, flags: int,
+                    chunk_size: int, needs: int, backend: str, stats: Tensor,
+                    denom: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) of a per-row loss for the per-row upstream gradient
+    grad_loss (N,), recomputing each chunk's logits; empty where `needs` does not ask."""
+    kernels: KernelBackend = REGISTRY[backend]
+    grads = _grad_buffers(input, linear_weight, linear_bias, needs)
+    chunks = _Chunks(input, linear_weight, linear_bias, chunk_size)
+    for start, end in chunks.bounds(input.shape[0]):
+        x_c = chunks.x[start:end]
+        grad = kernels.backward(grad_loss[start:end], chunks.logits(x_c), target[start:end], weight, ce_weight_t,
+                                epg_weight_t, scalars, ignore_index, flags, stats[:, start:end].contiguous(), denom,
+                                out=chunks.grad_out(end - start))
+        _add_chunk_grads(chunks, grad, x_c, grads, slice(start, end))
+    return tuple(_finish_grads(grads, denom, Reduction.NONE, input, linear_weight, linear_bias))
+
+
+@linear_backward.register_fake
+def _linear_backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight, ce_weight_t, epg_weight_t,
+                          scalars, ignore_index, flags, chunk_size, needs, backend, stats, denom):
+    shapes = [(Need.GRAD_INPUT, input), (Need.GRAD_WEIGHT, linear_weight), (Need.GRAD_BIAS, linear_bias)]
+    return tuple(like.new_empty(like.shape) if needs & need and like is not None else _empty(input)
+                 for need, like in shapes)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (input, linear_weight, linear_bias, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags,
+     chunk_size, needs, backend) = inputs
+    loss, stats, grad_input, grad_weight, grad_bias, denom = output
+    ctx.reduced = flags & Flag.REDUCTION != Reduction.NONE
+    ctx.has_bias = linear_bias is not None
+    if ctx.reduced:
+        ctx.save_for_backward(grad_input, grad_weight, grad_bias)
+        return
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, ce_weight_t, epg_weight_t, stats, denom)
+    ctx.options = (scalars, ignore_index, flags, chunk_size, needs, backend)
+
+
+def _scaled(grad: Tensor, grad_loss: Tensor) -> Optional[Tensor]:
+    """A saved gradient times the 0-d upstream gradient; as it is when that is 1 on the CPU (read
+    on the host for free; plain tensors only, never inside a trace)."""
+    if _is_placeholder(grad):
+        return None
+    if type(grad_loss) is Tensor and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+        return grad
+    return grad * grad_loss.to(grad.dtype)
+
+
+def _backward(ctx, grad_loss, grad_stats, *unused):
+    if ctx.reduced:
+        grads = [_scaled(g, grad_loss) for g in ctx.saved_tensors]
+    else:
+        input, linear_weight, linear_bias, target, weight, a_t, b_t, stats, denom = ctx.saved_tensors
+        scalars, ignore_index, flags, chunk_size, needs, backend = ctx.options
+        grads = linear_backward(grad_loss, input, linear_weight, linear_bias, target, weight, a_t, b_t, scalars,
+                                ignore_index, flags, chunk_size, needs, backend, stats, denom)
+        grads = [None if _is_placeholder(g) else g for g in grads]
+    grad_input, grad_weight, grad_bias = grads
+    return (grad_input, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 10
+
+
+linear_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def needs_of(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], compact: bool) -> int:
+    """The `needs` word of a call: the gradients autograd will ask for, and Need.COMPACT."""
+    needs = int(Need.COMPACT) if compact else 0
+    if torch.is_grad_enabled():
+        needs |= int(Need.GRAD_INPUT) if input.requires_grad else 0
+        needs |= int(Need.GRAD_WEIGHT) if linear_weight.requires_grad else 0
+        needs |= int(Need.GRAD_BIAS) if linear_bias is not None and linear_bias.requires_grad else 0
+    return needs

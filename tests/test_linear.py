@@ -1,0 +1,298 @@
+"""The fused linear + policy loss: equal to policy_loss of the materialised logits (value, stats and
+the gradients of input, weight and bias), whatever the chunking, and never the whole logits."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aepg_kernels as ak
+from helpers import DEVICE, FAMILY, KERNEL_BACKENDS
+
+LINEAR_BACKENDS = KERNEL_BACKENDS  # "eager" is the materialising reference itself
+FAMILY_LINEAR = {name: kw for name, kw in FAMILY.items() if name in ("ce", "epg", "aepg_0.25", "ep", "cp",
+                                                                   "label_smoothing", "focal", "combo")}
+
+
+def _case(n=29, h=12, v=41, dtype=torch.float64, bias=False, ignore_every=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, dtype=torch.float64, generator=g).to(DEVICE, dtype).requires_grad_()
+    w = (torch.randn(v, h, dtype=torch.float64, generator=g) / h ** 0.5 * 2).to(DEVICE, dtype).requires_grad_()
+    b = torch.randn(v, dtype=torch.float64, generator=g).to(DEVICE, dtype).requires_grad_() if bias else None
+    y = torch.randint(0, v, (n,), generator=g)
+    if ignore_every:
+        y[::ignore_every] = -100
+    return x, w, b, y.to(DEVICE)
+
+
+def _loss_and_grads(fn, x, w, b, y, grad_seed=1, **kwargs):
+    params = [x, w] + ([b] if b is not None else [])
+    out = fn(x, w, b, y, **kwargs)
+    loss = out[0] if isinstance(out, tuple) else out
+    upstream = torch.randn(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(grad_seed))
+    grads = torch.autograd.grad(loss, params, upstream.to(loss.device))
+    return out, grads
+
+
+def _fused(x, w, b, y, **kwargs):
+    return ak.linear_policy_loss(x, w, y, linear_bias=b, **kwargs)
+
+
+def _materialised(x, w, b, y, chunk_size=None, **kwargs):
+    kwargs["backend"] = "eager"
+    return ak.policy_loss(F.linear(x, w, b), y, **kwargs)
+
+
+def _assert_same(out, grads, ref_out, ref_grads, tol):
+    if isinstance(out, tuple):
+        torch.testing.assert_close(out[0], ref_out[0], rtol=tol, atol=tol)
+        for got, want in zip(out[1], ref_out[1]):
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
+    else:
+        torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("member", sorted(FAMILY_LINEAR))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_family_matches_the_materialised_logits(backend, member, reduction):
+    """float64, bias, ignored rows, 7-row chunks (a boundary inside the ignored rows' pattern)."""
+    x, w, b, y = _case(bias=True, ignore_every=4)
+    kwargs = dict(FAMILY_LINEAR[member], reduction=reduction)
+    out, grads = _loss_and_grads(_fused, x, w, b, y, chunk_size=7, backend=backend, **kwargs)
+    ref_out, ref_grads = _loss_and_grads(_materialised, x, w, b, y, **kwargs)
+    _assert_same(out, grads, ref_out, ref_grads, 1e-10)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("chunk_size", [1, 7, 29, None])
+@pytest.mark.parametrize("class_weights", [False, True])
+def test_chunking_and_class_weights(backend, chunk_size, class_weights):
+    x, w, b, y = _case(ignore_every=3)
+    weight = torch.rand(w.shape[0], dtype=torch.float64, device=DEVICE) + 0.25 if class_weights else None
+    kwargs = dict(ce_weight=0.5, epg_weight=0.5, entropy_weight=0.25, weight=weight, return_stats=True)
+    out, grads = _loss_and_grads(_fused, x, w, b, y, chunk_size=chunk_size, backend=backend, **kwargs)
+    ref_out, ref_grads = _loss_and_grads(_materialised, x, w, b, y, **kwargs)
+    _assert_same(out, grads, ref_out, ref_grads, 1e-10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck(reduction):
+    """float64, odd shapes, several chunks, a chunk boundary inside a run of ignored rows."""
+    x, w, b, y = _case(n=11, h=5, v=7, bias=True)
+    y[3:6] = -100
+    fn = lambda x, w, b: ak.linear_policy_loss(x, w, y, linear_bias=b, ce_weight=0.25, epg_weight=0.75,
+                                               entropy_weight=0.5, reduction=reduction, chunk_size=4)
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_cross_entropy_equals_torch_linear_cross_entropy():
+    x, w, b, y = _case(n=64, h=16, v=97, dtype=torch.float32, bias=True, ignore_every=5)
+    for options in (None, torch.nn.LinearCrossEntropyOptions()):
+        want, want_grads = _loss_and_grads(
+            lambda x, w, b, y: F.linear_cross_entropy(x, w, y, linear_bias=b, options=options), x, w, b, y)
+        got, got_grads = _loss_and_grads(_fused, x, w, b, y, chunk_size=16)
+        _assert_same(got, got_grads, want, want_grads, 2e-6)
+
+
+def test_epg_gradient_is_dft():
+    """EPG's gradient is DFT's, TRL's formula -exp(logp).detach() * logp (sum over tokens)."""
+    x, w, b, y = _case(n=40, v=33, ignore_every=6)
+
+    def dft(x, w, b, y):
+        logp = torch.log_softmax(F.linear(x, w), -1)
+        counted = y != -100
+        logp_y = logp.gather(1, torch.where(counted, y, 0)[:, None])[:, 0]
+        return (-(logp_y.exp().detach() * logp_y) * counted).sum()
+
+    _, dft_grads = _loss_and_grads(dft, x, w, b, y)
+    _, epg_grads = _loss_and_grads(lambda x, w, b, y: ak.linear_epg_loss(x, w, y, reduction="sum"), x, w, b, y)
+    for got, want in zip(epg_grads, dft_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_is_no_worse_than_torch(dtype):
+    """Against a float64 truth, no worse than PyTorch's own low-precision composite (F.linear in the
+    dtype, the loss of logits.float(): HF's way) plus a margin of 2x (docs/math.md section 6)."""
+    x64, w64, b64, y = _case(n=64, h=32, v=211, bias=True, ignore_every=7)
+    kwargs = dict(ce_weight=0.5, epg_weight=0.5, entropy_weight=0.1)
+    _, truth = _loss_and_grads(_materialised, x64, w64, b64, y, **kwargs)
+    low = [t.detach().to(dtype).requires_grad_() for t in (x64, w64, b64)]
+
+    def composite(x, w, b, y, **kw):
+        return ak.policy_loss(F.linear(x, w, b).float(), y, backend="eager", **kw)
+
+    _, theirs = _loss_and_grads(composite, *low, y, **kwargs)
+    _, ours = _loss_and_grads(_fused, *low, y, chunk_size=16, **kwargs)
+    for mine, other, want in zip(ours, theirs, truth):
+        scale = want.abs().max()
+        assert (mine.double() - want).abs().max() <= 2 * (other.double() - want).abs().max() + 1e-3 * scale
+
+
+def test_confident_tokens_keep_their_gradient():
+    """p_y -> 1: the true-class term comes from 1 - p_y, never from a rounded p_y - 1, so dX and dW
+    stay accurate in bf16 where the composite's cancel (docs/math.md section 2)."""
+    h, v, n = 16, 64, 8
+    w64 = torch.randn(v, h, dtype=torch.float64)
+    y = torch.arange(n)
+    x64 = w64[y] * 1.2  # the target logit about 11 above the others: 1 - p_y ~ 1e-3
+    truth = _loss_and_grads(_materialised, x64.clone().requires_grad_(), w64.clone().requires_grad_(), None, y,
+                            reduction="sum")[1]
+    x, w = (t.to(torch.bfloat16).requires_grad_() for t in (x64, w64))
+    grads = _loss_and_grads(_fused, x, w, None, y, reduction="sum")[1]
+    for got, want in zip(grads, truth):
+        error = (got.double() - want).norm() / want.norm()
+        assert error < 2e-2, error
+
+
+def test_tied_embeddings_and_3d_input():
+    """One weight as embedding and head: its gradient sums both uses; (B, S, H) input."""
+    emb = torch.randn(23, 8, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 23, (3, 5))
+    y = torch.randint(0, 23, (3, 5))
+    y[0, :2] = -100
+
+    def total(head):
+        hidden = torch.tanh(F.embedding(ids, emb))
+        return head(hidden).sum()
+
+    fused = total(lambda h: ak.linear_cross_entropy(h, emb, y, reduction="none", chunk_size=4))
+    (fused_grad,) = torch.autograd.grad(fused, emb)
+    ref = total(lambda h: F.cross_entropy(F.linear(h, emb).flatten(0, 1), y.flatten(), reduction="none"))
+    (ref_grad,) = torch.autograd.grad(ref, emb)
+    torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused_grad, ref_grad, rtol=1e-10, atol=1e-12)
+    per_token = ak.linear_cross_entropy(torch.randn(3, 5, 8, dtype=torch.float64), emb, y, reduction="none")
+    assert per_token.shape == (3, 5) and (per_token[0, :2] == 0).all()
+
+
+def test_frozen_head_and_eval():
+    """No gradient asked for the weight (a frozen head), or none at all (eval): same loss."""
+    x, w, b, y = _case(ignore_every=5)
+    w = w.detach()
+    loss = ak.linear_policy_loss(x, w, y, chunk_size=5)
+    (grad,) = torch.autograd.grad(loss, x)
+    ref = _materialised(x, w, None, y)
+    torch.testing.assert_close(grad, torch.autograd.grad(ref, x)[0], rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(ak.linear_policy_loss(x, w, y), ref.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_empty_and_all_ignored_batches_match_torch():
+    for n, ignore_all in ((0, False), (6, True)):
+        x, w, b, y = _case(n=n, h=4, v=9, dtype=torch.float32)
+        if ignore_all:
+            y[:] = -100
+        for reduction in ("mean", "sum", "none"):
+            want, want_grads = _loss_and_grads(
+                lambda x, w, b, y: F.linear_cross_entropy(x, w, y, reduction=reduction), x, w, None, y)
+            got, got_grads = _loss_and_grads(_fused, x, w, None, y, reduction=reduction)
+            torch.testing.assert_close(got, want, equal_nan=True)
+            for g, e in zip(got_grads, want_grads):
+                torch.testing.assert_close(g, e, equal_nan=True)
+
+
+def test_module():
+    x, w, b, y = _case(bias=True, ignore_every=4)
+    criterion = ak.LinearPolicyLoss(ce_weight=0.25, epg_weight=0.75, entropy_weight=0.5, chunk_size=6)
+    out, grads = _loss_and_grads(lambda x, w, b, y: criterion(x, w, y, b), x, w, b, y)
+    ref, ref_grads = _loss_and_grads(_materialised, x, w, b, y, ce_weight=0.25, epg_weight=0.75, entropy_weight=0.5)
+    _assert_same(out, grads, ref, ref_grads, 1e-10)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ak.LinearPolicyLoss(chunk_size=0)
+
+
+def test_compile_fullgraph_without_recompiling_for_alpha():
+    from torch._dynamo.testing import CompileCounter
+
+    x, w, b, y = _case(dtype=torch.float32, ignore_every=4)
+    alpha = torch.tensor(0.9)
+    counter = CompileCounter()
+    compiled = torch.compile(lambda x, w, y: ak.linear_aepg_loss(x, w, y, alpha, entropy_weight=0.1, chunk_size=8),
+                             fullgraph=True, backend=counter)
+    for value in (0.9, 0.4):
+        alpha.fill_(value)
+        out, grads = _loss_and_grads(lambda x, w, b, y: compiled(x, w, y), x, w, None, y)
+        ref, ref_grads = _loss_and_grads(_materialised, x, w, None, y, ce_weight=value, epg_weight=1 - value,
+                                         entropy_weight=0.1)
+        _assert_same(out, grads, ref, ref_grads, 2e-6)
+    assert counter.frame_count == 1
+
+
+def test_the_logits_are_never_materialised():
+    """Peak memory of a fresh process: the fp32 logits (4096 x 32768) alone would be 512 MiB."""
+    script = textwrap.dedent("""
+        import resource, torch, aepg_kernels as ak
+        torch.manual_seed(0)
+        small = torch.randn(4, 32, requires_grad=True)  # the first call's imports are not the op's memory
+        ak.linear_policy_loss(small, torch.randn(8, 32, requires_grad=True), torch.zeros(4, dtype=torch.long)).backward()
+        x = torch.randn(4096, 32, requires_grad=True)
+        w = (torch.randn(32768, 32) / 8).requires_grad_()
+        y = torch.randint(0, 32768, (4096,))
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        ak.linear_policy_loss(x, w, y, ce_weight=0.5, epg_weight=0.5).backward()
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    extra_mib = float(done.stdout.split()[-1])
+    # The weight's gradient and its fp32 accumulator (4 MiB each), a chunk's logits and their
+    # gradient (16 MiB each, reused from chunk to chunk): about 40 MiB, not 512 MiB.
+    assert extra_mib < 96, extra_mib
+
+
+@pytest.mark.parametrize("call,error,pattern", [
+    (lambda x, w, y: ak.linear_policy_loss(x, w[:, :-1], y), ValueError, "H = input.shape"),
+    (lambda x, w, y: ak.linear_policy_loss(x, w[0], y), ValueError, "linear_weight must be a 2-d"),
+    (lambda x, w, y: ak.linear_policy_loss(x, w, y, linear_bias=w[:3, 0]), ValueError, "linear_bias must have shape"),
+    (lambda x, w, y: ak.linear_policy_loss(x, w.float(), y), TypeError, "linear_weight must have the input's dtype"),
+    (lambda x, w, y: ak.linear_policy_loss(x, w, y[:-1]), ValueError, "target must have shape"),
+    (lambda x, w, y: ak.linear_policy_loss(x, w, y.double()), TypeError, "class indices"),
+    (lambda x, w, y: ak.linear_policy_loss(x, w, y.clone().fill_(41)), IndexError, "out of bounds"),
+    (lambda x, w, y: ak.linear_policy_loss(x, w, y, chunk_size=0), ValueError, "chunk_size"),
+    (lambda x, w, y: ak.linear_policy_loss(x, w, y, chunk_size=2.0), TypeError, "chunk_size"),
+    (lambda x, w, y: ak.linear_policy_loss(x, w, y, weight=torch.ones(3, dtype=torch.float64)), ValueError,
+     "weight must be a 1-d tensor of length C=41"),
+])
+def test_bad_input(call, error, pattern):
+    x, w, _, y = _case()
+    with pytest.raises(error, match=pattern):
+        call(x, w, y)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_rows_off_chip_take_the_recompute_backward(backend, monkeypatch):
+    """Where a backend cannot keep a row on chip (CUDA above its limit), each chunk's gradient
+    comes from the recompute backward on the same logits: the same results."""
+    from aepg_kernels.backends import REGISTRY
+
+    monkeypatch.setattr(type(REGISTRY[backend]), "fits_on_chip", lambda self, n_cols: False)
+    x, w, b, y = _case(bias=True, ignore_every=4)
+    kwargs = dict(ce_weight=0.25, epg_weight=0.75, entropy_weight=0.5)
+    out, grads = _loss_and_grads(_fused, x, w, b, y, chunk_size=7, backend=backend, **kwargs)
+    ref_out, ref_grads = _loss_and_grads(_materialised, x, w, b, y, **kwargs)
+    _assert_same(out, grads, ref_out, ref_grads, 1e-10)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_gradient_buffers_are_checked(backend):
+    from aepg_kernels._contract import Flag, pack
+    from aepg_kernels.backends import REGISTRY
+
+    logits = torch.randn(4, 6, dtype=torch.float64, device=DEVICE)
+    target = torch.randint(0, 6, (4,), device=DEVICE)
+    call = (logits, target, None, *pack(1.0, 0.0, 0.0, 0.0, 0.0, -100, 1, False, False))
+    flags = call[-1] | int(Flag.WRITE_GRAD)
+    with pytest.raises((RuntimeError, ValueError), match="contiguous tensor"):
+        REGISTRY[backend].forward(*call[:-1], flags, out=torch.empty(4, 5, dtype=torch.float64, device=DEVICE))
+    out = torch.empty_like(logits)
+    loss, stats, grad, denom = REGISTRY[backend].forward(*call[:-1], flags, out=out)
+    assert grad.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out * 4, torch.softmax(logits, 1) - F.one_hot(target, 6))  # "mean" of 4 rows
