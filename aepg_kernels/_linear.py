@@ -100,17 +100,40 @@ def _summed(flags: int) -> int:
     return (flags & ~int(Flag.REDUCTION)) | int(Reduction.SUM)
 
 
-def _row_grad(backend: KernelBackend, logits: Tensor, target: Tensor, rest: tuple, fused: bool, out: Tensor):
-    """(loss, stats, dlogits into `out`) of one chunk of a summed loss for an upstream gradient of 1."""
+def _row_grad(backend: KernelBackend, logits: Tensor, target: Tensor, rest: tuple, fused: bool, out: Tensor,
+              token_weight: Optional[Tensor]):
+    """(loss, stats, dlogits into `out`) of one chunk of a summed loss for an upstream gradient of 1
+    (times the rows' token weights)."""
     weight, a_t, b_t, scalars, ignore_index, flags = rest
-    if fused:
+    if fused and token_weight is None:
         loss, stats, grad, _ = backend.forward(logits, target, weight, a_t, b_t, scalars, ignore_index,
                                                with_flag(flags, Flag.WRITE_GRAD, True), out=out)
         return loss, stats, grad
+    if token_weight is not None:
+        flags = _per_row(flags)
     loss, stats, _, denom = backend.forward(logits, target, weight, a_t, b_t, scalars, ignore_index, flags)
-    grad = backend.backward(torch.ones((), dtype=stats.dtype, device=logits.device), logits, target, weight, a_t, b_t,
-                            scalars, ignore_index, flags, stats, denom, out=out)
-    return loss, stats, grad
+    upstream = torch.ones((), dtype=stats.dtype, device=logits.device) if token_weight is None else token_weight
+    grad = backend.backward(upstream, logits, target, weight, a_t, b_t, scalars, ignore_index, flags, stats, denom,
+                            out=out)
+    return _weighted(loss, token_weight, stats.dtype), stats, grad
+
+
+def _chunk_loss(backend: KernelBackend, logits: Tensor, target: Tensor, rest: tuple, token_weight: Optional[Tensor]):
+    """(loss, stats) of one chunk without gradients."""
+    weight, a_t, b_t, scalars, ignore_index, flags = rest
+    if token_weight is not None:
+        flags = _per_row(flags)
+    loss, stats, _, _ = backend.forward(logits, target, weight, a_t, b_t, scalars, ignore_index, flags)
+    return _weighted(loss, token_weight, stats.dtype), stats
+
+
+def _per_row(flags: int) -> int:
+    return flags & ~int(Flag.REDUCTION)
+
+
+def _weighted(loss: Tensor, token_weight: Optional[Tensor], acc: torch.dtype) -> Tensor:
+    """A chunk's summed loss: as the row op returns it, or its rows times their token weights."""
+    return loss if token_weight is None else (loss.to(acc) * token_weight).sum()
 
 
 def _add_chunk_grads(chunks: _Chunks, grad: Tensor, x_c: Tensor, grads: dict, rows) -> None:
@@ -139,10 +162,12 @@ def _is_placeholder(grad: Tensor) -> bool:
 def linear_forward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
                    weight: Optional[Tensor], ce_weight_t: Optional[Tensor], epg_weight_t: Optional[Tensor],
                    scalars: List[float], ignore_index: int, flags: int, chunk_size: int, needs: int,
-                   backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   backend: str, token_weight: Optional[Tensor]
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, stats, grad_input, grad_weight, grad_bias, denominator) of input (N, H), linear_weight
     (V, H), target (N,); the gradients (of the loss as returned, for an upstream gradient of 1)
-    only for a reduced loss and where `needs` asks, else empty."""
+    only for a reduced loss and where `needs` asks, else empty. token_weight (N,) in the
+    accumulation dtype scales the rows of a reduced loss (None: 1)."""
     kernels: KernelBackend = REGISTRY[backend]
     n_rows, n_classes = input.shape[0], linear_weight.shape[0]
     acc = accumulation_dtype(input.dtype)
@@ -153,7 +178,10 @@ def linear_forward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[T
     chunks = _Chunks(input, linear_weight, linear_bias, chunk_size)
     keep_stats = _keeps_stats(input, flags, needs)
     rows = None if keep_stats else _kept_rows(target, ignore_index)
-    x, y = (chunks.x, target) if rows is None else (chunks.x.index_select(0, rows), target.index_select(0, rows))
+    x, y, tw = chunks.x, target, token_weight
+    if rows is not None:
+        x, y = x.index_select(0, rows), y.index_select(0, rows)
+        tw = None if tw is None else tw.index_select(0, rows)
     stats = torch.zeros((NUM_STATS, n_rows if keep_stats else 0), dtype=acc, device=input.device)
     losses = []
     fused = kernels.fits_on_chip(n_classes)
@@ -161,13 +189,14 @@ def linear_forward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[T
             flags if reduction == Reduction.NONE else _summed(flags))
     for start, end in chunks.bounds(x.shape[0]):
         logits = chunks.logits(x[start:end])
+        tw_c = None if tw is None else tw[start:end]
         if grads:
             loss, chunk_stats, grad = _row_grad(kernels, logits, y[start:end], rest, fused,
-                                                chunks.grad_out(end - start))
+                                                chunks.grad_out(end - start), tw_c)
             _add_chunk_grads(chunks, grad, x[start:end], grads,
                              slice(start, end) if rows is None else rows[start:end])
         else:
-            loss, chunk_stats, _, _ = kernels.forward(logits, y[start:end], *rest)
+            loss, chunk_stats = _chunk_loss(kernels, logits, y[start:end], rest, tw_c)
         losses.append(loss.to(acc).reshape(-1))
         if keep_stats:
             stats[:, start:end] = chunk_stats
@@ -224,7 +253,7 @@ def _finish_grads(grads: dict, denom: Tensor, reduction: Reduction, input, linea
 
 @linear_forward.register_fake
 def _linear_forward_fake(input, linear_weight, linear_bias, target, weight, ce_weight_t, epg_weight_t, scalars,
-                         ignore_index, flags, chunk_size, needs, backend):
+                         ignore_index, flags, chunk_size, needs, backend, token_weight):
     reduced = flags & Flag.REDUCTION != Reduction.NONE
     acc = accumulation_dtype(input.dtype)
     n_rows = input.shape[0]
@@ -267,7 +296,7 @@ def _linear_backward_fake(grad_loss, input, linear_weight, linear_bias, target, 
 
 def _setup_context(ctx, inputs, output) -> None:
     (input, linear_weight, linear_bias, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags,
-     chunk_size, needs, backend) = inputs
+     chunk_size, needs, backend, token_weight) = inputs
     loss, stats, grad_input, grad_weight, grad_bias, denom = output
     ctx.reduced = flags & Flag.REDUCTION != Reduction.NONE
     ctx.has_bias = linear_bias is not None
@@ -298,7 +327,7 @@ def _backward(ctx, grad_loss, grad_stats, *unused):
                                 ignore_index, flags, chunk_size, needs, backend, stats, denom)
         grads = [None if _is_placeholder(g) else g for g in grads]
     grad_input, grad_weight, grad_bias = grads
-    return (grad_input, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 10
+    return (grad_input, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 11
 
 
 linear_forward.register_autograd(_backward, setup_context=_setup_context)

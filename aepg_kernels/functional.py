@@ -12,8 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _linear
-from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, Stat
+from . import _linear, _row_terms
+from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, Reduction, Stat, accumulation_dtype
 from ._spec import Options, check_chunk_size, check_options, check_target_range, prepare, prepare_linear
 from .backends import KernelBackend, resolve
 
@@ -33,7 +33,8 @@ _STAT_ROWS = (Stat.ENTROPY, Stat.P_TARGET, Stat.SAMPLE_WEIGHT, Stat.LSE)  # Loss
 def policy_loss(input: Tensor, target: Tensor, *, ce_weight: Coefficient = 1.0, epg_weight: Coefficient = 0.0,
                 entropy_weight: float = 0.0, label_smoothing: float = 0.0, focal_gamma: float = 0.0,
                 weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                backend: str = "auto", return_stats: bool = False):
+                token_weight: Optional[Tensor] = None, loss_value: str = "policy", backend: str = "auto",
+                return_stats: bool = False):
     """The fused EPG-family loss. With the defaults it is exactly ``F.cross_entropy``.
 
     Args:
@@ -46,18 +47,39 @@ def policy_loss(input: Tensor, target: Tensor, *, ce_weight: Coefficient = 1.0, 
         label_smoothing: eps in [0, 1], PyTorch's convention.
         focal_gamma: gamma >= 0; the CE term becomes (1 - p_y)^gamma CE (index targets only).
         weight, ignore_index, reduction: as in ``nn.CrossEntropyLoss``.
+        token_weight: a detached per-row multiplier shaped like a per-row loss: it scales each row's
+            loss and gradient and leaves the "mean" denominator as it is (docs/math.md section 7).
+        loss_value: "policy" (the family's values) or "dft": the EPG term reports DFT's value
+            -sg(p_y) log p_y, its gradient unchanged (index targets only).
         backend: "auto", "triton", "cuda", "cpu" or "eager" (see ``available_backends()``).
         return_stats: also return ``LossStats`` (entropy, p_target, sample_weight, lse) per row.
     """
     options = check_options(entropy_weight, label_smoothing, focal_gamma, ignore_index, reduction)
-    return run(input, target, weight, ce_weight, epg_weight, options, backend, return_stats)
+    return run(input, target, weight, ce_weight, epg_weight, options, backend, return_stats,
+               _row_terms.check(token_weight, loss_value))
 
 
 def run(input: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight, epg_weight, options: Options,
-        backend: str, return_stats: bool):
+        backend: str, return_stats: bool, terms: Optional[_row_terms.RowTerms] = None):
     """`policy_loss` with its options validated already (the modules keep theirs)."""
+    if terms is not None:
+        return _run_with_terms(input, target, weight, ce_weight, epg_weight, options, backend, return_stats, terms)
     call, row_shape = prepare(input, target, weight, ce_weight, epg_weight, options, return_stats)
     loss, stats = resolve(backend, input.device).loss(*call)
+    return _with_stats(loss, stats, return_stats, row_shape)
+
+
+def _run_with_terms(input, target, weight, ce_weight, epg_weight, options, backend, return_stats, terms):
+    """The op per row, then the DFT value and the token weights on the rows, then the reduction."""
+    call, row_shape = prepare(input, target, weight, ce_weight, epg_weight, _row_terms.per_row(options),
+                              return_stats)
+    prob_target = call[1].dim() == 2
+    if terms.dft_value and prob_target:
+        raise ValueError('loss_value="dft" is defined for class-index targets only, got class-probability targets')
+    token_weight = _row_terms.token_weight_rows(
+        terms.token_weight, row_shape if row_shape is not None else call[1].shape[:1], input.device)
+    rows, stats = resolve(backend, input.device).loss(*call)
+    loss = _row_terms.apply(rows, stats, call, terms, token_weight, options[4], prob_target)
     return _with_stats(loss, stats, return_stats, row_shape)
 
 
@@ -74,8 +96,9 @@ def _with_stats(loss: Tensor, stats: Tensor, return_stats: bool, row_shape: Opti
 def linear_policy_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
                        ce_weight: Coefficient = 1.0, epg_weight: Coefficient = 0.0, entropy_weight: float = 0.0,
                        label_smoothing: float = 0.0, focal_gamma: float = 0.0, weight: Optional[Tensor] = None,
-                       ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
-                       backend: str = "auto", return_stats: bool = False):
+                       ignore_index: int = -100, reduction: str = "mean", token_weight: Optional[Tensor] = None,
+                       loss_value: str = "policy", chunk_size: Optional[int] = None, backend: str = "auto",
+                       return_stats: bool = False):
     """``policy_loss(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits:
     they are computed chunk by chunk (docs/math.md section 6), so an LM head over 32k-256k tokens
     costs a few chunks of memory, not (N, V).
@@ -93,27 +116,49 @@ def linear_policy_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, 
     """
     options = check_options(entropy_weight, label_smoothing, focal_gamma, ignore_index, reduction)
     return run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options,
-                      check_chunk_size(chunk_size), backend, return_stats)
+                      check_chunk_size(chunk_size), backend, return_stats, _row_terms.check(token_weight, loss_value))
 
 
 def run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options: Options,
-               chunk_size: Optional[int], backend: str, return_stats: bool):
+               chunk_size: Optional[int], backend: str, return_stats: bool,
+               terms: Optional[_row_terms.RowTerms] = None):
     """`linear_policy_loss` with its options validated already (the module keeps them)."""
     x, y, weight, packed, row_shape = prepare_linear(input, linear_weight, linear_bias, target, weight, ce_weight,
                                                      epg_weight, options, return_stats)
+    token_weight = None if terms is None else _row_terms.token_weight_rows(terms.token_weight, row_shape,
+                                                                           input.device)
     kernels = resolve(backend, input.device)
     if not isinstance(kernels, KernelBackend):  # the reference: the logits, materialised
         logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
-        loss, stats = kernels.loss(logits, y, weight, *packed)
-        return _with_stats(loss, stats, return_stats, row_shape)
+        terms = None if terms is None else terms._replace(token_weight=token_weight)
+        return _reshaped(run(logits, y, weight, ce_weight, epg_weight, options, backend, return_stats, terms),
+                         row_shape)
     check_target_range(y, linear_weight.shape[0], packed[3])
     if chunk_size is None:
         chunk_size = _linear.default_chunk_rows(x.shape[0], linear_weight.shape[0], x.shape[1],
                                                 torch.finfo(_linear.compute_dtype(x)).bits // 8)
-    needs = _linear.needs_of(x, linear_weight, linear_bias, compact=not return_stats)
+    reduced = options[4] != Reduction.NONE
+    dft_value = terms is not None and terms.dft_value
+    needs = _linear.needs_of(x, linear_weight, linear_bias, compact=not (return_stats or dft_value))
+    op_weight = token_weight.to(accumulation_dtype(x.dtype)) if reduced and token_weight is not None else None
     loss, stats, *_ = torch.ops.aepg.linear_forward(x, linear_weight, linear_bias, y, weight, *packed, chunk_size,
-                                                    needs, kernels.name)
+                                                    needs, kernels.name, op_weight)
+    if dft_value:
+        correction = _row_terms.dft_correction(stats, _row_terms.epg_coefficient((x, y, weight, *packed)))
+        if reduced and token_weight is not None:  # the op weighted its rows already
+            correction = correction * token_weight.to(correction.dtype)
+        loss = loss + _row_terms.reduce(correction, stats, options[4], False).to(loss.dtype)
+    if not reduced and token_weight is not None:
+        loss = (loss.to(stats.dtype) * token_weight.to(stats.dtype)).to(loss.dtype)
     return _with_stats(loss, stats, return_stats, row_shape)
+
+
+def _reshaped(out, row_shape):
+    """A per-row result of the flattened rows in the shape of the target."""
+    if isinstance(out, tuple):
+        loss, stats = out
+        return (loss.reshape(row_shape) if loss.dim() else loss), LossStats(*(t.reshape(row_shape) for t in stats))
+    return out.reshape(row_shape) if out.dim() else out
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, **kwargs):
@@ -124,6 +169,12 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 def linear_epg_loss(input: Tensor, linear_weight: Tensor, target: Tensor, **kwargs):
     """EPG (1 - p_y) of a linear layer's logits; its gradient is DFT's."""
     return linear_policy_loss(input, linear_weight, target, ce_weight=0.0, epg_weight=1.0, **kwargs)
+
+
+def linear_dft_loss(input: Tensor, linear_weight: Tensor, target: Tensor, **kwargs):
+    """DFT of a linear layer's logits: TRL's value -sg(p_y) log p_y, EPG's gradient."""
+    return linear_policy_loss(input, linear_weight, target, ce_weight=0.0, epg_weight=1.0, loss_value="dft",
+                              **kwargs)
 
 
 def linear_aepg_loss(input: Tensor, linear_weight: Tensor, target: Tensor, alpha: Coefficient, **kwargs):
@@ -140,6 +191,12 @@ def cross_entropy(input: Tensor, target: Tensor, **kwargs):
 def epg_loss(input: Tensor, target: Tensor, **kwargs):
     """Expected Policy Gradient loss 1 - p_y (a=0, b=1); its gradient is p_y (p - e_y)."""
     return policy_loss(input, target, ce_weight=0.0, epg_weight=1.0, **kwargs)
+
+
+def dft_loss(input: Tensor, target: Tensor, **kwargs):
+    """DFT (dynamic fine-tuning): the value -sg(p_y) log p_y of TRL and Liger per row, with EPG's
+    gradient p_y (p - e_y)."""
+    return policy_loss(input, target, ce_weight=0.0, epg_weight=1.0, loss_value="dft", **kwargs)
 
 
 def aepg_loss(input: Tensor, target: Tensor, alpha: Coefficient, **kwargs):

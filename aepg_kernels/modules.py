@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import _reduction
 
+from . import _row_terms
 from ._contract import pack
 from ._spec import check_coefficient_devices, check_coefficients, check_options, is_plain_call
 from .backends import resolve
@@ -26,7 +27,8 @@ class PolicyLoss(nn.Module):
 
     def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100, reduce=None,
                  reduction: str = "mean", label_smoothing: float = 0.0, *, ce_weight=1.0, epg_weight=0.0,
-                 entropy_weight: float = 0.0, focal_gamma: float = 0.0, backend: str = "auto"):
+                 entropy_weight: float = 0.0, focal_gamma: float = 0.0, loss_value: str = "policy",
+                 backend: str = "auto"):
         super().__init__()
         if size_average is not None or reduce is not None:  # the deprecated pair, as torch maps it
             reduction = _reduction.legacy_get_string(size_average, reduce)
@@ -39,6 +41,8 @@ class PolicyLoss(nn.Module):
         self.entropy_weight = entropy_weight
         self.focal_gamma = focal_gamma
         self.backend = backend
+        _row_terms.check(None, loss_value)
+        self.loss_value = loss_value
         check_coefficients(ce_weight, epg_weight)
         self._check_options()
 
@@ -46,6 +50,8 @@ class PolicyLoss(nn.Module):
         if "_options" in self.__dict__:
             if name in self._OPTIONS:
                 self._check_options(**{name: value})  # before the assignment: a bad value changes nothing
+            elif name == "loss_value":
+                _row_terms.check(None, value)
             elif name in ("ce_weight", "epg_weight"):
                 check_coefficients(**{"ce_weight": self.ce_weight, "epg_weight": self.epg_weight, name: value})
         super().__setattr__(name, value)
@@ -71,7 +77,14 @@ class PolicyLoss(nn.Module):
         self.__dict__["_packed"] = (a, b, packed)
         return packed
 
-    def forward(self, input: Tensor, target: Tensor, return_stats: bool = False):
+    def forward(self, input: Tensor, target: Tensor, return_stats: bool = False,
+                token_weight: Optional[Tensor] = None):
+        """The loss of logits `input` for `target`; `token_weight` as in ``policy_loss``."""
+        if token_weight is not None or self.loss_value != "policy":
+            terms = _row_terms.check(token_weight, self.loss_value)
+            ce_weight, epg_weight = self._coefficients()
+            return run(input, target, self.weight, ce_weight, epg_weight, self._options, self.backend, return_stats,
+                       terms)
         if not return_stats and self._buffers["weight"] is None and is_plain_call(input, target):
             # The common call in as few Python steps as possible: at classification shapes host
             # time is most of its cost (bench/README.md, suite "overhead").
@@ -85,6 +98,7 @@ class PolicyLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"ce_weight={self.ce_weight}, epg_weight={self.epg_weight}, entropy_weight={self.entropy_weight}, "
                 f"label_smoothing={self.label_smoothing}, focal_gamma={self.focal_gamma}, "
+                f"loss_value={self.loss_value!r}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 
@@ -128,10 +142,11 @@ class LinearPolicyLoss(PolicyLoss):
         self.chunk_size = check_chunk_size(chunk_size)
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor] = None,
-                return_stats: bool = False):
+                return_stats: bool = False, token_weight: Optional[Tensor] = None):
         ce_weight, epg_weight = self._coefficients()
         return run_linear(input, linear_weight, linear_bias, target, self.weight, ce_weight, epg_weight,
-                          self._options, check_chunk_size(self.chunk_size), self.backend, return_stats)
+                          self._options, check_chunk_size(self.chunk_size), self.backend, return_stats,
+                          _row_terms.check(token_weight, self.loss_value))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", chunk_size={self.chunk_size}"

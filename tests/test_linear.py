@@ -232,7 +232,7 @@ def test_the_logits_are_never_materialised():
         import resource, torch, aepg_kernels as ak
         torch.manual_seed(0)
         small = torch.randn(4, 32, requires_grad=True)  # the first call's imports are not the op's memory
-        ak.linear_policy_loss(small, torch.randn(8, 32, requires_grad=True), torch.zeros(4, dtype=torch.long)).backward()
+        ak.linear_policy_loss(small, torch.randn(8, 32, requires_grad=True), torch.zeros(4).long()).backward()
         x = torch.randn(4096, 32, requires_grad=True)
         w = (torch.randn(32768, 32) / 8).requires_grad_()
         y = torch.randint(0, 32768, (4096,))
