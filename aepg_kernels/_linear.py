@@ -68,14 +68,16 @@ def _add_matmul_(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 class _Chunks:
-    """The operands of one call in the compute dtype and the chunk loop's workspace."""
+    """The operands of one call in the compute dtype, the chunk loop's workspace and the logits'
+    transform z = softcap tanh(logit_scale (x W^T + b) / softcap) with its chain rule."""
 
-    def __init__(self, input, linear_weight, linear_bias, chunk_size: int):
+    def __init__(self, input, linear_weight, linear_bias, chunk_size: int, logit_scale: float, softcap: float):
         dtype = compute_dtype(input)
         self.x = input.to(dtype)
         self.w = linear_weight.to(dtype)
         self.b = None if linear_bias is None else linear_bias.to(dtype)
         self.size = chunk_size
+        self.logit_scale, self.softcap = logit_scale, softcap
         n_rows, n_classes = input.shape[0], linear_weight.shape[0]
         self.workspace = torch.empty((min(chunk_size, n_rows), n_classes), dtype=dtype, device=input.device)
         self.grad_buffer: Optional[Tensor] = None  # dlogits of a chunk, made on first use
@@ -90,9 +92,24 @@ class _Chunks:
 
     def logits(self, x_c: Tensor) -> Tensor:
         out = self.workspace[: x_c.shape[0]]
+        scale = self.logit_scale
         if self.b is None:
-            return torch.mm(x_c, self.w.t(), out=out)
-        return torch.addmm(self.b, x_c, self.w.t(), out=out)
+            torch.mm(x_c, self.w.t(), out=out)
+            if scale != 1.0:
+                out.mul_(scale)
+        else:
+            torch.addmm(self.b, x_c, self.w.t(), beta=scale, alpha=scale, out=out)
+        if self.softcap:
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
+        return out
+
+    def through_softcap_(self, grad: Tensor) -> Tensor:
+        """dL/d(scaled logits) from dL/dz, in place: times 1 - (z / softcap)^2. Consumes the
+        workspace, which holds this chunk's z (the logit scale is applied once, at the end)."""
+        if self.softcap:
+            z = self.workspace[: grad.shape[0]]
+            grad.mul_(z.div_(self.softcap).square_().neg_().add_(1))
+        return grad
 
 
 def _summed(flags: int) -> int:
@@ -162,12 +179,13 @@ def _is_placeholder(grad: Tensor) -> bool:
 def linear_forward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
                    weight: Optional[Tensor], ce_weight_t: Optional[Tensor], epg_weight_t: Optional[Tensor],
                    scalars: List[float], ignore_index: int, flags: int, chunk_size: int, needs: int,
-                   backend: str, token_weight: Optional[Tensor]
+                   backend: str, token_weight: Optional[Tensor], logit_scale: float, softcap: float
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, stats, grad_input, grad_weight, grad_bias, denominator) of input (N, H), linear_weight
     (V, H), target (N,); the gradients (of the loss as returned, for an upstream gradient of 1)
     only for a reduced loss and where `needs` asks, else empty. token_weight (N,) in the
-    accumulation dtype scales the rows of a reduced loss (None: 1)."""
+    accumulation dtype scales the rows of a reduced loss (None: 1). The logits are
+    softcap tanh(logit_scale (input W^T + b) / softcap), softcap 0 for none."""
     kernels: KernelBackend = REGISTRY[backend]
     n_rows, n_classes = input.shape[0], linear_weight.shape[0]
     acc = accumulation_dtype(input.dtype)
@@ -175,7 +193,7 @@ def linear_forward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[T
     denom = (counted_row_weight(target, weight, ignore_index, acc).sum() if reduction == Reduction.MEAN
              else torch.ones((), dtype=acc, device=input.device))
     grads = _grad_buffers(input, linear_weight, linear_bias, needs if reduction != Reduction.NONE else 0)
-    chunks = _Chunks(input, linear_weight, linear_bias, chunk_size)
+    chunks = _Chunks(input, linear_weight, linear_bias, chunk_size, logit_scale, softcap)
     keep_stats = _keeps_stats(input, flags, needs)
     rows = None if keep_stats else _kept_rows(target, ignore_index)
     x, y, tw = chunks.x, target, token_weight
@@ -193,6 +211,7 @@ def linear_forward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[T
         if grads:
             loss, chunk_stats, grad = _row_grad(kernels, logits, y[start:end], rest, fused,
                                                 chunks.grad_out(end - start), tw_c)
+            grad = chunks.through_softcap_(grad)
             _add_chunk_grads(chunks, grad, x[start:end], grads,
                              slice(start, end) if rows is None else rows[start:end])
         else:
@@ -201,7 +220,8 @@ def linear_forward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[T
         if keep_stats:
             stats[:, start:end] = chunk_stats
     loss = _reduce(losses, denom, reduction, input)
-    return (loss, stats, *_finish_grads(grads, denom, reduction, input, linear_weight, linear_bias), denom)
+    return (loss, stats, *_finish_grads(grads, denom, reduction, input, linear_weight, linear_bias, logit_scale),
+            denom)
 
 
 def _grad_buffers(input, linear_weight, linear_bias, needs: int) -> dict:
@@ -237,10 +257,14 @@ def _reduce(losses: List[Tensor], denom: Tensor, reduction: Reduction, input: Te
     return (total / denom if reduction == Reduction.MEAN else total).to(input.dtype)
 
 
-def _finish_grads(grads: dict, denom: Tensor, reduction: Reduction, input, linear_weight, linear_bias):
-    """The summed-loss gradients divided by the "mean" denominator, in the parameters' dtypes. With
-    no counted row they are 0 (not 0 / 0), as nn.CrossEntropyLoss's."""
-    scale = torch.where(denom == 0, 0.0, 1.0 / denom) if reduction == Reduction.MEAN else None
+def _finish_grads(grads: dict, denom: Tensor, reduction: Reduction, input, linear_weight, linear_bias,
+                  logit_scale: float):
+    """The summed-loss gradients times the logit scale, divided by the "mean" denominator, in the
+    parameters' dtypes. With no counted row they are 0 (not 0 / 0), as nn.CrossEntropyLoss's."""
+    if reduction == Reduction.MEAN:
+        scale = torch.where(denom == 0, 0.0, logit_scale / denom)
+    else:
+        scale = None if logit_scale == 1.0 else torch.tensor(logit_scale, dtype=denom.dtype, device=denom.device)
     out = []
     for key, like in (("input", input), ("weight", linear_weight), ("bias", linear_bias)):
         if key not in grads:
@@ -253,7 +277,7 @@ def _finish_grads(grads: dict, denom: Tensor, reduction: Reduction, input, linea
 
 @linear_forward.register_fake
 def _linear_forward_fake(input, linear_weight, linear_bias, target, weight, ce_weight_t, epg_weight_t, scalars,
-                         ignore_index, flags, chunk_size, needs, backend, token_weight):
+                         ignore_index, flags, chunk_size, needs, backend, token_weight, logit_scale, softcap):
     reduced = flags & Flag.REDUCTION != Reduction.NONE
     acc = accumulation_dtype(input.dtype)
     n_rows = input.shape[0]
@@ -270,25 +294,26 @@ def _linear_forward_fake(input, linear_weight, linear_bias, target, weight, ce_w
 def linear_backward(grad_loss: Tensor, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
                     target: Tensor, weight: Optional[Tensor], ce_weight_t: Optional[Tensor],
                     epg_weight_t: Optional[Tensor], scalars: List[float], ignore_index: int, flags: int,
-                    chunk_size: int, needs: int, backend: str, stats: Tensor,
-                    denom: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+                    chunk_size: int, needs: int, backend: str, stats: Tensor, denom: Tensor, logit_scale: float,
+                    softcap: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of a per-row loss for the per-row upstream gradient
     grad_loss (N,), recomputing each chunk's logits; empty where `needs` does not ask."""
     kernels: KernelBackend = REGISTRY[backend]
     grads = _grad_buffers(input, linear_weight, linear_bias, needs)
-    chunks = _Chunks(input, linear_weight, linear_bias, chunk_size)
+    chunks = _Chunks(input, linear_weight, linear_bias, chunk_size, logit_scale, softcap)
     for start, end in chunks.bounds(input.shape[0]):
         x_c = chunks.x[start:end]
         grad = kernels.backward(grad_loss[start:end], chunks.logits(x_c), target[start:end], weight, ce_weight_t,
                                 epg_weight_t, scalars, ignore_index, flags, stats[:, start:end].contiguous(), denom,
                                 out=chunks.grad_out(end - start))
-        _add_chunk_grads(chunks, grad, x_c, grads, slice(start, end))
-    return tuple(_finish_grads(grads, denom, Reduction.NONE, input, linear_weight, linear_bias))
+        _add_chunk_grads(chunks, chunks.through_softcap_(grad), x_c, grads, slice(start, end))
+    return tuple(_finish_grads(grads, denom, Reduction.NONE, input, linear_weight, linear_bias, logit_scale))
 
 
 @linear_backward.register_fake
 def _linear_backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight, ce_weight_t, epg_weight_t,
-                          scalars, ignore_index, flags, chunk_size, needs, backend, stats, denom):
+                          scalars, ignore_index, flags, chunk_size, needs, backend, stats, denom, logit_scale,
+                          softcap):
     shapes = [(Need.GRAD_INPUT, input), (Need.GRAD_WEIGHT, linear_weight), (Need.GRAD_BIAS, linear_bias)]
     return tuple(like.new_empty(like.shape) if needs & need and like is not None else _empty(input)
                  for need, like in shapes)
@@ -296,7 +321,7 @@ def _linear_backward_fake(grad_loss, input, linear_weight, linear_bias, target, 
 
 def _setup_context(ctx, inputs, output) -> None:
     (input, linear_weight, linear_bias, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags,
-     chunk_size, needs, backend, token_weight) = inputs
+     chunk_size, needs, backend, token_weight, logit_scale, softcap) = inputs
     loss, stats, grad_input, grad_weight, grad_bias, denom = output
     ctx.reduced = flags & Flag.REDUCTION != Reduction.NONE
     ctx.has_bias = linear_bias is not None
@@ -304,7 +329,7 @@ def _setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(grad_input, grad_weight, grad_bias)
         return
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, ce_weight_t, epg_weight_t, stats, denom)
-    ctx.options = (scalars, ignore_index, flags, chunk_size, needs, backend)
+    ctx.options = (scalars, ignore_index, flags, chunk_size, needs, backend, logit_scale, softcap)
 
 
 def _scaled(grad: Tensor, grad_loss: Tensor) -> Optional[Tensor]:
@@ -322,12 +347,12 @@ def _backward(ctx, grad_loss, grad_stats, *unused):
         grads = [_scaled(g, grad_loss) for g in ctx.saved_tensors]
     else:
         input, linear_weight, linear_bias, target, weight, a_t, b_t, stats, denom = ctx.saved_tensors
-        scalars, ignore_index, flags, chunk_size, needs, backend = ctx.options
+        scalars, ignore_index, flags, chunk_size, needs, backend, logit_scale, softcap = ctx.options
         grads = linear_backward(grad_loss, input, linear_weight, linear_bias, target, weight, a_t, b_t, scalars,
-                                ignore_index, flags, chunk_size, needs, backend, stats, denom)
+                                ignore_index, flags, chunk_size, needs, backend, stats, denom, logit_scale, softcap)
         grads = [None if _is_placeholder(g) else g for g in grads]
     grad_input, grad_weight, grad_bias = grads
-    return (grad_input, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 11
+    return (grad_input, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 13
 
 
 linear_forward.register_autograd(_backward, setup_context=_setup_context)

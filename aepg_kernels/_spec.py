@@ -239,6 +239,19 @@ def check_chunk_size(chunk_size) -> Optional[int]:
     return chunk_size
 
 
+def check_logit_transform(logit_scale, softcap) -> Tuple[float, float]:
+    """(logit_scale, softcap) as the linear op takes them: softcap 0.0 for none."""
+    scale = check_real_number("logit_scale", logit_scale)
+    if scale == 0:
+        raise ValueError("logit_scale must be a non-zero finite number, got 0")
+    if softcap is None:
+        return scale, 0.0
+    cap = check_real_number("softcap", softcap)
+    if cap <= 0:
+        raise ValueError(f"softcap must be a positive number or None, got {cap}")
+    return scale, cap
+
+
 def prepare_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options: Options,
                    need_entropy: bool):
     """Validates a call of the linear op (see the module docstring) and returns its rows: input
@@ -288,5 +301,5 @@ def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> Non
 
 
 __all__ = ["Call", "Options", "check_coefficient", "check_coefficient_devices", "check_coefficients", "check_options",
-           "check_chunk_size", "check_real_number", "check_target_range", "is_plain_call", "prepare", "prepare_linear",
+           "check_chunk_size", "check_logit_transform", "check_real_number", "check_target_range", "is_plain_call", "prepare", "prepare_linear",
            "widen_targets"]

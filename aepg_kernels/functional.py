@@ -7,14 +7,15 @@ Per row, with index targets (docs/math.md):
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _linear, _row_terms
 from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, Reduction, Stat, accumulation_dtype
-from ._spec import Options, check_chunk_size, check_options, check_target_range, prepare, prepare_linear
+from ._spec import (Options, check_chunk_size, check_logit_transform, check_options, check_target_range, prepare,
+                    prepare_linear)
 from .backends import KernelBackend, resolve
 
 
@@ -97,8 +98,8 @@ def linear_policy_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, 
                        ce_weight: Coefficient = 1.0, epg_weight: Coefficient = 0.0, entropy_weight: float = 0.0,
                        label_smoothing: float = 0.0, focal_gamma: float = 0.0, weight: Optional[Tensor] = None,
                        ignore_index: int = -100, reduction: str = "mean", token_weight: Optional[Tensor] = None,
-                       loss_value: str = "policy", chunk_size: Optional[int] = None, backend: str = "auto",
-                       return_stats: bool = False):
+                       loss_value: str = "policy", logit_scale: float = 1.0, softcap: Optional[float] = None,
+                       chunk_size: Optional[int] = None, backend: str = "auto", return_stats: bool = False):
     """``policy_loss(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits:
     they are computed chunk by chunk (docs/math.md section 6), so an LM head over 32k-256k tokens
     costs a few chunks of memory, not (N, V).
@@ -108,6 +109,9 @@ def linear_policy_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, 
         linear_weight: (V, H), the parameter itself (tied embeddings get their gradient).
         target: class indices of shape input.shape[:-1].
         linear_bias: (V,) or None.
+        logit_scale, softcap: the logits are softcap tanh(logit_scale (input W^T + b) / softcap)
+            (Gemma's final-logit softcapping; softcap=None: logit_scale (input W^T + b)).
+        token_weight, loss_value: as in ``policy_loss``, shaped like the target.
         chunk_size: rows per chunk; by default the fp32 logits of a chunk are about 16 MiB or the
             input's size, whichever is larger. Results do not depend on it beyond rounding.
         backend: the row kernels ("auto", "cpu", "cuda", "triton"); "eager" materialises the logits
@@ -116,12 +120,13 @@ def linear_policy_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, 
     """
     options = check_options(entropy_weight, label_smoothing, focal_gamma, ignore_index, reduction)
     return run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options,
-                      check_chunk_size(chunk_size), backend, return_stats, _row_terms.check(token_weight, loss_value))
+                      check_chunk_size(chunk_size), backend, return_stats, _row_terms.check(token_weight, loss_value),
+                      check_logit_transform(logit_scale, softcap))
 
 
 def run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options: Options,
                chunk_size: Optional[int], backend: str, return_stats: bool,
-               terms: Optional[_row_terms.RowTerms] = None):
+               terms: Optional[_row_terms.RowTerms] = None, transform: Tuple[float, float] = (1.0, 0.0)):
     """`linear_policy_loss` with its options validated already (the module keeps them)."""
     x, y, weight, packed, row_shape = prepare_linear(input, linear_weight, linear_bias, target, weight, ce_weight,
                                                      epg_weight, options, return_stats)
@@ -129,7 +134,7 @@ def run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg
                                                                            input.device)
     kernels = resolve(backend, input.device)
     if not isinstance(kernels, KernelBackend):  # the reference: the logits, materialised
-        logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
+        logits = _transformed(torch.nn.functional.linear(x, linear_weight, linear_bias), *transform)
         terms = None if terms is None else terms._replace(token_weight=token_weight)
         return _reshaped(run(logits, y, weight, ce_weight, epg_weight, options, backend, return_stats, terms),
                          row_shape)
@@ -142,7 +147,7 @@ def run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg
     needs = _linear.needs_of(x, linear_weight, linear_bias, compact=not (return_stats or dft_value))
     op_weight = token_weight.to(accumulation_dtype(x.dtype)) if reduced and token_weight is not None else None
     loss, stats, *_ = torch.ops.aepg.linear_forward(x, linear_weight, linear_bias, y, weight, *packed, chunk_size,
-                                                    needs, kernels.name, op_weight)
+                                                    needs, kernels.name, op_weight, *transform)
     if dft_value:
         correction = _row_terms.dft_correction(stats, _row_terms.epg_coefficient((x, y, weight, *packed)))
         if reduced and token_weight is not None:  # the op weighted its rows already
@@ -151,6 +156,13 @@ def run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg
     if not reduced and token_weight is not None:
         loss = (loss.to(stats.dtype) * token_weight.to(stats.dtype)).to(loss.dtype)
     return _with_stats(loss, stats, return_stats, row_shape)
+
+
+def _transformed(logits: Tensor, logit_scale: float, softcap: float) -> Tensor:
+    """The reference logit transform (the linear op applies it chunk by chunk)."""
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
 
 
 def _reshaped(out, row_shape):

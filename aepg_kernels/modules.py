@@ -11,7 +11,7 @@ from . import _row_terms
 from ._contract import pack
 from ._spec import check_coefficient_devices, check_coefficients, check_options, is_plain_call
 from .backends import resolve
-from ._spec import check_chunk_size
+from ._spec import check_chunk_size, check_logit_transform
 from .functional import aepg_coefficients, run, run_linear
 from .schedules import AlphaSchedule
 
@@ -136,17 +136,22 @@ class LinearPolicyLoss(PolicyLoss):
     `chunk_size`."""
 
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, *, chunk_size: Optional[int] = None, **kwargs):
+                 label_smoothing: float = 0.0, *, chunk_size: Optional[int] = None, logit_scale: float = 1.0,
+                 softcap: Optional[float] = None, **kwargs):
         super().__init__(weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                          **kwargs)
         self.chunk_size = check_chunk_size(chunk_size)
+        check_logit_transform(logit_scale, softcap)
+        self.logit_scale, self.softcap = logit_scale, softcap
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor] = None,
                 return_stats: bool = False, token_weight: Optional[Tensor] = None):
         ce_weight, epg_weight = self._coefficients()
         return run_linear(input, linear_weight, linear_bias, target, self.weight, ce_weight, epg_weight,
                           self._options, check_chunk_size(self.chunk_size), self.backend, return_stats,
-                          _row_terms.check(token_weight, self.loss_value))
+                          _row_terms.check(token_weight, self.loss_value),
+                          check_logit_transform(self.logit_scale, self.softcap))
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", chunk_size={self.chunk_size}"
+        return (super().extra_repr() + f", chunk_size={self.chunk_size}, logit_scale={self.logit_scale}, "
+                f"softcap={self.softcap}")

@@ -296,3 +296,38 @@ def test_gradient_buffers_are_checked(backend):
     loss, stats, grad, denom = REGISTRY[backend].forward(*call[:-1], flags, out=out)
     assert grad.data_ptr() == out.data_ptr()
     torch.testing.assert_close(out * 4, torch.softmax(logits, 1) - F.one_hot(target, 6))  # "mean" of 4 rows
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("logit_scale,softcap", [(0.5, None), (1.0, 3.0), (2.0, 1.5)])
+def test_logit_scale_and_softcap(backend, reduction, logit_scale, softcap):
+    """softcap tanh(logit_scale z / softcap) inside the chunks, with its chain rule, equals the
+    transform applied to the materialised logits (Gemma's final-logit softcapping)."""
+    x, w, b, y = _case(bias=True, ignore_every=4)
+    kwargs = dict(ce_weight=0.5, epg_weight=0.5, entropy_weight=0.25, reduction=reduction)
+
+    def materialised(x, w, b, y, **kw):
+        z = F.linear(x, w, b) * logit_scale
+        z = softcap * torch.tanh(z / softcap) if softcap else z
+        return ak.policy_loss(z, y, backend="eager", **kw)
+
+    out, grads = _loss_and_grads(_fused, x, w, b, y, chunk_size=7, backend=backend, logit_scale=logit_scale,
+                                 softcap=softcap, **kwargs)
+    ref_out, ref_grads = _loss_and_grads(materialised, x, w, b, y, **kwargs)
+    _assert_same(out, grads, ref_out, ref_grads, 1e-10)
+    eager = ak.linear_policy_loss(x, w, y, linear_bias=b, backend="eager", logit_scale=logit_scale, softcap=softcap,
+                                  **kwargs)
+    torch.testing.assert_close(eager, ref_out, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [(dict(softcap=0.0), "softcap must be a positive"),
+                                            (dict(softcap=-1.0), "softcap must be a positive"),
+                                            (dict(logit_scale=0.0), "logit_scale must be a non-zero"),
+                                            (dict(logit_scale=float("inf")), "logit_scale")])
+def test_bad_logit_transform(kwargs, pattern):
+    x, w, _, y = _case()
+    with pytest.raises(ValueError, match=pattern):
+        ak.linear_policy_loss(x, w, y, **kwargs)
+    with pytest.raises(ValueError, match=pattern):
+        ak.LinearPolicyLoss(**kwargs)
