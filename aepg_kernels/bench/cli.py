@@ -4,6 +4,7 @@ Liger-Kernel, on this machine; and what swapping nn.CrossEntropyLoss for ak.Poli
 
     aepg-bench [--suite quick|cpu|gpu] [--out FILE.json] [filters...]
     aepg-bench --suite overhead [--threads T] [--repeats R] [--shapes NxC,...] [--modes fwd+bwd,fwd]
+    aepg-bench --suite llm [--threads T] [--repeats R] [--shapes NxHxV,...] [--losses ce,dft,aepg]
     aepg-bench trainer-step [--batch B] [--classes 100,21843] [--out FILE.json]
     python -m aepg_kernels.bench ...
 
@@ -27,10 +28,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import implementations, machine, metrics, overhead, report, runner, timing, trainer_step
+from . import implementations, llm, machine, metrics, overhead, report, runner, timing, trainer_step
 from .correctness import GATE_MAX_ELEMENTS, GATE_REFERENCE, TOLERANCE
 from .sweeps import (DTYPES, LOSSES, MODES, OVERHEAD_MODES, SUITES, Case, check_names, grid, overhead_cases,
-                     parse_shapes)
+                     parse_head_shapes, parse_shapes)
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 INTERRUPTED = 130  # the exit status of a run stopped by SIGINT (128 + 2), its numbers written
@@ -47,7 +48,8 @@ def bench_parser() -> argparse.ArgumentParser:
                         help="quick: the main job on this device; cpu: the CPU table; gpu: the full GPU sweep; "
                              "overhead: us per call of nn.CrossEntropyLoss() vs ak.PolicyLoss() vs aEPG on the "
                              "CPU, interleaved (1 thread unless --threads), plus host time on CUDA tensors when "
-                             "CUDA is available")
+                             "CUDA is available; llm: an LM head (fused linear + loss) vs eager, torch.compile "
+                             "and F.linear_cross_entropy, time and peak memory")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="overhead suite: its table is always on the CPU; cpu also skips the CUDA host time")
     parser.add_argument("--implementations", type=_csv, default=None,
@@ -67,7 +69,8 @@ def bench_parser() -> argparse.ArgumentParser:
                         help="CPU intra-op threads (torch.set_num_threads; the overhead suite's default is 1)")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"overhead suite: interleaved rounds per case (default: as many as fit in "
-                             f"~{overhead.CASE_SECONDS:g} s, {overhead.MIN_SAMPLES}-{overhead.MAX_SAMPLES})")
+                             f"~{overhead.CASE_SECONDS:g} s, {overhead.MIN_SAMPLES}-{overhead.MAX_SAMPLES}); "
+                             f"llm suite: interleaved rounds (default {llm.REPEATS})")
     parser.add_argument("--no-graphs", action="store_true", help="GPU: skip the CUDA-graph timing of small shapes")
     parser.add_argument("--no-profile", action="store_true", help="GPU: skip counting kernel launches")
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
@@ -159,6 +162,8 @@ def run_bench(argv: Sequence[str]) -> int:
     device = resolve_device(parser, args.device)
     if SUITES[args.suite]().kind == "overhead":
         return run_overhead(parser, args, argv, device)
+    if SUITES[args.suite]().kind == "llm":
+        return run_llm(parser, args, argv, device)
     if args.repeats is not None:
         parser.error("--repeats: for --suite overhead only")
     if args.implementations:
@@ -347,15 +352,87 @@ def finish_overhead(document: dict, json_path: Path, interrupted: bool) -> int:
     if interrupted:
         print(f"interrupted: writing the {len(records)} records measured so far", flush=True)
     document["complete"] = not interrupted
-    print(f"wrote {report.write_json(json_path, document)}")
-    md = json_path.with_suffix(".md")
-    md.write_text(text + "\n")
-    print(f"wrote {md}")
+    write_json_and_markdown(document, json_path, text)
     if interrupted:
         return INTERRUPTED
     ours = {row.name for row in overhead.ROWS[1:]}
     return int(any(r["status"] == "error" or r["rows"].get(name, {}).get("status") == "failed check"
                    for r in records for name in ours))
+
+
+def llm_selection(parser: argparse.ArgumentParser, args, device: torch.device):
+    """(cases, implementations) of --suite llm after its filters; usage errors for bad names."""
+    try:
+        losses = check_names("losses", args.losses, llm.LOSS_NAMES) if args.losses else llm.LOSS_NAMES
+        dtypes = check_names("dtypes", args.dtypes, ("fp32", "bf16", "fp16")) if args.dtypes else ("fp32", "bf16")
+        names = check_names("implementations", args.implementations, llm.IMPL_NAMES) if args.implementations else None
+        shapes = parse_head_shapes(args.shapes) if args.shapes else llm.SHAPES
+    except ValueError as error:
+        parser.error(str(error))
+    if args.modes and args.modes != ["fwd+bwd"]:
+        parser.error("--modes: --suite llm times fwd+bwd only")
+    wanted = [impl for impl in llm.IMPLS if names is None or impl.name in names or impl.name == llm.EAGER]
+    return llm.cases(shapes, dtypes, losses), wanted
+
+
+def write_json_and_markdown(document: dict, json_path: Path, text: str) -> None:
+    """FILE.json and FILE.md (the markdown tables `text`) beside it."""
+    print(f"wrote {report.write_json(json_path, document)}")
+    md = json_path.with_suffix(".md")
+    md.write_text(text + "\n")
+    print(f"wrote {md}")
+
+
+def run_llm(parser: argparse.ArgumentParser, args, argv: Sequence[str], device: torch.device) -> int:
+    """--suite llm: every case in order (llm.py), FILE.json rewritten after each, FILE.md (the two
+    tables) at the end; 1 when ours fails its gate or raises. Eager always runs (the reference)."""
+    for name in ("threads", "repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    cases, wanted = llm_selection(parser, args, device)
+    if args.list:
+        print("\n".join(case.label for case in cases))
+        return 0
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    impls = [impl for impl in wanted if not llm.unavailable(impl, device)]
+    info = machine.describe(device)
+    repeats = args.repeats or llm.REPEATS
+    print(f"aepg-bench --suite llm: {len(cases)} cases on {machine.title(info)}, {repeats} repeats (min reported)")
+    not_run = {impl.name: llm.unavailable(impl, device) for impl in wanted if llm.unavailable(impl, device)}
+    for name, why in not_run.items():
+        print(f"  not run: {name} ({why})")
+    json_path = output_path(args.out, f"{device_tag(info)}-llm")
+    document = {"suite": "llm", "argv": list(argv), "command": " ".join(["aepg-bench", *argv]), "complete": False,
+                "machine": info, "settings": llm.settings(device, repeats), "implementations": [i.name for i in impls],
+                "not_run": not_run, "records": []}
+
+    def case_done(record):
+        print(llm.progress_line(record), flush=True)
+        document["records"].append(record)
+        report.write_json(json_path, document)
+
+    start = datetime.datetime.now()
+    try:
+        llm.run(cases, impls, device, repeats, args.max_seconds, case_done)
+        interrupted = False
+    except KeyboardInterrupt:
+        interrupted = True
+        document["interrupted"] = "KeyboardInterrupt: the cases after the last record did not run"
+    records = document["records"]
+    llm.add_ratios(records)
+    document["targets"] = llm.target_summary(records)
+    document["wall_seconds"] = (datetime.datetime.now() - start).total_seconds()
+    document["complete"] = not interrupted
+    text = llm.markdown(records)
+    print("\n" + text + "\n")
+    for line in llm.summary_lines(document["targets"]):
+        print(line)
+    write_json_and_markdown(document, json_path, text)
+    if interrupted:
+        return INTERRUPTED
+    return int(any(r.get("status") == "error" or r["impls"].get(llm.OURS, {}).get("status") in ("failed check", "error")
+                   for r in records))
 
 
 def run_trainer_step(argv: Sequence[str]) -> int:

@@ -211,7 +211,14 @@ def overhead_suite() -> Suite:
                  _unique(overhead_cases()), kind="overhead")
 
 
-SUITES = {"quick": quick_suite, "cpu": cpu_suite, "gpu": gpu_suite, "overhead": overhead_suite}
+def llm_suite() -> Suite:
+    """An LM head, F.linear + loss without the (N, V) logits vs eager, torch.compile and
+    F.linear_cross_entropy; its cases (N x H x V) are llm.cases, not Case."""
+    return Suite("llm", "fused linear + loss (an LM head) vs eager, compile and F.linear_cross_entropy", (),
+                 kind="llm")
+
+
+SUITES = {"quick": quick_suite, "cpu": cpu_suite, "gpu": gpu_suite, "overhead": overhead_suite, "llm": llm_suite}
 
 
 def parse_shapes(text: str) -> List[Tuple[int, int]]:
@@ -222,6 +229,17 @@ def parse_shapes(text: str) -> List[Tuple[int, int]]:
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise ValueError(f"--shapes: expected NxC with positive integers (e.g. 4096x1000), got {item!r}")
         shapes.append((int(parts[0]), int(parts[1])))
+    return shapes
+
+
+def parse_head_shapes(text: str) -> List[Tuple[int, int, int]]:
+    """'2048x256x128256,64x16x256' -> [(2048, 256, 128256), (64, 16, 256)] (N x H x V of --suite llm)."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--shapes: expected NxHxV with positive integers (e.g. 2048x256x128256), got {item!r}")
+        shapes.append((int(parts[0]), int(parts[1]), int(parts[2])))
     return shapes
 
 
