@@ -112,7 +112,7 @@ def linear_policy_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, 
         logit_scale, softcap: the logits are softcap tanh(logit_scale (input W^T + b) / softcap)
             (Gemma's final-logit softcapping; softcap=None: logit_scale (input W^T + b)).
         token_weight, loss_value: as in ``policy_loss``, shaped like the target.
-        chunk_size: rows per chunk; by default the fp32 logits of a chunk are about 16 MiB or the
+        chunk_size: rows per chunk; by default the fp32 logits of a chunk are about 64 MiB or the
             input's size, whichever is larger. Results do not depend on it beyond rounding.
         backend: the row kernels ("auto", "cpu", "cuda", "triton"); "eager" materialises the logits
             (the reference).

@@ -243,9 +243,9 @@ def test_the_logits_are_never_materialised():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     extra_mib = float(done.stdout.split()[-1])
-    # The weight's gradient and its fp32 accumulator (4 MiB each), a chunk's logits and their
-    # gradient (16 MiB each, reused from chunk to chunk): about 40 MiB, not 512 MiB.
-    assert extra_mib < 96, extra_mib
+    # The weight's gradient (4 MiB), a chunk's logits and their gradient (64 MiB each, reused from
+    # chunk to chunk): about 140 MiB, not the 512 MiB of the logits (and 3 GiB for the eager path).
+    assert extra_mib < 200, extra_mib
 
 
 @pytest.mark.parametrize("call,error,pattern", [
