@@ -121,6 +121,17 @@ inline at::vec::Vectorized<T> exp2_of(const at::vec::Vectorized<T>& x) {
 }
 #endif
 
+// select(condition, if_true(), if_false()) that evaluates one side only where the condition is a
+// scalar bool (a libm call that a row does not need is not made); vectors evaluate both.
+template <class F, class G>
+AEPG_HD auto choose(bool condition, const F& if_true, const G& if_false) {
+  return condition ? if_true() : if_false();
+}
+template <class M, class F, class G>
+AEPG_HD auto choose(const M& condition, const F& if_true, const G& if_false) {
+  return select(condition, if_true(), if_false());
+}
+
 template <class T>
 AEPG_HD T nan_of() {
   return std::numeric_limits<T>::quiet_NaN();
@@ -239,7 +250,7 @@ AEPG_HD void focal_factors(V om, V p_y, V logp_y, T gamma, V& om_pow, V& w_focal
 // digits of a log S close to 0; otherwise directly. zm_y = z_y - m.
 template <class V>
 AEPG_HD V log_p_target(V zm_y, V log_s, V om) {
-  return select(om < V(0.5f), log1p_of(-om), zm_y - log_s);
+  return choose(om < V(0.5f), [&] { return log1p_of(-om); }, [&] { return zm_y - log_s; });
 }
 
 // zm_y = z_y - m from the full-precision target logit, w_y the target's class weight.

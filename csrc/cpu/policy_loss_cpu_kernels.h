@@ -340,11 +340,13 @@ inline bool stream_grad(const KernelArgs& args) {
 // the rows' chains are independent and the results cost a few vector instructions per row.
 constexpr int kBlockRows = 16;
 
-// With a gradient the block's exponentials (and converted logits) stay in buffers until phase 3:
-// fewer rows per block for long rows, so that those stay in cache (32 KiB each).
+// With a gradient, phase 3 reads the block's exponentials (and converted logits) again: a block
+// of long rows would leave L1 between the phases (measured at 4096 x 1000 fp32, 8 rows a block:
+// 552 -> 676 ns a row), so rows longer than kMaxBlockCols go one at a time, results in scalars.
+constexpr int64_t kMaxBlockCols = 256;
+
 inline int block_rows(const KernelArgs& args) {
-  if (!args.grad) return kBlockRows;
-  return static_cast<int>(std::clamp<int64_t>(8192 / std::max<int64_t>(args.n_cols, 1), 1, kBlockRows));
+  return args.grad && args.n_cols > kMaxBlockCols ? 1 : kBlockRows;
 }
 
 // Per-row values of a block, one array per field so that phase 2 loads a vector of rows.
@@ -372,43 +374,69 @@ AEPG_ALWAYS_INLINE void put_row(Block<T>& b, int r, const RowSums<T>& sums, T m,
   b.target[r] = target;
 }
 
-// The sums of the block's rows j .. j + W (the fields this call uses; the others 0).
-template <class T>
-AEPG_ALWAYS_INLINE RowSums<Vectorized<T>> block_sums(const Block<T>& b, int j, const LossParams<T>& p) {
-  using V = Vectorized<T>;
+// Rows j .. j + lanes of a block's array as V: a vector of rows, or one row's scalar (V = T).
+template <class V, class T>
+AEPG_ALWAYS_INLINE V lanes_at(const T* values) {
+  if constexpr (std::is_same_v<V, T>) {
+    return *values;
+  } else {
+    return V::loadu(values);
+  }
+}
+
+template <class V, class T>
+AEPG_ALWAYS_INLINE void store_lanes(const V& v, T* out, int lanes) {
+  if constexpr (std::is_same_v<V, T>) {
+    *out = v;
+  } else {
+    v.store(out, lanes);
+  }
+}
+
+template <class V>
+constexpr int lanes_of() {
+  if constexpr (std::is_arithmetic_v<V>) {
+    return 1;
+  } else {
+    return V::size();
+  }
+}
+
+// The sums of the block's rows j .. j + lanes (the fields this call uses; the others 0).
+template <class V, class T>
+AEPG_ALWAYS_INLINE RowSums<V> block_sums(const Block<T>& b, int j, const LossParams<T>& p) {
   RowSums<V> sums = RowSums<V>::zero();
-  sums.s = V::loadu(b.s + j), sums.s_other = V::loadu(b.s_other + j);
-  if (p.entropy) sums.t = V::loadu(b.t + j);
-  if (p.prob_target) sums.u = V::loadu(b.u + j), sums.pq = V::loadu(b.pq + j), sums.wq = V::loadu(b.wq + j);
-  if (p.smoothing || p.prob_target) sums.zs = V::loadu(b.zs + j), sums.wq_smooth = V::loadu(b.wq_smooth + j);
+  sums.s = lanes_at<V>(b.s + j), sums.s_other = lanes_at<V>(b.s_other + j);
+  if (p.entropy) sums.t = lanes_at<V>(b.t + j);
+  if (p.prob_target) sums.u = lanes_at<V>(b.u + j), sums.pq = lanes_at<V>(b.pq + j), sums.wq = lanes_at<V>(b.wq + j);
+  if (p.smoothing || p.prob_target) sums.zs = lanes_at<V>(b.zs + j), sums.wq_smooth = lanes_at<V>(b.wq_smooth + j);
   return sums;
 }
 
-// Phase 2: the results and statistics of rows i0 .. i0 + count, W rows a vector; with a gradient
-// also the rows' gradient coefficients. Lanes past `count` hold earlier rows' values (never
-// stored).
-template <class T>
+// Phase 2: the results and statistics of rows i0 .. i0 + count, a vector of rows at a time (V =
+// Vectorized<T>) or one row (V = T); with a gradient also the rows' gradient coefficients. Lanes
+// past `count` hold earlier rows' values (never stored).
+template <class V, class T>
 AEPG_ALWAYS_INLINE void block_results(const KernelArgs& args, Block<T>& b, int64_t i0, int count, T g_scale,
                                       const LossParams<T>& p) {
-  using V = Vectorized<T>;
-  constexpr int W = V::size();
+  constexpr int W = lanes_of<V>();
   T* stats = static_cast<T*>(args.stats);
   T* loss = static_cast<T*>(args.loss);
   for (int j = 0; j < count; j += W) {
     const int lanes = std::min(W, count - j);
-    auto store = [&](const V& v, T* out) AEPG_LAMBDA_INLINE { v.store(out, lanes); };
-    const RowSums<V> sums = block_sums(b, j, p);
-    const V m = V::loadu(b.m + j);
-    const RowResults<V> r = row_results(sums, V::loadu(b.zm_y + j), V::loadu(b.w_y + j), p);
+    auto store = [&](const V& v, T* out) AEPG_LAMBDA_INLINE { store_lanes(v, out, lanes); };
+    const RowSums<V> sums = block_sums<V>(b, j, p);
+    const V m = lanes_at<V>(b.m + j);
+    const RowResults<V> r = row_results(sums, lanes_at<V>(b.zm_y + j), lanes_at<V>(b.w_y + j), p);
     const V zero(T(0));
-    const RowStats<V> st = row_stats<T>(V::loadu(b.counted + j) != zero, V::loadu(b.bad + j) != zero, m, r);
+    const RowStats<V> st = row_stats<T>(lanes_at<V>(b.counted + j) != zero, lanes_at<V>(b.bad + j) != zero, m, r);
     store(st.loss, loss + i0 + j);
     for_each_stat(st, [&](int stat, const V& v) AEPG_LAMBDA_INLINE { store(v, stats + stat * args.n_rows + i0 + j); });
     if (!args.grad) continue;
     const GradCoefficients<V> c = grad_coefficients(V(g_scale), r.entropy, r.p_target, r.logp_y, r.aux,
                                                     r.sample_weight, r.row_weight, p);
-    c.c_p.store(b.c_p + j), c.c_e.store(b.c_e + j), c.c_w.store(b.c_w + j), c.g_y.store(b.g_y + j);
-    c.entropy.store(b.entropy + j), r.log_s.store(b.log_s + j), (V(T(1)) / sums.s).store(b.inv_s + j);
+    store(c.c_p, b.c_p + j), store(c.c_e, b.c_e + j), store(c.c_w, b.c_w + j), store(c.g_y, b.g_y + j);
+    store(c.entropy, b.entropy + j), store(r.log_s, b.log_s + j), store(V(T(1)) / sums.s, b.inv_s + j);
   }
 }
 
@@ -426,8 +454,7 @@ void forward_rows(const KernelArgs& args, const LossParams<T>& params, int64_t b
   const bool stream = same && args.grad && stream_grad(args);
   const int rows = block_rows(args);
   // Phase 3 reads the block's logits again: with a gradient each row keeps its converted copy.
-  const int64_t z_rows = args.grad ? rows : 1;
-  std::vector<T> z_buffer(same ? 0 : z_rows * n), e_buffer(args.grad ? rows * n : 0);
+  std::vector<T> z_buffer(same ? 0 : (args.grad ? rows : 1) * n), e_buffer(args.grad ? rows * n : 0);
   const T* weight = M == Mode::kGeneric ? static_cast<const T*>(args.weight) : nullptr;
   const T g_scale = mean_scale<T>(args);
   Block<T> b{};  // lanes past a partial block read zeros or earlier rows, never garbage
@@ -436,19 +463,26 @@ void forward_rows(const KernelArgs& args, const LossParams<T>& params, int64_t b
   auto z_of = [&](int r) { return same ? nullptr : z_buffer.data() + (args.grad ? r * n : 0); };
   auto e_of = [&](int r) { return args.grad ? e_buffer.data() + r * n : nullptr; };
 
+  // The next row's lines that phase 1 has not prefetched (a partial last vector) are prefetched
+  // by the gradient pass.
+  Prefetcher pf;
   for (int64_t i0 = begin; i0 < end; i0 += rows) {
     const int count = static_cast<int>(std::min<int64_t>(rows, end - i0));
     for (int r = 0; r < count; ++r) {
       const int64_t i = i0 + r;
       const RowTarget target = row_target(args, i);
       const Row<T> row{row_in_acc(x_of(i), n, z_of(r)), weight, q_of(i)};
-      Prefetcher pf = prefetcher(i + 1 < end ? x_of(i + 1) : nullptr, n);
+      pf = prefetcher(i + 1 < end ? x_of(i + 1) : nullptr, n);
       const T m = safe_ref(row_max(row.z, n));
       const RowSums<T> sums = row_sums(row, m, n, target.y, e_of(r), pf, p);
       const T zm_y = target.y >= 0 ? row.z[target.y] - m : -m;
       put_row(b, r, sums, m, zm_y, target_weight<T>(args, target), target, p);
     }
-    block_results(args, b, i0, count, g_scale, p);
+    if (rows == 1) {
+      block_results<T>(args, b, i0, count, g_scale, p);
+    } else {
+      block_results<Vectorized<T>>(args, b, i0, count, g_scale, p);
+    }
     if (!args.grad) continue;
     for (int r = 0; r < count; ++r) {
       const int64_t i = i0 + r;
@@ -461,9 +495,7 @@ void forward_rows(const KernelArgs& args, const LossParams<T>& params, int64_t b
       const Row<T> row{same ? reinterpret_cast<const T*>(x_of(i)) : z_of(r), weight, q_of(i)};
       T* e = e_of(r);
       T* values = same && !stream ? reinterpret_cast<T*>(out) : e;  // e is read before it is overwritten
-      Prefetcher none;
-      grad_row(row, e, b.inv_s[r], b.m[r], b.log_s[r], target.y, n, row_coefficients(b, r, g_scale, p), p, none,
-               values);
+      grad_row(row, e, b.inv_s[r], b.m[r], b.log_s[r], target.y, n, row_coefficients(b, r, g_scale, p), p, pf, values);
       store_grad_row(out, values, target, n, stream);
     }
   }
