@@ -79,23 +79,43 @@ AEPG_HD RowTarget row_target(const KernelArgs& args, int64_t i) {
   return {counted && in_range ? y : -1, counted, counted && !in_range};
 }
 
-// Writes every per-row output of row i: ignored rows get 0 loss and weights, out-of-range
-// targets NaN (as backends/triton/_tiles.py store_row_stats).
+// Every per-row output of a row (or of a vector of rows, V as in row_results): ignored rows get
+// 0 loss and weights, out-of-range targets NaN (as backends/triton/_tiles.py store_row_stats).
+// M is bool, or a vector mask of V.
+template <class V>
+struct RowStats {
+  V loss, lse, entropy, p_target, sample_weight, row_weight, aux, row_max, log_sum;
+};
+
+template <class T, class V, class M>
+AEPG_HD RowStats<V> row_stats(M counted, M bad, V m, const RowResults<V>& r) {
+  const V nan(nan_of<T>()), zero(T(0));
+  auto masked = [&](V value) { return select(bad, nan, select(counted, value, zero)); };
+  return {masked(r.loss), m + r.log_s, r.entropy, masked(r.p_target), masked(r.sample_weight),
+          select(counted, r.row_weight, zero), select(counted, r.aux, zero), m, r.log_s};
+}
+
+// Calls store(stat, value) for each of the (kNumStats, n_rows) statistics (not the loss).
+template <class V, class Store>
+AEPG_HD void for_each_stat(const RowStats<V>& s, const Store& store) {
+  store(kLse, s.lse);
+  store(kEntropy, s.entropy);
+  store(kPTarget, s.p_target);
+  store(kSampleWeight, s.sample_weight);
+  store(kRowWeight, s.row_weight);
+  store(kAux, s.aux);
+  store(kRowMax, s.row_max);
+  store(kLogSum, s.log_sum);
+}
+
+// Writes every per-row output of row i.
 template <class T>
 AEPG_HD void store_row_stats(const KernelArgs& args, int64_t i, const RowTarget& target, T m, const RowResults<T>& r) {
-  const T nan = nan_of<T>();
-  const int64_t n_rows = args.n_rows;
+  const RowStats<T> s = row_stats<T>(target.counted, target.bad, m, r);
+  static_cast<T*>(args.loss)[i] = s.loss;
   T* stats = static_cast<T*>(args.stats);
-  auto masked = [&](T value) { return target.bad ? nan : target.counted ? value : T(0); };
-  static_cast<T*>(args.loss)[i] = masked(r.loss);
-  stats[kLse * n_rows + i] = m + r.log_s;
-  stats[kEntropy * n_rows + i] = r.entropy;
-  stats[kPTarget * n_rows + i] = masked(r.p_target);
-  stats[kSampleWeight * n_rows + i] = masked(r.sample_weight);
-  stats[kRowWeight * n_rows + i] = target.counted ? r.row_weight : T(0);
-  stats[kAux * n_rows + i] = target.counted ? r.aux : T(0);
-  stats[kRowMax * n_rows + i] = m;
-  stats[kLogSum * n_rows + i] = r.log_s;
+  const int64_t n_rows = args.n_rows;
+  for_each_stat(s, [&](int stat, T value) { stats[stat * n_rows + i] = value; });
 }
 
 // The target's class weight (1 for probability targets, 0 without an in-range target).

@@ -102,7 +102,35 @@ inline at::vec::Vectorized<T> select(const at::vec::Vectorized<T>& condition, co
                                      const at::vec::Vectorized<T>& if_false) {
   return at::vec::Vectorized<T>::blendv(if_false, if_true, condition);
 }
+// The per-row results of several rows at once (one row a lane): Sleef, 1 ulp, as libm.
+template <class T>
+inline at::vec::Vectorized<T> log_of(const at::vec::Vectorized<T>& x) {
+  return x.log();
+}
+template <class T>
+inline at::vec::Vectorized<T> log1p_of(const at::vec::Vectorized<T>& x) {
+  return x.log1p();
+}
+template <class T>
+inline at::vec::Vectorized<T> log2_of(const at::vec::Vectorized<T>& x) {
+  return x.log2();
+}
+template <class T>
+inline at::vec::Vectorized<T> exp2_of(const at::vec::Vectorized<T>& x) {
+  return x.exp2();
+}
 #endif
+
+// select(condition, if_true(), if_false()) that evaluates one side only where the condition is a
+// scalar bool (a libm call that a row does not need is not made); vectors evaluate both.
+template <class F, class G>
+AEPG_HD auto choose(bool condition, const F& if_true, const G& if_false) {
+  return condition ? if_true() : if_false();
+}
+template <class M, class F, class G>
+AEPG_HD auto choose(const M& condition, const F& if_true, const G& if_false) {
+  return select(condition, if_true(), if_false());
+}
 
 template <class T>
 AEPG_HD T nan_of() {
@@ -195,6 +223,9 @@ AEPG_HD void add(RowSums<T>& acc, const RowSums<T>& other) {
 }
 
 // ---- per-row results -------------------------------------------------------------------------
+// Templates over V like add_element: a scalar (one row), or on the CPU a vector whose lanes are
+// rows, so that the kernels evaluate these expressions once for a block of rows. Conditions on
+// values are `select`s (both sides are evaluated); the flags of LossParams stay branches.
 template <class T>
 struct RowResults {
   T loss;           // before the ignore/out-of-range masking
@@ -208,56 +239,56 @@ struct RowResults {
 };
 
 // (1 - p)^g and the focal sample weight (1-p)^g (1 - g p log p / (1 - p)); gamma > 0.
-template <class T>
-AEPG_HD void focal_factors(T om, T p_y, T logp_y, T gamma, T& om_pow, T& w_focal) {
-  om_pow = exp2_of(gamma * log2_of(om));  // om = 0 gives exp2(-inf) = 0
-  const T ratio = om > T(0) ? logp_y / om : T(-1);
-  w_focal = om_pow * (T(1) - gamma * p_y * ratio);
+template <class T, class V>
+AEPG_HD void focal_factors(V om, V p_y, V logp_y, T gamma, V& om_pow, V& w_focal) {
+  om_pow = exp2_of(V(gamma) * log2_of(om));  // om = 0 gives exp2(-inf) = 0
+  const V ratio = select(om > V(T(0)), logp_y / om, V(T(-1)));
+  w_focal = om_pow * (V(T(1)) - V(gamma) * p_y * ratio);
 }
 
 // log p_y from 1 - p_y (om) when p_y > 1/2: for confident rows (z_y - m) - log S would lose the
 // digits of a log S close to 0; otherwise directly. zm_y = z_y - m.
-template <class T>
-AEPG_HD T log_p_target(T zm_y, T log_s, T om) {
-  return om < T(0.5) ? log1p_of(-om) : zm_y - log_s;
+template <class V>
+AEPG_HD V log_p_target(V zm_y, V log_s, V om) {
+  return choose(om < V(0.5f), [&] { return log1p_of(-om); }, [&] { return zm_y - log_s; });
 }
 
 // zm_y = z_y - m from the full-precision target logit, w_y the target's class weight.
 // Logs are relative to m, so shifted rows (z ~ 1e4) lose nothing.
-template <class T>
-AEPG_HD RowResults<T> row_results(const RowSums<T>& sums, T zm_y, T w_y, const LossParams<T>& p) {
-  RowResults<T> r;
+template <class T, class V>
+AEPG_HD RowResults<V> row_results(const RowSums<V>& sums, V zm_y, V w_y, const LossParams<T>& p) {
+  RowResults<V> r;
   r.log_s = log_of(sums.s);
-  r.entropy = p.entropy ? r.log_s - sums.t / sums.s : nan_of<T>();
-  const T inv_s = T(1) / sums.s;
+  r.entropy = p.entropy ? V(r.log_s - sums.t / sums.s) : V(nan_of<T>());
+  const V inv_s = V(T(1)) / sums.s;
   if (p.prob_target) {
-    const T wq_total = sums.wq;
-    const T ce = ((T(1) - p.eps) * wq_total + p.eps / p.n_cols * p.w_total) * r.log_s - sums.zs;
+    const V wq_total = sums.wq;
+    const V ce = (V(T(1) - p.eps) * wq_total + V(p.eps / p.n_cols * p.w_total)) * r.log_s - sums.zs;
     r.aux = sums.u * inv_s;  // sum_k w_k q_k p_k
     r.p_target = sums.pq * inv_s;
-    r.loss = p.a * ce + p.b * (wq_total - r.aux);
-    if (p.entropy) r.loss += p.beta * wq_total * r.entropy;
-    r.sample_weight = p.a * (T(1) - p.eps) + p.b * r.p_target;
-    r.logp_y = T(0);
+    r.loss = V(p.a) * ce + V(p.b) * (wq_total - r.aux);
+    if (p.entropy) r.loss = r.loss + V(p.beta) * wq_total * r.entropy;
+    r.sample_weight = V(p.a * (T(1) - p.eps)) + V(p.b) * r.p_target;
+    r.logp_y = V(T(0));
     r.row_weight = wq_total;
     return r;
   }
   r.aux = sums.s_other * inv_s;  // 1 - p_y, exact near p_y = 1
   r.logp_y = log_p_target(zm_y, r.log_s, r.aux);
   r.p_target = exp_of(r.logp_y);
-  T ce = -r.logp_y;
-  T w_focal = T(1);
+  V ce = -r.logp_y;
+  V w_focal(T(1));
   if (p.focal) {
-    T om_pow;
+    V om_pow;
     focal_factors(r.aux, r.p_target, r.logp_y, p.gamma, om_pow, w_focal);
     ce = om_pow * ce;
   }
-  T loss = p.a * (T(1) - p.eps) * ce + p.b * r.aux;
-  if (p.entropy) loss += p.beta * r.entropy;
+  V loss = V(p.a * (T(1) - p.eps)) * ce + V(p.b) * r.aux;
+  if (p.entropy) loss = loss + V(p.beta) * r.entropy;
   loss = w_y * loss;
-  if (p.smoothing) loss += p.a * p.eps / p.n_cols * (p.w_total * r.log_s - sums.zs);
+  if (p.smoothing) loss = loss + V(p.a * p.eps / p.n_cols) * (V(p.w_total) * r.log_s - sums.zs);
   r.loss = loss;
-  r.sample_weight = p.a * (T(1) - p.eps) * w_focal + p.b * r.p_target;
+  r.sample_weight = V(p.a * (T(1) - p.eps)) * w_focal + V(p.b) * r.p_target;
   r.row_weight = w_y;
   return r;
 }
@@ -273,26 +304,27 @@ struct GradCoefficients {
 };
 
 // From the saved statistics: entropy, p_target, sample_weight, aux, row_weight (see RowResults).
-template <class T>
-AEPG_HD GradCoefficients<T> grad_coefficients(T g_row, T entropy, T p_y, T logp_y, T aux, T sample_weight,
-                                              T row_weight, const LossParams<T>& p) {
-  GradCoefficients<T> c;
+template <class T, class V>
+AEPG_HD GradCoefficients<V> grad_coefficients(V g_row, V entropy, V p_y, V logp_y, V aux, V sample_weight,
+                                              V row_weight, const LossParams<T>& p) {
+  GradCoefficients<V> c;
   c.entropy = entropy;
-  c.a = g_row * p.a;
-  c.b = g_row * p.b;
+  c.a = g_row * V(p.a);
+  c.b = g_row * V(p.b);
+  const V zero(T(0));
   if (p.prob_target) {
-    c.c_p = g_row * (p.a * ((T(1) - p.eps) * row_weight + p.eps / p.n_cols * p.w_total) + p.b * aux);
-    c.c_e = g_row * p.beta * row_weight;
-    c.c_w = T(0);
-    c.g_y = T(0);
+    c.c_p = g_row * (V(p.a) * (V(T(1) - p.eps) * row_weight + V(p.eps / p.n_cols * p.w_total)) + V(p.b) * aux);
+    c.c_e = g_row * V(p.beta) * row_weight;
+    c.c_w = zero;
+    c.g_y = zero;
     return c;
   }
-  const T w_y = row_weight;
-  const T c_w = p.a * p.eps / p.n_cols;
-  const T c_e = w_y * p.beta;
-  T g_y = -w_y * sample_weight * aux + c_w * (p.w_total * p_y - w_y);
-  if (p.entropy_term) g_y -= c_e * (p_y > T(0) ? p_y * (logp_y + entropy) : T(0));
-  c.c_p = g_row * (w_y * sample_weight + c_w * p.w_total);
+  const V w_y = row_weight;
+  const V c_w(p.a * p.eps / p.n_cols);
+  const V c_e = w_y * V(p.beta);
+  V g_y = -w_y * sample_weight * aux + c_w * (V(p.w_total) * p_y - w_y);
+  if (p.entropy_term) g_y = g_y - c_e * select(p_y > zero, p_y * (logp_y + entropy), zero);
+  c.c_p = g_row * (w_y * sample_weight + c_w * V(p.w_total));
   c.c_e = g_row * c_e;
   c.c_w = g_row * c_w;
   c.g_y = g_row * g_y;

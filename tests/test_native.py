@@ -94,6 +94,25 @@ def test_cpu_kernel_matches_eager(dtype, n, c, member, reduction):
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 33])
+@pytest.mark.parametrize("c", [10, 100, 600, 9000])
+@pytest.mark.parametrize("member", ["ce", "ep", "focal", "combo"])
+def test_cpu_kernel_blocks_of_rows(dtype, n, c, member):
+    """The forward computes the results of a block of 16 rows together in vector lanes (one row at a
+    time with the gradient beyond C = 256: C = 600, 9000): partial and full blocks, ignored rows at
+    a block's first and last position, int32 targets, the fast modes (no class weights)."""
+    torch.manual_seed(n * 7 + c)
+    x = (torch.randn(n, c, dtype=torch.float64) * 3).to(dtype)
+    y = torch.randint(0, c, (n,), dtype=torch.int32)
+    y[[i for i in (0, 15, 16, n - 1) if i < n and n > 1]] = -100
+    rtol, atol = TOLERANCES[dtype]
+    for reduction in ("mean", "none"):
+        g = torch.rand(n, dtype=torch.float64).to(dtype) if reduction == "none" else None
+        _assert_matches_eager(x, y, g, rtol=rtol, atol=atol, reduction=reduction, **FAMILY[member])
+
+
+@needs_cpu
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 @pytest.mark.parametrize("n,c", [(9, 7), (3, 1001)])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
