@@ -96,3 +96,15 @@ def test_bad_names_are_usage_errors():
         with pytest.raises(SystemExit) as error:
             cli.main(["--suite", "llm", *argv])
         assert error.value.code == 2
+
+
+def test_low_precision_gate_follows_pytorchs_own_error():
+    """bf16: an implementation passes when no worse than twice the eager composite's error (at
+    least the fixed tolerance); fp32 keeps the fixed tolerance; the eager row is the yardstick."""
+    from aepg_kernels.bench import llm
+    from aepg_kernels.bench.correctness import TOLERANCE
+
+    assert llm.gate_tolerance("fp32", {"max_error": 0.5}) == TOLERANCE["fp32"]
+    assert llm.gate_tolerance("bf16", None) is None
+    assert llm.gate_tolerance("bf16", {"max_error": 0.03}) == pytest.approx(0.06)
+    assert llm.gate_tolerance("bf16", {"max_error": 1e-4}) == TOLERANCE["bf16"]
