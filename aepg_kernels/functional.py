@@ -26,9 +26,21 @@ class LossStats(NamedTuple):
     p_target: Tensor       # p_y, or sum_k q_k p_k for probability targets; 0 for ignored rows
     sample_weight: Tensor  # the factor of (p - e_y) in the gradient: a(1-eps) w_focal + b p_y
     lse: Tensor            # log sum_k exp(z_k)
+    p_max: Tensor          # max_k p_k = 1 / sum_k exp(z_k - max z): the target is the argmax where p_target is it
+
+    def target_is_argmax(self, rtol: float = 1e-5) -> Tensor:
+        """Per row, whether the target has the largest probability (token accuracy): p_target
+        within a relative `rtol` of p_max, so that ties and rounding count as correct. False for
+        ignored rows (p_target 0)."""
+        return self.p_target >= self.p_max * (1 - rtol)
 
 
-_STAT_ROWS = (Stat.ENTROPY, Stat.P_TARGET, Stat.SAMPLE_WEIGHT, Stat.LSE)  # LossStats' fields
+_STAT_ROWS = (Stat.ENTROPY, Stat.P_TARGET, Stat.SAMPLE_WEIGHT, Stat.LSE)  # LossStats' fields read as they are
+
+
+def _loss_stats(stats: Tensor) -> LossStats:
+    """LossStats of the op's stats (NUM_STATS, R): the rows as they are, p_max from log S."""
+    return LossStats(*(stats[key] for key in _STAT_ROWS), torch.exp(-stats[Stat.LOG_SUM]))
 
 
 def policy_loss(input: Tensor, target: Tensor, *, ce_weight: Coefficient = 1.0, epg_weight: Coefficient = 0.0,
@@ -53,7 +65,7 @@ def policy_loss(input: Tensor, target: Tensor, *, ce_weight: Coefficient = 1.0, 
         loss_value: "policy" (the family's values) or "dft": the EPG term reports DFT's value
             -sg(p_y) log p_y, its gradient unchanged (index targets only).
         backend: "auto", "triton", "cuda", "cpu" or "eager" (see ``available_backends()``).
-        return_stats: also return ``LossStats`` (entropy, p_target, sample_weight, lse) per row.
+        return_stats: also return ``LossStats`` (entropy, p_target, sample_weight, lse, p_max) per row.
     """
     options = check_options(entropy_weight, label_smoothing, focal_gamma, ignore_index, reduction)
     return run(input, target, weight, ce_weight, epg_weight, options, backend, return_stats,
@@ -89,9 +101,10 @@ def _with_stats(loss: Tensor, stats: Tensor, return_stats: bool, row_shape: Opti
         loss = loss.reshape(row_shape)
     if not return_stats:
         return loss
+    loss_stats = _loss_stats(stats)
     if row_shape is None:
-        return loss, LossStats(*(stats[key] for key in _STAT_ROWS))
-    return loss, LossStats(*(stats[key].reshape(row_shape) for key in _STAT_ROWS))
+        return loss, loss_stats
+    return loss, LossStats(*(field.reshape(row_shape) for field in loss_stats))
 
 
 def linear_policy_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,

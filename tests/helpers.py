@@ -14,7 +14,7 @@ KERNEL_BACKENDS = [b for b in ak.available_backends() if b in ("triton", "cuda",
 if DEVICE == "cpu" and "triton" in ak.available_backends() and not triton_interpreter():
     KERNEL_BACKENDS.remove("triton")
 ALL_BACKENDS = ["eager"] + KERNEL_BACKENDS
-STATS = ak.LossStats._fields  # entropy, p_target, sample_weight, lse
+STATS = ak.LossStats._fields  # entropy, p_target, sample_weight, lse, p_max
 
 # The loss family of docs/math.md section 1, as policy_loss keyword arguments.
 FAMILY = {

@@ -512,7 +512,8 @@ def test_poisoned_outputs_are_all_written(monkeypatch, path, member):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_return_stats(backend, reduction):
-    """LossStats: per-row shape, no gradient; lse = logsumexp, entropy = -(p log p).sum,
+    """LossStats: per-row shape, no gradient; lse = logsumexp, p_max = max p (argmax = target for
+    the counted rows the model gets right), entropy = -(p log p).sum,
     p_target = p_y and sample_weight = alpha + (1 - alpha) p_y for aEPG, both 0 when ignored."""
     x = logits(8, 10)
     y = index_targets(8, 10, ignore_index=-100)
@@ -524,6 +525,8 @@ def test_return_stats(backend, reduction):
     counted = y != -100
     p_y = torch.where(counted, p.gather(-1, y.clamp_min(0)[:, None]).squeeze(-1), 0.0)
     torch.testing.assert_close(stats.lse, torch.logsumexp(z, -1))
+    torch.testing.assert_close(stats.p_max, p.amax(-1))
+    assert torch.equal(stats.target_is_argmax(), counted & (z.argmax(-1) == y))
     torch.testing.assert_close(stats.entropy, -(p * p.log()).sum(-1))
     torch.testing.assert_close(stats.p_target, p_y)
     torch.testing.assert_close(stats.sample_weight, torch.where(counted, 0.3 + 0.7 * p_y, 0.0))
