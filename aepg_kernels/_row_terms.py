@@ -81,6 +81,10 @@ def reduce(rows: Tensor, stats: Tensor, reduction: int, prob_target: bool) -> Te
     return total / (rows.shape[0] if prob_target else stats[Stat.ROW_WEIGHT].sum())
 
 
+def _weighted(rows: Tensor, token_weight: Optional[Tensor]) -> Tensor:
+    return rows if token_weight is None else rows * token_weight.to(rows.dtype)
+
+
 def apply(rows: Tensor, stats: Tensor, call, terms: RowTerms, token_weight: Optional[Tensor], reduction: int,
           prob_target: bool) -> Tensor:
     """The loss from the op's per-row losses `rows`: the DFT value, the token weights, the
@@ -88,6 +92,14 @@ def apply(rows: Tensor, stats: Tensor, call, terms: RowTerms, token_weight: Opti
     dtype, rows = rows.dtype, rows.to(stats.dtype)
     if terms.dft_value:
         rows = rows + dft_correction(stats, epg_coefficient(call))
-    if token_weight is not None:
-        rows = rows * token_weight.to(stats.dtype)
-    return reduce(rows, stats, reduction, prob_target).to(dtype)
+    return reduce(_weighted(rows, token_weight), stats, reduction, prob_target).to(dtype)
+
+
+def apply_to_reduced(loss: Tensor, stats: Tensor, call, terms: RowTerms, token_weight: Optional[Tensor],
+                     reduction: int) -> Tensor:
+    """`apply` for an op that weighted and reduced its rows itself (the linear op, index targets):
+    the reduced loss plus the DFT value's correction, weighted and reduced the same way."""
+    if not terms.dft_value:
+        return loss
+    correction = _weighted(dft_correction(stats, epg_coefficient(call)), token_weight)
+    return loss + reduce(correction, stats, reduction, False).to(loss.dtype)

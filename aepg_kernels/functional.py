@@ -161,13 +161,10 @@ def run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg
     op_weight = token_weight.to(accumulation_dtype(x.dtype)) if reduced and token_weight is not None else None
     loss, stats, *_ = torch.ops.aepg.linear_forward(x, linear_weight, linear_bias, y, weight, *packed, chunk_size,
                                                     needs, kernels.name, op_weight, *transform)
-    if dft_value:
-        correction = _row_terms.dft_correction(stats, _row_terms.epg_coefficient((x, y, weight, *packed)))
-        if reduced and token_weight is not None:  # the op weighted its rows already
-            correction = correction * token_weight.to(correction.dtype)
-        loss = loss + _row_terms.reduce(correction, stats, options[4], False).to(loss.dtype)
-    if not reduced and token_weight is not None:
-        loss = (loss.to(stats.dtype) * token_weight.to(stats.dtype)).to(loss.dtype)
+    if terms is not None:
+        call = (x, y, weight, *packed)
+        loss = (_row_terms.apply_to_reduced(loss, stats, call, terms, token_weight, options[4]) if reduced
+                else _row_terms.apply(loss, stats, call, terms, token_weight, options[4], False))
     return _with_stats(loss, stats, return_stats, row_shape)
 
 
