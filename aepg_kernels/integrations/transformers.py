@@ -81,10 +81,15 @@ LOSSES: Dict[str, dict] = {
     "aepg": {},
     "policy": {},
 }
-OPTIONS = ("entropy_weight", "label_smoothing", "focal_gamma", "loss_value", "backend", "chunk_size")
 _COEFFICIENTS = ("ce_weight", "epg_weight")
+# linear_policy_loss's keyword options less those the patch sets itself (from the model, the labels
+# and the Trainer): the options a loss takes, read from the op's signature
+_SET_BY_PATCH = {"linear_bias", "weight", "ignore_index", "reduction", "token_weight", "logit_scale", "softcap",
+                 "return_stats", *_COEFFICIENTS}
+OPTIONS = tuple(name for name, p in inspect.signature(ak.linear_policy_loss).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and name not in _SET_BY_PATCH)
 
-LOGITS_MODES = ("eval", "never", "always")  # when the patched forward also returns the logits
+LOGITS_MODES = ("never", "eval", "always")  # when the patched forward also returns the logits
 
 
 class Objective:
@@ -98,6 +103,10 @@ class Objective:
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise TypeError(f"loss={loss!r} takes the options {', '.join(allowed)}; got {', '.join(unknown)}")
+        clashes = sorted(name for name in set(options) & set(LOSSES[loss]) if options[name] != LOSSES[loss][name])
+        if clashes:
+            raise ValueError(f"loss={loss!r} sets {', '.join(f'{n}={LOSSES[loss][n]!r}' for n in clashes)}; "
+                             f'use loss="policy" for other values')
         if loss == "aepg":
             if (schedule is None) == (alpha is None):
                 raise ValueError('loss="aepg" needs exactly one of schedule= (an AlphaSchedule) or alpha= (a float)')
@@ -150,7 +159,11 @@ _OFF, _HAND_OVER, _KEEP = "off", "hand over", "keep"  # what the head does with 
 
 class CausalLMPatch:
     """The state of a patched model: its loss, the forwards to restore and the running statistics
-    of the counted tokens (entropy, p_y, accuracy) per mode, read and reset by `pop_stats`."""
+    of the counted tokens (entropy, p_y, accuracy) per mode, read and reset by `pop_stats`.
+
+    The model and its head are given bound forwards that find this patch through the module
+    (`module._aepg_patch`), so that a deep copy of a patched model (a reference or EMA model) is a
+    patched copy, with its own patch, calling its own originals."""
 
     def __init__(self, model: nn.Module, head: nn.Linear, objective: Objective, logits: str, track_stats: bool):
         self.model, self.head, self.objective = model, head, objective
@@ -160,46 +173,65 @@ class CausalLMPatch:
         self._capture, self._hidden = _OFF, None
         self._totals: Dict[str, Tensor] = {}  # "train" / "eval" -> tokens, entropy, p_y, correct: summed, on device
         self.calls = 0  # forwards with labels: a trainer that computes its own loss leaves it at 0
-        self._had_forward = "forward" in vars(model), "forward" in vars(head)
+        # the forwards in effect before (bound methods, or instance attributes such as TRL's or accelerate's)
+        self.original_forward, self.original_head_forward = model.forward, head.forward
+        self.model_had_own_forward, self.head_had_own_forward = "forward" in vars(model), "forward" in vars(head)
+        self._signature = inspect.signature(self.original_forward)
+        self._var_keyword = next((p.name for p in self._signature.parameters.values() if p.kind is p.VAR_KEYWORD),
+                                 None)
 
-    # the head's forward while patched: logits as before, or the hidden states handed over
-    def head_forward(self, original):
-        def forward(hidden_states: Tensor) -> Tensor:
-            if self._capture is _OFF:
-                return original(hidden_states)
-            self._hidden = hidden_states
-            if self._capture is _KEEP:
-                return original(hidden_states)
-            return hidden_states.new_empty((*hidden_states.shape[:-1], 0))  # the forward's logit ops run on nothing
-        return forward
+    def install(self) -> None:
+        for module, forward, original in ((self.model, _patched_model_forward, self.original_forward),
+                                          (self.head, _patched_head_forward, self.original_head_forward)):
+            module._aepg_patch = self
+            # a partial of the module: deepcopy and pickle rebind it to the copy
+            module.forward = functools.partial(forward, module)
+            module.forward.__signature__ = inspect.signature(original)  # the Trainer reads the input names
 
-    def model_forward(self, original):
-        signature = inspect.signature(original)
-        var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    def uninstall(self) -> None:
+        for module, had_own, original in ((self.model, self.model_had_own_forward, self.original_forward),
+                                          (self.head, self.head_had_own_forward, self.original_head_forward)):
+            if had_own:
+                module.forward = original
+            else:
+                del module.forward
+            del module._aepg_patch
 
-        @functools.wraps(original)
-        def forward(*args, **kwargs):
-            arguments = signature.bind(*args, **kwargs).arguments
-            arguments.update(arguments.pop(var_keyword, {}))
-            if arguments.pop("fused_lm_head", False):
-                raise TypeError("fused_lm_head=True asks for TRL's own fused LM head and loss, which would replace "
-                                "the patched loss: train with aepg_kernels.integrations.trl.PolicySFTTrainer")
-            labels = arguments.pop("labels", None)
-            if labels is None:
-                return original(*args, **kwargs)
-            self.calls += 1
-            return_dict = arguments.pop("return_dict", None)
-            if return_dict is None:
-                return_dict = getattr(self.model.config, "return_dict", True)
-            out = self._forward_with_loss(original, arguments, labels)
-            return out if return_dict else out.to_tuple()
-        return forward
+    def head_forward(self, hidden_states: Tensor) -> Tensor:
+        """The head while patched: the logits as before, or the hidden states handed over."""
+        if self._capture is _OFF:
+            return self.original_head_forward(hidden_states)
+        self._hidden = hidden_states
+        if self._capture is _KEEP:
+            return self.original_head_forward(hidden_states)
+        return hidden_states.new_empty((*hidden_states.shape[:-1], 0))  # the forward's logit ops run on nothing
 
-    def _forward_with_loss(self, original, arguments: dict, labels: Tensor):
+    def forward(self, *args, **kwargs):
+        """The model while patched: with labels, the original forward without them and the loss
+        from the hidden states; without labels, the original forward."""
+        arguments = self._signature.bind(*args, **kwargs).arguments
+        arguments.update(arguments.pop(self._var_keyword, {}))
+        if arguments.pop("fused_lm_head", False):
+            raise TypeError("fused_lm_head=True asks for TRL's own fused LM head and loss, which would replace "
+                            "the patched loss: train with aepg_kernels.integrations.trl.PolicySFTTrainer")
+        labels = arguments.pop("labels", None)
+        if labels is None:
+            return self.original_forward(*args, **kwargs)
+        self.calls += 1
+        return_dict = arguments.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.model.config, "return_dict", True)
+        out = self._forward_with_loss(arguments, labels)
+        if return_dict:
+            return out
+        values = out.to_tuple()  # which drops None: keep the logits' place, as the model's tuple has it
+        return values if out.logits is not None else values[:1] + (None,) + values[1:]
+
+    def _forward_with_loss(self, arguments: dict, labels: Tensor):
         keep = self.logits == "always" or (self.logits == "eval" and not self.model.training)
         self._capture = _KEEP if keep else _HAND_OVER
         try:
-            out = original(**arguments, labels=None, return_dict=True)
+            out = self.original_forward(**arguments, labels=None, return_dict=True)
             hidden = self._hidden
         finally:
             self._capture, self._hidden = _OFF, None
@@ -267,6 +299,14 @@ def token_means(totals: Optional[Tensor]) -> Dict[str, float]:
     return {} if tokens == 0 else {name: value / tokens for name, value in zip(STAT_NAMES, sums)}
 
 
+def _patched_model_forward(model: nn.Module, *args, **kwargs):
+    return model._aepg_patch.forward(*args, **kwargs)
+
+
+def _patched_head_forward(head: nn.Module, hidden_states: Tensor) -> Tensor:
+    return head._aepg_patch.head_forward(hidden_states)
+
+
 def _base_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (the patch goes on it), else the model."""
     if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
@@ -298,7 +338,7 @@ def _check_patchable(model: nn.Module) -> nn.Linear:
     return head
 
 
-def patch_causal_lm(model: nn.Module, loss: str = "dft", *, schedule=None, alpha=None, logits: str = "eval",
+def patch_causal_lm(model: nn.Module, loss: str = "dft", *, schedule=None, alpha=None, logits: str = "never",
                     track_stats: bool = False, ignore_index: int = IGNORE_INDEX, **options) -> CausalLMPatch:
     """Makes a transformers ``*ForCausalLM`` (or a PEFT model around one) compute its loss with the
     fused linear policy loss from the hidden states, never materialising the logits in training.
@@ -308,8 +348,9 @@ def patch_causal_lm(model: nn.Module, loss: str = "dft", *, schedule=None, alpha
         loss: "dft" (TRL's DFT: EPG's gradient, -sg(p_y) log p_y as the value), "ce", "epg",
             "aepg" (alpha CE + (1 - alpha) EPG; alpha from ``schedule`` or ``alpha``) or "policy"
             (``ce_weight`` / ``epg_weight`` from the options).
-        logits: when the patched forward also returns the logits: "eval" (in eval mode only, for
-            metrics that need them), "never" or "always".
+        logits: when a forward with labels also returns the logits: "never" (the loss only, also in
+            evaluation), "eval" (in eval mode, for a compute_metrics that needs them; they are then
+            materialised) or "always".
         track_stats: accumulate the counted tokens' entropy, p_y and accuracy, per mode (train /
             eval), for ``pop_stats`` (``AlphaScheduleCallback`` and ``PolicySFTTrainer`` turn it on).
         options: entropy_weight, label_smoothing, focal_gamma, loss_value, backend, chunk_size, as
@@ -324,9 +365,7 @@ def patch_causal_lm(model: nn.Module, loss: str = "dft", *, schedule=None, alpha
     objective = Objective(loss, schedule, alpha, ignore_index, **options)
     objective.check(head.weight)
     patch = CausalLMPatch(model, head, objective, logits, track_stats)
-    head.forward = patch.head_forward(head.forward)
-    model.forward = patch.model_forward(model.forward)
-    model._aepg_patch = patch
+    patch.install()
     return patch
 
 
@@ -336,18 +375,7 @@ def unpatch_causal_lm(model: nn.Module) -> None:
     patch = getattr(model, "_aepg_patch", None)
     if patch is None:
         raise ValueError(f"this {type(model).__name__} is not patched")
-    had_model_forward, had_head_forward = patch._had_forward
-    for module, had, wrapped in ((model, had_model_forward, model.forward), (patch.head, had_head_forward,
-                                                                              patch.head.forward)):
-        if had:
-            module.forward = _original_of(wrapped)
-        else:
-            del module.forward
-    del model._aepg_patch
-
-
-def _original_of(forward):
-    return forward.__wrapped__ if hasattr(forward, "__wrapped__") else forward
+    patch.uninstall()
 
 
 def get_patch(model: nn.Module) -> Optional[CausalLMPatch]:
@@ -383,7 +411,10 @@ class AlphaScheduleCallback(TrainerCallback):
     `task_steps` steps when given, and adds alpha and the patched loss's token statistics
     (entropy, mean_p_target, mean_token_accuracy: free from the kernel's stats) to the logs.
 
-    Either part is optional: `schedule=None` only logs the statistics, `patch=None` only steps."""
+    Either part is optional: `schedule=None` only logs the statistics, `patch=None` only steps.
+    With `task_steps`, the schedule's total_steps becomes task_steps. Add it with `attach(trainer)`,
+    which puts it before the reporting callbacks (TensorBoard, W&B, ...), so that they log its
+    values too; `Trainer(callbacks=[...])` puts it after them."""
 
     def __init__(self, schedule: Optional[ak.AlphaSchedule] = None, patch: Optional[CausalLMPatch] = None, *,
                  task_steps: Optional[int] = None):
@@ -393,6 +424,11 @@ class AlphaScheduleCallback(TrainerCallback):
                                        or task_steps < 1):
             raise ValueError(f"task_steps must be an int >= 1 or None, got {task_steps!r}")
         self.schedule, self.patch, self.task_steps = schedule, patch, task_steps
+
+    def attach(self, trainer) -> "AlphaScheduleCallback":
+        """Adds this callback to a Trainer ahead of the others (so its values reach the reporters)."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
 
     def on_train_begin(self, args, state, control, **kwargs):
         if getattr(args, "label_smoothing_factor", 0.0):

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .transformers import get_patch, patch_causal_lm, token_means
+from .transformers import STAT_NAMES, get_patch, patch_causal_lm, token_means
 
 try:
     from trl import SFTTrainer
@@ -59,14 +59,14 @@ class PolicySFTTrainer(SFTTrainer):
             inputs["output_router_logits"] = True
         loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         outputs = model(**inputs, **loss_kwargs)
-        loss = outputs["loss"]
+        loss, aux_loss = outputs["loss"], outputs.get("aux_loss")
+        if aux_loss is not None:  # the model added coef * aux: scaled apart below, as TRL scales it
+            aux_loss = self.patch.model.router_aux_loss_coef * aux_loss.to(loss.device)
+            loss = loss - aux_loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages: as TRL's
-        aux_loss = outputs.get("aux_loss")
-        if aux_loss is not None and num_items_in_batch is not None:
-            # the model adds coef * aux per micro-batch; TRL averages it over the accumulation steps
-            steps = self.current_gradient_accumulation_steps
-            loss = loss - self.patch.model.router_aux_loss_coef * aux_loss.to(loss.device) * (1 - 1 / steps)
+        if aux_loss is not None:  # a per-micro-batch mean: averaged over the accumulation steps
+            loss = loss + aux_loss / (self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1)
         self._log_token_stats(mode, inputs)
         return (loss, outputs) if return_outputs else loss
 
@@ -74,12 +74,15 @@ class PolicySFTTrainer(SFTTrainer):
         totals: Optional[torch.Tensor] = self.patch.pop_totals(mode)
         if totals is not None:
             means = token_means(self.accelerator.gather_for_metrics(totals))
-            for name in ("entropy", "mean_token_accuracy", "mean_p_target"):
+            for name in STAT_NAMES:
                 self._metrics[mode][name].append(means.get(name, 0.0))
         if mode == "train":
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
-            else:  # padding-free batches: one packed row
+            elif "position_ids" in inputs:  # padding-free batches: one packed row
                 local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            else:
+                raise ValueError("PolicySFTTrainer counts tokens from attention_mask or position_ids; the batch has "
+                                 f"neither (keys: {', '.join(sorted(inputs))})")
             self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]

@@ -115,17 +115,22 @@ def test_eval_keeps_logits_and_no_labels_falls_back():
     input_ids, labels = batch()
     with torch.no_grad():
         reference = model(input_ids=input_ids, labels=labels)
-    patch = patch_causal_lm(model, "ce")
-    model.eval()
+    patch = patch_causal_lm(model, "ce", logits="eval")
     with torch.no_grad():
+        assert model(input_ids=input_ids, labels=labels).logits is None  # training mode
+        model.eval()
         out = model(input_ids=input_ids, labels=labels)
         plain = model(input_ids=input_ids)
-        as_tuple = model(input_ids=input_ids, labels=labels, return_dict=False)
+        model.train()
+        as_tuple = model(input_ids=input_ids, labels=labels, use_cache=True, return_dict=False)
     torch.testing.assert_close(out.logits, reference.logits)
     torch.testing.assert_close(out.loss, reference.loss, rtol=RTOL, atol=0)
     torch.testing.assert_close(plain.logits, reference.logits)
-    assert plain.loss is None and patch.calls == 2
+    assert plain.loss is None and patch.calls == 3
+    # the model's tuple is (loss, logits, cache): the logits' place is kept, None
     torch.testing.assert_close(as_tuple[0], reference.loss, rtol=RTOL, atol=0)
+    assert as_tuple[1] is None and isinstance(as_tuple[2], transformers.Cache)
+    model.eval()
     generated = model.generate(input_ids[:1, :3], max_new_tokens=2, do_sample=False)
     assert generated.shape == (1, 5)
 
@@ -145,6 +150,25 @@ def test_aepg_follows_its_schedule_and_unpatch_restores():
     unpatch_causal_lm(model)
     assert "forward" not in vars(model) and "forward" not in vars(model.lm_head) and get_patch(model) is None
     assert model(input_ids=input_ids, labels=labels).logits.shape == (2, 9, VOCAB)
+
+
+def test_a_deep_copy_is_patched_on_its_own():
+    """copy.deepcopy of a patched model (a reference or EMA model) computes with its own weights."""
+    import copy
+    model = tiny_lm("llama")
+    input_ids, labels = batch()
+    patch = patch_causal_lm(model, "ce")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+        want = F.cross_entropy(twin.lm_head(twin.model(input_ids=input_ids).last_hidden_state)[:, :-1].flatten(0, 1),
+                               labels[:, 1:].flatten())
+        got = twin(input_ids=input_ids, labels=labels).loss
+    assert get_patch(twin) is not patch and get_patch(twin).model is twin and patch.calls == 0
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=0)
+    unpatch_causal_lm(twin)
+    assert get_patch(model) is patch
 
 
 def test_peft_lora_on_the_base_model():
@@ -236,6 +260,8 @@ def test_refuses_what_it_cannot_honour():
         patch_causal_lm(model, "aepg")
     with pytest.raises(TypeError, match="takes the options"):
         patch_causal_lm(model, "dft", reduction="sum")
+    with pytest.raises(ValueError, match="loss='dft' sets loss_value='dft'"):
+        patch_causal_lm(model, "dft", loss_value="policy")
     with pytest.raises(ValueError, match="label_smoothing"):  # the op's own message, at patch time
         patch_causal_lm(model, "ce", label_smoothing=2.0)
     with pytest.raises(ValueError, match="logits must be one of"):
@@ -264,6 +290,15 @@ class _Rows(torch.utils.data.Dataset):
         return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
 
 
+class _Reporter(transformers.TrainerCallback):
+    """Stands for a reporting integration: records the logs it is given."""
+
+    seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        type(self).seen.append(dict(logs))
+
+
 def test_trainer_steps_the_schedule_per_optimizer_step(tmp_path):
     """A few Trainer steps with gradient accumulation: the loss falls, the schedule steps once per
     optimizer step (not per micro-batch), the logs carry alpha, entropy and token accuracy."""
@@ -273,10 +308,12 @@ def test_trainer_steps_the_schedule_per_optimizer_step(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
                                           gradient_accumulation_steps=2, learning_rate=3e-2, logging_steps=2,
                                           save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(),
-                                   callbacks=[AlphaScheduleCallback(schedule, patch, task_steps=50)])
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[_Reporter])
+    AlphaScheduleCallback(schedule, patch, task_steps=50).attach(trainer)
     assert trainer.model_accepts_loss_kwargs
     trainer.train()
+    reported = [entry for entry in _Reporter.seen if "loss" in entry]
+    assert reported and all({"alpha", "entropy", "mean_token_accuracy"} <= entry.keys() for entry in reported)
     assert schedule.step_count == 6
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["alpha"] for entry in logs] == pytest.approx([1 - 2 / 50, 1 - 4 / 50, 1 - 6 / 50])

@@ -93,6 +93,27 @@ def test_policy_sft_trainer_trains_aepg_with_its_schedule(tmp_path, tokenizer, d
     assert logs[-1]["loss"] < logs[0]["loss"]
 
 
+@pytest.mark.parametrize("processes", [1, 4])
+def test_moe_aux_loss_scaled_as_trls(tmp_path, tokenizer, dataset, processes):
+    """A MoE model with the router's auxiliary loss, two accumulation steps, tokens averaged across
+    (faked) processes: PolicySFTTrainer's CE equals TRL's NLL (TRL scales the token loss by the
+    processes, the auxiliary loss by the accumulation steps)."""
+    def loss_of(trainer):
+        accelerator = trainer.accelerator
+        accelerator.__class__ = type("Faked", (type(accelerator),), {"num_processes": processes})
+        trainer.current_gradient_accumulation_steps = 2  # as the training loop sets it
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        trainer.model.train()
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, batch, num_items_in_batch=(batch["labels"][:, 1:] != -100).sum())
+    model = tiny_lm("mixtral")
+    reference = trl.SFTTrainer(model=copy.deepcopy(model), args=sft_config(tmp_path / "trl"), train_dataset=dataset,
+                               processing_class=tokenizer)
+    ours = PolicySFTTrainer(model=model, args=sft_config(tmp_path / "ours"), train_dataset=dataset,
+                            processing_class=tokenizer, policy="ce")
+    torch.testing.assert_close(loss_of(ours), loss_of(reference), rtol=RTOL, atol=0)
+
+
 def test_stock_sft_trainer_is_caught(tmp_path, tokenizer, dataset):
     """The stock SFTTrainer computes its own loss with the patched model: the callback stops it
     at the first log instead of letting it train silently."""
