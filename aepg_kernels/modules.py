@@ -11,6 +11,7 @@ from . import _row_terms
 from ._contract import pack
 from ._spec import check_coefficient_devices, check_coefficients, check_options, is_plain_call
 from .backends import resolve
+from .backends.native import NativeBackend
 from ._spec import check_chunk_size, check_logit_transform
 from .functional import aepg_coefficients, run, run_linear
 from .schedules import AlphaSchedule
@@ -54,28 +55,33 @@ class PolicyLoss(nn.Module):
                 _row_terms.check(None, value)
             elif name in ("ce_weight", "epg_weight"):
                 check_coefficients(**{"ce_weight": self.ce_weight, "epg_weight": self.epg_weight, name: value})
+            elif name == "backend":
+                self.__dict__["_eager"] = None
         super().__setattr__(name, value)
 
     def _check_options(self, **new) -> None:
         options = {name: new[name] if name in new else getattr(self, name) for name in self._OPTION_ORDER}
         self.__dict__["_options"] = check_options(**options)
-        self.__dict__["_packed"] = None
+        self.__dict__["_eager"] = None
 
     def _coefficients(self):
         return self.ce_weight, self.epg_weight
 
-    def _packed_hyperparameters(self):
-        """The op's hyperparameter arguments for a call without stats (see _contract.pack), packed
-        again only when the coefficients or the options change."""
+    def _eager_call(self, device: torch.device):
+        """(the backend's loss, the op's hyperparameter arguments for a call without stats (see
+        _contract.pack), whether the backend's operator checks the call itself) for an eager call
+        on `device`; made again only when the coefficients, the options, the backend or the
+        device change."""
         a, b = self._coefficients()
-        if torch.compiler.is_compiling():  # packed once per graph; a trace must not guard on the cache
-            return pack(*check_coefficients(a, b), *self._options, False, False)
-        cached = self.__dict__["_packed"]
-        if cached is not None and _same(cached[0], a) and _same(cached[1], b):
-            return cached[2]
+        cached = self.__dict__["_eager"]
+        if cached is not None and _same(cached[0], a) and _same(cached[1], b) and cached[2] == device:
+            return cached[3]
         packed = pack(*check_coefficients(a, b), *self._options, False, False)
-        self.__dict__["_packed"] = (a, b, packed)
-        return packed
+        check_coefficient_devices(packed[0], packed[1], device)
+        backend = resolve(self.backend, device)
+        call = (backend.loss, packed, isinstance(backend, NativeBackend))
+        self.__dict__["_eager"] = (a, b, device, call)
+        return call
 
     def forward(self, input: Tensor, target: Tensor, return_stats: bool = False,
                 token_weight: Optional[Tensor] = None):
@@ -85,13 +91,23 @@ class PolicyLoss(nn.Module):
             ce_weight, epg_weight = self._coefficients()
             return run(input, target, self.weight, ce_weight, epg_weight, self._options, self.backend, return_stats,
                        terms)
-        if not return_stats and self._buffers["weight"] is None and is_plain_call(input, target):
+        if (not return_stats and self._buffers["weight"] is None and input.__class__ is Tensor
+                and target.__class__ is Tensor and input.dim() == 2 and target.dim() == 1):
             # The common call in as few Python steps as possible: at classification shapes host
             # time is most of its cost (bench/README.md, suite "overhead").
-            packed = self._packed_hyperparameters()
-            if packed[0] is not None or packed[1] is not None:
+            if not torch.compiler.is_compiling():
+                loss, packed, checks_call = self._eager_call(input.device)
+                if checks_call:  # the native operator checks dtypes, shapes and devices itself
+                    try:
+                        return loss(input, target, None, *packed)[0]
+                    except RuntimeError:
+                        pass  # a call it refuses: the validating way below raises the typed error
+                elif is_plain_call(input, target):
+                    return loss(input, target, None, *packed)[0]
+            elif is_plain_call(input, target):  # packed once per graph, no cache to guard on
+                packed = pack(*check_coefficients(*self._coefficients()), *self._options, False, False)
                 check_coefficient_devices(packed[0], packed[1], input.device)
-            return resolve(self.backend, input.device).loss(input, target, None, *packed)[0]
+                return resolve(self.backend, input.device).loss(input, target, None, *packed)[0]
         ce_weight, epg_weight = self._coefficients()
         return run(input, target, self.weight, ce_weight, epg_weight, self._options, self.backend, return_stats)
 

@@ -300,3 +300,31 @@ def test_module_refuses_a_coefficient_on_another_device():
     criterion = ak.PolicyLoss(ce_weight=torch.tensor(0.5, device="meta"))
     with pytest.raises(ValueError, match=r"ce_weight must be on the input's device"):
         criterion(_x(), _y())
+
+
+@pytest.mark.parametrize("x,y", [
+    (_x(), _y().float()),                          # float class indices
+    (_x(), _y().to(torch.int16)),                  # an index dtype the op does not take
+    (_x().to(torch.int32), _y()),                  # integer logits
+    (_x(4, 0), _y(4, high=1)),                    # no classes
+    (_x(), _y()[:-1]),                             # one target short
+    (_x(), _y() + C),                              # a class index out of range
+], ids=["float-target", "int16-target", "int-logits", "no-classes", "short-target", "out-of-range"])
+def test_module_raises_the_typed_errors_of_a_call_its_operator_refuses(x, y):
+    """The module's eager call leaves dtypes, shapes and devices to the native operator; a call it
+    refuses gets the error that policy_loss raises for it, not the operator's."""
+    with pytest.raises(Exception) as expected:
+        ak.policy_loss(x, y)
+    with pytest.raises(type(expected.value)) as got:
+        ak.PolicyLoss()(x, y)
+    assert str(got.value) == str(expected.value)
+
+
+def test_module_follows_a_backend_assigned_after_a_call():
+    """The module keeps the backend of its eager calls until the backend is assigned again."""
+    x, y = _x(), _y()
+    criterion = ak.PolicyLoss()
+    criterion(x, y)
+    criterion.backend = "no such backend"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        criterion(x, y)

@@ -112,6 +112,42 @@ def test_cpu_kernel_blocks_of_rows(dtype, n, c, member):
         _assert_matches_eager(x, y, g, rtol=rtol, atol=atol, reduction=reduction, **FAMILY[member])
 
 
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c", [16, 100, 256, 257])
+@pytest.mark.parametrize("member", ["ce", "ep", "combo"])
+def test_cpu_short_rows_of_a_block_are_independent(dtype, c, member):
+    """Rows up to C = 256 are reduced a block of 16 at a time (the max and the sums of all its rows
+    in one shuffle tree; C = 257 goes row by row): each row's loss, statistics and gradient are
+    bitwise those of the row alone, with non-finite neighbours (a NaN, -inf entries, a row of
+    -inf, a row shifted by 1e4, ignored rows) in the same block and a partial last block."""
+    torch.manual_seed(c)
+    n = 37
+    x = (torch.randn(n, c, dtype=torch.float64) * 3).to(dtype)
+    x[2, c // 2] = float("nan")
+    x[5, ::3] = float("-inf")
+    x[7] = float("-inf")
+    x[20] += 1e4
+    y = torch.randint(0, c, (n,))
+    y[[9, 16, 36]] = -100
+    kw = dict(backend="cpu", return_stats=True, **FAMILY[member])
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    for reduction in ("none", "sum"):
+        leaf = x.clone().requires_grad_(True)
+        loss, stats = ak.policy_loss(leaf, y, reduction=reduction, **kw)
+        loss.sum().backward()
+        for i in range(n):
+            row = x[i:i + 1].clone().requires_grad_(True)
+            row_loss, row_stats = ak.policy_loss(row, y[i:i + 1], reduction=reduction, **kw)
+            row_loss.sum().backward()
+            if reduction == "none":
+                torch.testing.assert_close(loss[i:i + 1], row_loss, **exact)
+            for name in STATS:
+                torch.testing.assert_close(getattr(stats, name)[i:i + 1], getattr(row_stats, name), **exact,
+                                           msg=lambda m, name=name, i=i: f"row {i} {name}: {m}")
+            torch.testing.assert_close(leaf.grad[i:i + 1], row.grad, **exact, msg=lambda m, i=i: f"row {i}: {m}")
+
 @needs_cpu
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 @pytest.mark.parametrize("n,c", [(9, 7), (3, 1001)])

@@ -40,9 +40,11 @@
 #if defined(__GNUC__)
 #define AEPG_ALWAYS_INLINE inline __attribute__((always_inline))
 #define AEPG_LAMBDA_INLINE __attribute__((always_inline))
+#define AEPG_NOINLINE __attribute__((noinline))
 #else
 #define AEPG_ALWAYS_INLINE inline
 #define AEPG_LAMBDA_INLINE
+#define AEPG_NOINLINE
 #endif
 
 namespace aepg::cpu::CPU_CAPABILITY {
@@ -50,10 +52,20 @@ namespace {  // internal linkage: no calls through the PLT, and inlining decided
 
 using at::vec::Vectorized;
 
+// The lane-wise max and sum, as reduce_rows and vec_reduce_all take them.
+struct LaneMax {
+  template <class V>
+  AEPG_ALWAYS_INLINE V operator()(const V& a, const V& b) const { return at::vec::maximum(a, b); }
+};
+struct LaneSum {
+  template <class V>
+  AEPG_ALWAYS_INLINE V operator()(const V& a, const V& b) const { return a + b; }
+};
+
 // Sum of the lanes (a shuffle tree where ATen has one).
 template <class T>
 AEPG_ALWAYS_INLINE T horizontal_sum(const Vectorized<T>& v) {
-  return at::vec::vec_reduce_all<T>([](const Vectorized<T>& a, const Vectorized<T>& b) { return a + b; }, v);
+  return at::vec::vec_reduce_all<T>(LaneSum(), v);
 }
 
 // The lane sums of the fields this call uses (p is specialized: the tests fold away).
@@ -112,10 +124,11 @@ AEPG_ALWAYS_INLINE ElementTargets<Vectorized<T>> element_targets(const Row<T>& r
   return {w, q, wq, V(T(1) - p.eps) * wq + V(p.eps / p.n_cols) * w};
 }
 
-// The row max; NaN is skipped (a NaN row's results are NaN through its sums anyway). Four
-// independent lanes, so that the max's latency does not bound a pass that is in cache.
+// The row max in lanes: lane j is the max of the row's columns j mod W; NaN is skipped (a lane
+// that saw one is -inf; a NaN row's results are NaN through its sums anyway). Four independent
+// accumulators, so that the max's latency does not bound a pass that is in cache.
 template <class T>
-inline T row_max(const T* z, int64_t n) {
+AEPG_ALWAYS_INLINE Vectorized<T> row_max_lanes(const T* z, int64_t n) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -132,11 +145,47 @@ inline T row_max(const T* z, int64_t n) {
     const Vec lane = Vec::arange(T(0), 1);
     l1 = at::vec::maximum(l1, Vec::blendv(Vec(neg_inf), Vec::loadu(z + k, n - k), lane < Vec(T(n - k))));
   }
-  // A lane that saw a NaN is NaN and is skipped (-inf), then a shuffle tree: no branch on the data,
-  // which would mispredict at every level for random logits.
   const Vec l = at::vec::maximum(at::vec::maximum(l0, l1), at::vec::maximum(l2, l3));
-  const Vec lanes = Vec::blendv(l, Vec(neg_inf), l != l);
-  return at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, lanes);
+  return Vec::blendv(l, Vec(neg_inf), l != l);
+}
+
+// The row max: its lanes reduced by a shuffle tree (no branch on the data, which would mispredict
+// at every level for random logits).
+template <class T>
+inline T row_max(const T* z, int64_t n) {
+  return at::vec::vec_reduce_all<T>(LaneMax(), row_max_lanes(z, n));
+}
+
+// out[r] = the lanes of v[r] reduced by op, for the kBlockRows rows of a block (below). Per row,
+// a horizontal reduction is a chain of dependent shuffles after the row's last vector; for 16-lane
+// fp32 vectors and 16 rows one tree reduces all rows at once (45 instructions, none of them
+// waiting for one row) and stores the rows' values as one vector. Elsewhere: row by row.
+template <class T, int kRows, class Op>
+AEPG_ALWAYS_INLINE void reduce_rows(const Vectorized<T>* v, T* out, const Op& op) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float> && kRows == 16) {
+    // After the four levels, lane p holds the row whose index has p's bits 0, 1 and 2, 3 swapped;
+    // reading the rows in that (self-inverse) order puts row r in lane r.
+    auto row = [&](int i) AEPG_LAMBDA_INLINE {
+      return __m512(v[((i & 1) << 1) | ((i >> 1) & 1) | ((i & 4) << 1) | ((i >> 1) & 4)]);
+    };
+    auto apply = [&](__m512 a, __m512 b) AEPG_LAMBDA_INLINE { return __m512(op(Vectorized<T>(a), Vectorized<T>(b))); };
+    __m512 b[8], c[4], d[2];
+    for (int r = 0; r < 8; ++r) {  // 256-bit halves: rows r and r + 8 in one vector
+      const __m512 x = row(r), y = row(r + 8);
+      b[r] = apply(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+    }
+    for (int r = 0; r < 4; ++r) {  // 128-bit quarters: four rows a vector
+      c[r] = apply(_mm512_shuffle_f32x4(b[r], b[r + 4], 0x88), _mm512_shuffle_f32x4(b[r], b[r + 4], 0xDD));
+    }
+    for (int r = 0; r < 2; ++r) {  // pairs of lanes: eight rows a vector
+      d[r] = apply(_mm512_shuffle_ps(c[r], c[r + 2], 0x44), _mm512_shuffle_ps(c[r], c[r + 2], 0xEE));
+    }
+    Vectorized<T>(apply(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD))).store(out);
+    return;
+  }
+#endif
+  for (int r = 0; r < kRows; ++r) out[r] = at::vec::vec_reduce_all<T>(op, v[r]);
 }
 
 // Visits a row of n columns in whole vectors: full(k, j) for each full vector at column k (j = 0, 1
@@ -194,11 +243,11 @@ inline Prefetcher prefetcher(const scalar_t* next_row, int64_t n) {
 }
 
 // The row sums relative to the row max m, the target column y (or -1) apart in s_other (its
-// lane masked in the one vector that holds it, so 1 - p_y = s_other / S stays exact). Stores
-// exp(z - m) into e when e is not null.
+// lane masked in the one vector that holds it, so 1 - p_y = s_other / S stays exact), in lanes
+// (row_sums: reduced). Stores exp(z - m) into e when e is not null.
 template <class T>
-AEPG_ALWAYS_INLINE RowSums<T> row_sums(const Row<T>& row, T m, int64_t n, int64_t y, T* e, Prefetcher& pf,
-                           const LossParams<T>& p) {
+AEPG_ALWAYS_INLINE RowSums<Vectorized<T>> row_sum_lanes(const Row<T>& row, T m, int64_t n, int64_t y, T* e,
+                                                        Prefetcher& pf, const LossParams<T>& p) {
   using V = Vectorized<T>;
   // Local accumulators: stores through e could alias sums kept behind a reference.
   RowSums<V> acc[2] = {RowSums<V>::zero(), RowSums<V>::zero()};
@@ -232,7 +281,13 @@ AEPG_ALWAYS_INLINE RowSums<T> row_sums(const Row<T>& row, T m, int64_t n, int64_
   };
   for_each_vector<T>(n, y, full, part);
   add(acc[0], acc[1]);
-  return horizontal_sum(acc[0], p);
+  return acc[0];
+}
+
+template <class T>
+AEPG_ALWAYS_INLINE RowSums<T> row_sums(const Row<T>& row, T m, int64_t n, int64_t y, T* e, Prefetcher& pf,
+                                       const LossParams<T>& p) {
+  return horizontal_sum(row_sum_lanes(row, m, n, y, e, pf, p), p);
 }
 
 // The row in the accumulation dtype: the input itself, or converted into `buffer`.
@@ -361,6 +416,15 @@ struct Block {
   RowTarget target[kRows];
 };
 
+// Row r's target and the values phase 2 needs besides its sums.
+template <class T>
+AEPG_ALWAYS_INLINE void put_target(Block<T>& b, int r, T m, T zm_y, T w_y, const RowTarget& target) {
+  b.m[r] = m, b.zm_y[r] = zm_y, b.w_y[r] = w_y;
+  b.counted[r] = target.counted ? T(1) : T(0);
+  b.bad[r] = target.bad ? T(1) : T(0);
+  b.target[r] = target;
+}
+
 template <class T>
 AEPG_ALWAYS_INLINE void put_row(Block<T>& b, int r, const RowSums<T>& sums, T m, T zm_y, T w_y, const RowTarget& target,
                                 const LossParams<T>& p) {
@@ -368,10 +432,50 @@ AEPG_ALWAYS_INLINE void put_row(Block<T>& b, int r, const RowSums<T>& sums, T m,
   if (p.entropy) b.t[r] = sums.t;
   if (p.prob_target) b.u[r] = sums.u, b.pq[r] = sums.pq, b.wq[r] = sums.wq;
   if (p.smoothing || p.prob_target) b.zs[r] = sums.zs, b.wq_smooth[r] = sums.wq_smooth;
-  b.m[r] = m, b.zm_y[r] = zm_y, b.w_y[r] = w_y;
-  b.counted[r] = target.counted ? T(1) : T(0);
-  b.bad[r] = target.bad ? T(1) : T(0);
-  b.target[r] = target;
+  put_target(b, r, m, zm_y, w_y, target);
+}
+
+// Phase 1 of a block of short rows (n <= kMaxBlockCols; row_of(r) is row r of the block, e_of(r)
+// its exponentials or null): every row's max in lanes, then every row's sums in lanes, each
+// reduced for the whole block at once (reduce_rows): row by row, the reductions after the max and
+// after the sums are chains of dependent latencies, one per row and field (measured at 256 x 100
+// fp32, the forward op without gradient: CE 22.6 -> 21.6 us, aEPG + entropy 27.4 -> 23.4 us).
+// Rows past `count` reduce zeros.
+template <class T, Mode M, class RowOf, class EOf, class NextRow>
+AEPG_NOINLINE void short_rows_sums(const KernelArgs& args, Block<T>& b, int64_t i0, int count, const RowOf& row_of,
+                                   const EOf& e_of, const NextRow& next_row, Prefetcher& pf,
+                                   const LossParams<T>& params) {
+  const LossParams<T> p = specialize<T, M>(params);  // a function of its own (see forward_rows)
+  using V = Vectorized<T>;
+  constexpr int R = kBlockRows;
+  const int64_t n = args.n_cols;
+  V lanes[R];
+  for (int r = 0; r < R; ++r) lanes[r] = r < count ? row_max_lanes(row_of(r).z, n) : V(T(0));
+  reduce_rows<T, R>(lanes, b.m, LaneMax());
+  V s[R], s_other[R], t[R], u[R], pq[R], zs[R], wq[R], wq_smooth[R];
+  for (int r = 0; r < R; ++r) {
+    RowSums<V> sums = RowSums<V>::zero();
+    if (r < count) {
+      const RowTarget target = row_target(args, i0 + r);
+      const Row<T> row = row_of(r);
+      const T m = safe_ref(b.m[r]);
+      pf = prefetcher(next_row(r), n);
+      sums = row_sum_lanes(row, m, n, target.y, e_of(r), pf, p);
+      put_target(b, r, m, target.y >= 0 ? row.z[target.y] - m : -m, target_weight<T>(args, target), target);
+    }
+    s[r] = sums.s, s_other[r] = sums.s_other;
+    if (p.entropy) t[r] = sums.t;
+    if (p.prob_target) u[r] = sums.u, pq[r] = sums.pq, wq[r] = sums.wq;
+    if (p.smoothing || p.prob_target) zs[r] = sums.zs, wq_smooth[r] = sums.wq_smooth;
+  }
+  reduce_rows<T, R>(s, b.s, LaneSum());
+  reduce_rows<T, R>(s_other, b.s_other, LaneSum());
+  if (p.entropy) reduce_rows<T, R>(t, b.t, LaneSum());
+  if (p.prob_target) {
+    reduce_rows<T, R>(u, b.u, LaneSum()), reduce_rows<T, R>(pq, b.pq, LaneSum());
+    reduce_rows<T, R>(wq, b.wq, LaneSum());
+  }
+  if (p.smoothing || p.prob_target) reduce_rows<T, R>(zs, b.zs, LaneSum()), reduce_rows<T, R>(wq_smooth, b.wq_smooth, LaneSum());
 }
 
 // Rows j .. j + lanes of a block's array as V: a vector of rows, or one row's scalar (V = T).
@@ -453,14 +557,16 @@ void forward_rows(const KernelArgs& args, const LossParams<T>& params, int64_t b
   constexpr bool same = std::is_same_v<scalar_t, T>;
   const bool stream = same && args.grad && stream_grad(args);
   const int rows = block_rows(args);
-  // Phase 3 reads the block's logits again: with a gradient each row keeps its converted copy.
-  std::vector<T> z_buffer(same ? 0 : (args.grad ? rows : 1) * n), e_buffer(args.grad ? rows * n : 0);
+  const bool short_rows = rows == kBlockRows && n <= kMaxBlockCols;
+  // Phase 3 and the sums of short rows read the block's logits again: each row keeps its
+  // converted copy.
+  std::vector<T> z_buffer(same ? 0 : (args.grad || short_rows ? rows : 1) * n), e_buffer(args.grad ? rows * n : 0);
   const T* weight = M == Mode::kGeneric ? static_cast<const T*>(args.weight) : nullptr;
   const T g_scale = mean_scale<T>(args);
   Block<T> b{};  // lanes past a partial block read zeros or earlier rows, never garbage
   auto x_of = [&](int64_t i) { return static_cast<const scalar_t*>(args.logits) + i * args.logits_stride; };
   auto q_of = [&](int64_t i) { return args.prob_target ? static_cast<const T*>(args.target) + i * args.q_stride : nullptr; };
-  auto z_of = [&](int r) { return same ? nullptr : z_buffer.data() + (args.grad ? r * n : 0); };
+  auto z_of = [&](int r) { return same ? nullptr : z_buffer.data() + (args.grad || short_rows ? r * n : 0); };
   auto e_of = [&](int r) { return args.grad ? e_buffer.data() + r * n : nullptr; };
 
   // The next row's lines that phase 1 has not prefetched (a partial last vector) are prefetched
@@ -468,7 +574,18 @@ void forward_rows(const KernelArgs& args, const LossParams<T>& params, int64_t b
   Prefetcher pf;
   for (int64_t i0 = begin; i0 < end; i0 += rows) {
     const int count = static_cast<int>(std::min<int64_t>(rows, end - i0));
-    for (int r = 0; r < count; ++r) {
+    if (short_rows) {
+      // A narrower dtype is converted once per row; the max and the sums read the copy.
+      auto row_of = [&](int r) AEPG_LAMBDA_INLINE {
+        return Row<T>{same ? reinterpret_cast<const T*>(x_of(i0 + r)) : z_of(r), weight, q_of(i0 + r)};
+      };
+      if constexpr (!same) {
+        for (int r = 0; r < count; ++r) row_in_acc(x_of(i0 + r), n, z_of(r));
+      }
+      auto next_row = [&](int r) { return i0 + r + rows < end ? x_of(i0 + r + rows) : nullptr; };
+      short_rows_sums<T, M>(args, b, i0, count, row_of, e_of, next_row, pf, p);
+    }
+    for (int r = 0; r < count && !short_rows; ++r) {
       const int64_t i = i0 + r;
       const RowTarget target = row_target(args, i);
       const Row<T> row{row_in_acc(x_of(i), n, z_of(r)), weight, q_of(i)};
