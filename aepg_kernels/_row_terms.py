@@ -59,15 +59,41 @@ def epg_coefficient(call):
     return scalars[Scalar.EPG_WEIGHT] if epg_weight_t is None else epg_weight_t
 
 
-def dft_correction(stats: Tensor, b) -> Tensor:
-    """Per row, what turns the EPG term's value b w_y (1 - p_y) into DFT's b w_y (-p_y log p_y),
-    from the stats (no gradient). log p_y comes from 1 - p_y (AUX) where p_y > 1/2, as the kernels
-    take it (docs/math.md section 2); ignored rows (w_y = 0, p_y = 0) get 0."""
+def dft_rows(stats: Tensor, b) -> Tensor:
+    """Per row, DFT's value b w_y (-p_y log p_y) from the stats (no gradient). log p_y comes from
+    1 - p_y (AUX) where p_y > 1/2, as the kernels take it (docs/math.md section 2); ignored rows
+    (w_y = 0, p_y = 0) get 0."""
     p_y, om, w_y = stats[Stat.P_TARGET], stats[Stat.AUX], stats[Stat.ROW_WEIGHT]
     logp_y = torch.where(om < 0.5, torch.log1p(-om.clamp(max=0.5)), torch.log(p_y))
     plogp = torch.where(p_y > 0, p_y * logp_y, 0.0)
     b = b.to(stats.dtype) if isinstance(b, Tensor) else b
-    return b * w_y * (-plogp - om)
+    return b * w_y * -plogp
+
+
+def dft_correction(stats: Tensor, b) -> Tensor:
+    """Per row, what turns the EPG term's value b w_y (1 - p_y) into DFT's b w_y (-p_y log p_y)."""
+    b_t = b.to(stats.dtype) if isinstance(b, Tensor) else b
+    return dft_rows(stats, b) - b_t * stats[Stat.ROW_WEIGHT] * stats[Stat.AUX]
+
+
+def _epg_only(call) -> bool:
+    """Whether the op's value is its EPG term alone (no CE term, no entropy term)."""
+    ce_weight_t, scalars, flags = call[3], call[5], call[7]
+    return (ce_weight_t is None and not flags & Flag.EPG_ONE_MINUS_CE and scalars[Scalar.CE_WEIGHT] == 0.0
+            and scalars[Scalar.ENTROPY_WEIGHT] == 0.0)
+
+
+class _ValueWithGradOf(torch.autograd.Function):
+    """`value` forward, the gradient of `loss` backward: a value computed apart (from the stats)
+    on the op's gradient."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, value: Tensor) -> Tensor:
+        return value.detach().to(loss.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
 
 
 def reduce(rows: Tensor, stats: Tensor, reduction: int, prob_target: bool) -> Tensor:
@@ -101,5 +127,11 @@ def apply_to_reduced(loss: Tensor, stats: Tensor, call, terms: RowTerms, token_w
     the reduced loss plus the DFT value's correction, weighted and reduced the same way."""
     if not terms.dft_value:
         return loss
-    correction = _weighted(dft_correction(stats, epg_coefficient(call)), token_weight)
+    b = epg_coefficient(call)
+    if _epg_only(call):
+        # DFT alone: loss + correction would be the difference of two near-equal sums (about the
+        # number of rows each) for a value that can be 1e-4 of it; the stats give it whole
+        return _ValueWithGradOf.apply(loss, reduce(_weighted(dft_rows(stats, b), token_weight), stats, reduction,
+                                                   False))
+    correction = _weighted(dft_correction(stats, b), token_weight)
     return loss + reduce(correction, stats, reduction, False).to(loss.dtype)

@@ -331,3 +331,21 @@ def test_bad_logit_transform(kwargs, pattern):
         ak.linear_policy_loss(x, w, y, **kwargs)
     with pytest.raises(ValueError, match=pattern):
         ak.LinearPolicyLoss(**kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_dft_value_has_no_cancellation(reduction):
+    """DFT alone at a large vocabulary: p_y ~ 1/V makes the value about 1e-4 of the EPG term's, so
+    it must not be the EPG value plus a correction (fp32 rounding of a sum of ~N); against float64
+    truth within 1e-5 relative, the gradient still the op's (EPG's)."""
+    x64 = torch.randn(256, 32, dtype=torch.float64)
+    w64 = torch.randn(20000, 32, dtype=torch.float64) * 0.01
+    y = torch.randint(0, 20000, (256,))
+    truth = ak.linear_dft_loss(x64, w64, y, reduction=reduction, backend="eager")
+    x = x64.float().requires_grad_()
+    got = ak.linear_dft_loss(x, w64.float(), y, reduction=reduction)
+    assert abs((got.double() - truth) / truth).item() < 1e-5
+    got.backward()
+    x_ref = x64.float().requires_grad_()
+    ak.linear_epg_loss(x_ref, w64.float(), y, reduction=reduction).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
