@@ -7,12 +7,12 @@ Per row, with index targets (docs/math.md):
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _linear, _row_terms
+from . import _linear, _row_terms, _vocab_parallel
 from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, Reduction, Stat, accumulation_dtype
 from ._spec import (Options, check_chunk_size, check_logit_transform, check_options, check_target_range, prepare,
                     prepare_linear)
@@ -47,7 +47,7 @@ def policy_loss(input: Tensor, target: Tensor, *, ce_weight: Coefficient = 1.0, 
                 entropy_weight: float = 0.0, label_smoothing: float = 0.0, focal_gamma: float = 0.0,
                 weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
                 token_weight: Optional[Tensor] = None, loss_value: str = "policy", backend: str = "auto",
-                return_stats: bool = False):
+                return_stats: bool = False, process_group=None, shard_sizes: Optional[Sequence[int]] = None):
     """The fused EPG-family loss. With the defaults it is exactly ``F.cross_entropy``.
 
     Args:
@@ -66,23 +66,51 @@ def policy_loss(input: Tensor, target: Tensor, *, ce_weight: Coefficient = 1.0, 
             -sg(p_y) log p_y, its gradient unchanged (index targets only).
         backend: "auto", "triton", "cuda", "cpu" or "eager" (see ``available_backends()``).
         return_stats: also return ``LossStats`` (entropy, p_target, sample_weight, lse, p_max) per row.
+        process_group: vocab-parallel (docs/math.md section 8): the input holds this rank's
+            contiguous shard of the classes (N, C_local), ``weight`` and probability targets the same
+            shard, index targets are global and the same on every rank; the loss and stats are the
+            unsharded op's on every rank, the gradient this shard's. One all-gather of O(N) floats.
+        shard_sizes: every rank's C_local, in rank order (gathered, one more collective, if None).
+        A DTensor input (N, C) sharded on the classes over a 1-d mesh (torchtitan's loss_parallel)
+        takes the same path: the mesh's group, the local shards of it, of a probability target
+        and of weight (index targets replicated); the loss is a plain tensor.
     """
     options = check_options(entropy_weight, label_smoothing, focal_gamma, ignore_index, reduction)
-    return run(input, target, weight, ce_weight, epg_weight, options, backend, return_stats,
-               _row_terms.check(token_weight, loss_value))
+    terms = _row_terms.check(token_weight, loss_value)
+    if input.__class__ is not Tensor and _vocab_parallel.is_class_sharded(input):  # a DTensor, Shard(1)
+        input, target, weight, process_group = _vocab_parallel.local_shards(input, target, weight)
+    if process_group is not None:
+        op = _vocab_parallel.VocabParallel(process_group, shard_sizes, backend)
+        return run_op(op, input, target, weight, ce_weight, epg_weight, options, return_stats, terms)
+    return run(input, target, weight, ce_weight, epg_weight, options, backend, return_stats, terms)
 
 
 def run(input: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight, epg_weight, options: Options,
         backend: str, return_stats: bool, terms: Optional[_row_terms.RowTerms] = None):
     """`policy_loss` with its options validated already (the modules keep theirs)."""
+    return run_op(backend, input, target, weight, ce_weight, epg_weight, options, return_stats, terms)
+
+
+def run_op(op, input: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight, epg_weight, options: Options,
+           return_stats: bool, terms: Optional[_row_terms.RowTerms] = None):
+    """`run` through `op`: a backend name (resolved for the input's device once the call is
+    checked), a backend, or the vocab-parallel op, whose `loss(*call)` gives (loss, stats)."""
     if terms is not None:
-        return _run_with_terms(input, target, weight, ce_weight, epg_weight, options, backend, return_stats, terms)
+        return _run_with_terms(op, input, target, weight, ce_weight, epg_weight, options, return_stats, terms)
     call, row_shape = prepare(input, target, weight, ce_weight, epg_weight, options, return_stats)
-    loss, stats = resolve(backend, input.device).loss(*call)
+    loss, stats = _resolved(op, input).loss(*call)
     return _with_stats(loss, stats, return_stats, row_shape)
 
 
-def _run_with_terms(input, target, weight, ce_weight, epg_weight, options, backend, return_stats, terms):
+def _resolved(op, input: Tensor):
+    """A backend name resolved for the input's device; a backend or the vocab-parallel op as it is
+    (anything else: resolve's error for a bad backend name)."""
+    if op.__class__ is not str and hasattr(op, "loss"):
+        return op
+    return resolve(op, input.device)
+
+
+def _run_with_terms(op, input, target, weight, ce_weight, epg_weight, options, return_stats, terms):
     """The op per row, then the DFT value and the token weights on the rows, then the reduction."""
     call, row_shape = prepare(input, target, weight, ce_weight, epg_weight, _row_terms.per_row(options),
                               return_stats)
@@ -91,7 +119,7 @@ def _run_with_terms(input, target, weight, ce_weight, epg_weight, options, backe
         raise ValueError('loss_value="dft" is defined for class-index targets only, got class-probability targets')
     token_weight = _row_terms.token_weight_rows(
         terms.token_weight, row_shape if row_shape is not None else call[1].shape[:1], input.device)
-    rows, stats = resolve(backend, input.device).loss(*call)
+    rows, stats = _resolved(op, input).loss(*call)
     loss = _row_terms.apply(rows, stats, call, terms, token_weight, options[4], prob_target)
     return _with_stats(loss, stats, return_stats, row_shape)
 
@@ -112,7 +140,8 @@ def linear_policy_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, 
                        label_smoothing: float = 0.0, focal_gamma: float = 0.0, weight: Optional[Tensor] = None,
                        ignore_index: int = -100, reduction: str = "mean", token_weight: Optional[Tensor] = None,
                        loss_value: str = "policy", logit_scale: float = 1.0, softcap: Optional[float] = None,
-                       chunk_size: Optional[int] = None, backend: str = "auto", return_stats: bool = False):
+                       chunk_size: Optional[int] = None, backend: str = "auto", return_stats: bool = False,
+                       process_group=None, shard_sizes: Optional[Sequence[int]] = None):
     """``policy_loss(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits:
     they are computed chunk by chunk (docs/math.md section 6), so an LM head over 32k-256k tokens
     costs a few chunks of memory, not (N, V).
@@ -129,12 +158,22 @@ def linear_policy_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, 
             input's size, whichever is larger. Results do not depend on it beyond rounding.
         backend: the row kernels ("auto", "cpu", "cuda", "triton"); "eager" materialises the logits
             (the reference).
+        process_group, shard_sizes: vocab-parallel, as in ``policy_loss``: linear_weight (and
+            linear_bias, weight) hold this rank's rows of the head (V_local, H), the input is the same
+            on every rank; the gradient of linear_weight stays local, the input's is summed over
+            the ranks in backward. This rank's (N, V_local) logits are materialised.
         The other arguments are ``policy_loss``'s, with the loss per row shaped like the target.
     """
     options = check_options(entropy_weight, label_smoothing, focal_gamma, ignore_index, reduction)
+    terms, transform = _row_terms.check(token_weight, loss_value), check_logit_transform(logit_scale, softcap)
+    if process_group is not None:
+        if chunk_size is not None:
+            raise ValueError("chunk_size applies to the fused (single-device) path, not to process_group")
+        op = _vocab_parallel.VocabParallel(process_group, shard_sizes, backend)
+        return run_linear_materialised(op, input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight,
+                                       options, return_stats, terms, transform)
     return run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options,
-                      check_chunk_size(chunk_size), backend, return_stats, _row_terms.check(token_weight, loss_value),
-                      check_logit_transform(logit_scale, softcap))
+                      check_chunk_size(chunk_size), backend, return_stats, terms, transform)
 
 
 def run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options: Options,
@@ -147,10 +186,8 @@ def run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg
                                                                            input.device)
     kernels = resolve(backend, input.device)
     if not isinstance(kernels, KernelBackend):  # the reference: the logits, materialised
-        logits = _transformed(torch.nn.functional.linear(x, linear_weight, linear_bias), *transform)
-        terms = None if terms is None else terms._replace(token_weight=token_weight)
-        return _reshaped(run(logits, y, weight, ce_weight, epg_weight, options, backend, return_stats, terms),
-                         row_shape)
+        return run_linear_materialised(kernels, input, linear_weight, linear_bias, target, weight, ce_weight,
+                                       epg_weight, options, return_stats, terms, transform)
     check_target_range(y, linear_weight.shape[0], packed[3])
     if chunk_size is None:
         chunk_size = _linear.default_chunk_rows(x.shape[0], linear_weight.shape[0], x.shape[1],
@@ -166,6 +203,21 @@ def run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg
         loss = (_row_terms.apply_to_reduced(loss, stats, call, terms, token_weight, options[4]) if reduced
                 else _row_terms.apply(loss, stats, call, terms, token_weight, options[4], False))
     return _with_stats(loss, stats, return_stats, row_shape)
+
+
+def run_linear_materialised(op, input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight,
+                            options: Options, return_stats: bool, terms: Optional[_row_terms.RowTerms],
+                            transform: Tuple[float, float]):
+    """The linear loss through the logits, materialised: the eager reference, or this rank's shard
+    of them for the vocab-parallel op (whose input's gradient is summed over the ranks)."""
+    x, y, weight, _, row_shape = prepare_linear(input, linear_weight, linear_bias, target, weight, ce_weight,
+                                                epg_weight, options, return_stats)
+    if terms is not None:
+        terms = terms._replace(token_weight=_row_terms.token_weight_rows(terms.token_weight, row_shape, input.device))
+    if isinstance(op, _vocab_parallel.VocabParallel):
+        x = op.replicated(x)
+    logits = _transformed(torch.nn.functional.linear(x, linear_weight, linear_bias), *transform)
+    return _reshaped(run_op(op, logits, y, weight, ce_weight, epg_weight, options, return_stats, terms), row_shape)
 
 
 def _transformed(logits: Tensor, logit_scale: float, softcap: float) -> Tensor:

@@ -89,27 +89,36 @@ def _index_target_rows(z, logp, p, entropy, target, weight, spec: LossSpec, a, b
     y = y.unsqueeze(-1)
     is_y = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, y, True)
     om = torch.where(is_y, 0.0, p).sum(-1)  # 1 - p_y as the other classes' mass: exact near p_y = 1
-    # log p_y from 1 - p_y for confident rows, where log_softmax loses the digits of log S ~ 0
-    # (the inner where keeps the unused branch's gradient finite).
-    logp_y = torch.where(om < 0.5, torch.log1p(-torch.where(om < 0.5, om, 0.0)), logp.gather(-1, y).squeeze(-1))
-    p_y = logp_y.exp()
+    logp_y = stable_log_p_target(om, logp.gather(-1, y).squeeze(-1))
     w = None if weight is None else weight.to(z.dtype)
-    w_y = torch.ones_like(p_y) if w is None else w[y.squeeze(-1)]
-    eps, gamma = spec.label_smoothing, spec.focal_gamma
+    w_y = torch.ones_like(om) if w is None else w[y.squeeze(-1)]
+    smooth = None
+    if spec.label_smoothing > 0:  # weight 0 on a masked class: 0 * log 0 = 0, as everywhere else
+        smooth = -(logp if w is None else torch.where(w != 0, logp * w, 0.0)).sum(-1)
+    return index_rows_from_sums(logp_y, om, entropy, w_y, smooth, counted, counted & ~in_range, n_classes, spec, a, b)
 
+
+def stable_log_p_target(om, logp_y):
+    """log p_y from 1 - p_y (om) for confident rows, where log-softmax loses the digits of
+    log S ~ 0 (the inner where keeps the unused branch's gradient finite)."""
+    return torch.where(om < 0.5, torch.log1p(-torch.where(om < 0.5, om, 0.0)), logp_y)
+
+
+def index_rows_from_sums(logp_y, om, entropy, w_y, smooth, counted, bad, n_classes: int, spec: LossSpec, a, b):
+    """The per-row loss and stats of index targets from the rows' class sums: log p_y, om = 1 - p_y
+    (the other classes' mass), H(p), w_y and smooth = -sum_k w_k log p_k (None without smoothing).
+    Rows with an out-of-range target (`bad`) are NaN; ignored rows 0."""
+    p_y = logp_y.exp()
+    eps, gamma = spec.label_smoothing, spec.focal_gamma
     ce = -logp_y
     if gamma > 0:  # clamp keeps d(om^g)/d om finite at om = 0 for g < 1 (its true limit is 0)
-        ce = om.clamp_min(torch.finfo(z.dtype).tiny).pow(gamma) * ce
+        ce = om.clamp_min(torch.finfo(om.dtype).tiny).pow(gamma) * ce
     loss = a * (1 - eps) * ce + b * _one_minus(om, p_y)
     if spec.has_entropy_term:
         loss = loss + spec.entropy_weight * entropy
     loss = w_y * loss
     if eps > 0:
-        # weight 0 on a masked class: 0 * log 0 = 0, as everywhere else
-        smooth = -(logp if w is None else torch.where(w != 0, logp * w, 0.0)).sum(-1)
         loss = loss + a * eps / n_classes * smooth
-
-    bad = counted & ~in_range
     loss = torch.where(counted, loss, 0.0)  # bad rows are counted: NaN (see _poison_out_of_range)
     with torch.no_grad():
         sample_weight = a * (1 - eps) * _focal_sample_weight(p_y, om, logp_y, gamma) + b * p_y
@@ -130,22 +139,39 @@ def _prob_target_rows(z, logp, p, entropy, q, weight, spec: LossSpec, a, b):
     q = q.to(z.dtype)
     wq = q if weight is None else q * weight.to(z.dtype)
     wq_smooth = (1 - eps) * wq + eps / n_classes * (1 if weight is None else weight.to(z.dtype))
-    w_total = wq.sum(-1)
     # 0 * log 0 = 0: a masked class with zero target mass contributes nothing.
     ce = -torch.where(wq_smooth != 0, wq_smooth * logp, 0.0).sum(-1)
-    wqp = (wq * p).sum(-1)
+    return prob_rows_from_sums(ce, (wq * p).sum(-1), wq.sum(-1), (q * p).sum(-1), entropy, spec, a, b)
+
+
+def prob_rows_from_sums(ce, wqp, w_total, p_target, entropy, spec: LossSpec, a, b):
+    """The per-row loss and stats of probability targets from the rows' class sums: the CE term
+    -sum_k w_k q'_k log p_k, sum_k w_k q_k p_k, sum_k w_k q_k and sum_k q_k p_k (no gradient)."""
     loss = a * ce + b * (w_total - wqp)
     if spec.has_entropy_term:
         loss = loss + spec.entropy_weight * w_total * entropy
     with torch.no_grad():
-        p_target = (q * p).sum(-1)
+        p_target = p_target.detach()
         stats = {
             Stat.P_TARGET: p_target,
-            Stat.SAMPLE_WEIGHT: a * (1 - eps) + b * p_target,
-            Stat.ROW_WEIGHT: w_total,
-            Stat.AUX: wqp,
+            Stat.SAMPLE_WEIGHT: a * (1 - spec.label_smoothing) + b * p_target,
+            Stat.ROW_WEIGHT: w_total.detach(),
+            Stat.AUX: wqp.detach(),
         }
     return loss, stats
+
+
+def assemble_stats(named: dict, lse, row_max, entropy) -> torch.Tensor:
+    """The (NUM_STATS, R) stats of rows shifted by row_max (their log-sum-exp lse after the
+    shift, i.e. log S), from the per-target-kind ones in `named`."""
+    stats = torch.empty(NUM_STATS, lse.shape[0], dtype=lse.dtype, device=lse.device)
+    stats[Stat.LSE] = (lse + row_max).detach()
+    stats[Stat.ROW_MAX] = row_max
+    stats[Stat.LOG_SUM] = lse.detach()
+    stats[Stat.ENTROPY] = entropy.detach()
+    for key, value in named.items():
+        stats[key] = value
+    return stats
 
 
 def policy_loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
@@ -169,15 +195,8 @@ def policy_loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: Optiona
     rows = _prob_target_rows if spec.prob_target else _index_target_rows
     loss, named = rows(z, logp, p, entropy, target, weight, spec, a, b)
 
-    stats = torch.empty(NUM_STATS, z.shape[0], dtype=acc, device=z.device)
     row_max = torch.where(row_max == float("-inf"), 0.0, row_max).squeeze(-1)
-    stats[Stat.LSE] = (lse + row_max).detach()
-    stats[Stat.ROW_MAX] = row_max
-    stats[Stat.LOG_SUM] = lse.detach()
-    stats[Stat.ENTROPY] = entropy.detach()
-    for key, value in named.items():
-        stats[key] = value
-    return loss, stats
+    return loss, assemble_stats(named, lse, row_max, entropy)
 
 
 def policy_loss(logits, target, weight, spec: LossSpec):
