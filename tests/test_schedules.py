@@ -82,3 +82,57 @@ def test_aepg_loss_is_the_weighted_sum_of_ce_and_epg():
     p = torch.softmax(x.detach(), -1)
     onehot = torch.nn.functional.one_hot(y, 6)
     torch.testing.assert_close(grad, stats.p_target[:, None] * (p - onehot))  # EPG = p_y (p - e_y)
+
+
+def _stats(p_target):
+    zeros = torch.zeros_like(p_target)
+    return ak.LossStats(zeros, p_target, zeros, zeros, zeros)
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_feedback_alpha_follows_its_rule(device):
+    """alpha <- clamp(alpha + gain (target(t) - mean p_y), 0, 1), target linear over the task,
+    ignored rows (p_y = 0) not counted; a device schedule keeps one .alpha tensor."""
+    schedule = ak.FeedbackAlpha(10, target_start=0.4, target_end=0.9, gain=0.5, alpha0=0.6, device=device)
+    alpha_tensor = schedule.alpha
+    expected = 0.6
+    for step, p in enumerate([[0.1, 0.3, 0.0], [0.9, 0.95, 0.0], [0.99, 0.99, 0.99], [0.2, 0.2, 0.2]]):
+        p = torch.tensor(p)
+        target = 0.4 + 0.5 * step / 10
+        expected = min(max(expected + 0.5 * (target - p[p > 0].mean().item()), 0.0), 1.0)
+        schedule.observe(_stats(p))
+        assert float(schedule.alpha) == pytest.approx(expected, abs=1e-6)
+        schedule.step()
+    if device is not None:
+        assert schedule.alpha is alpha_tensor and isinstance(alpha_tensor, torch.Tensor)
+    before = float(schedule.alpha)
+    schedule.observe(_stats(torch.zeros(3)))  # no counted row: no change
+    assert float(schedule.alpha) == before
+    schedule.observe(_stats(torch.full((3,), 0.0)), counted=torch.tensor([True, True, False]))  # p_y 0, counted
+    assert float(schedule.alpha) == pytest.approx(min(before + 0.5 * (0.4 + 0.5 * 0.4), 1.0), abs=1e-6)
+    schedule.reset()
+    assert float(schedule.alpha) == pytest.approx(0.6) and schedule.step_count == 0
+
+
+def test_feedback_alpha_state_round_trip_and_bad_arguments():
+    schedule = ak.FeedbackAlpha(8, gain=1.0)
+    schedule.observe(_stats(torch.tensor([0.9, 0.8])))
+    schedule.step()
+    restored = ak.FeedbackAlpha(8, device="cpu")
+    restored.load_state_dict(schedule.state_dict())
+    assert float(restored.alpha) == pytest.approx(schedule.alpha) and restored.step_count == 1 and restored.gain == 1.0
+    for kwargs, name in ((dict(gain=-1.0), "gain"), (dict(target_end=1.5), "target_end"), (dict(alpha0=True), "alpha0")):
+        with pytest.raises(ValueError, match=name):
+            ak.FeedbackAlpha(8, **kwargs)
+
+
+def test_feedback_alpha_drives_the_aepg_module():
+    """AEPGLoss reads the controller's alpha at each call: the loss is aEPG at the current alpha."""
+    schedule = ak.FeedbackAlpha(5, device="cpu")
+    criterion = ak.AEPGLoss(schedule)
+    x, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    loss, stats = criterion(x, y, return_stats=True)
+    torch.testing.assert_close(loss, ak.aepg_loss(x, y, 1.0, backend="eager"))
+    schedule.observe(stats)
+    schedule.step()
+    torch.testing.assert_close(criterion(x, y), ak.aepg_loss(x, y, float(schedule.alpha), backend="eager"))
