@@ -2,7 +2,7 @@
 holding a contiguous shard of the logits (N, C_local) (docs/math.md section 8).
 
 Every rank sums its shard's classes into a few numbers per row, relative to its shard's row max
-(`_PARTIALS`), and one all-gather brings every rank's sums to every rank, which merges them in
+(`_INDEX`, `_PROB`), and one all-gather brings every rank's sums to every rank, which merges them in
 rank order: the same loss, stats and per-row weights on every rank, bit for bit, from one
 collective of O(N) floats whatever C is. The row formulas are the eager reference's
 (`index_rows_from_sums`, `prob_rows_from_sums`), fed the merged sums. Autograd runs through the
