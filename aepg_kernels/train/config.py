@@ -82,8 +82,12 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 4
     test_fraction: float = 0.3  # digits only (it has no official split): stratified, fixed split seed 0
+    # Symmetric label noise on the train split only: this fraction of the training samples, drawn from
+    # run.seed, gets a label drawn uniformly from the other classes (recorded in noise.json).
+    label_noise: float = 0.0
 
     def __post_init__(self):
+        _require(0 <= self.label_noise < 1, "data.label_noise", f"must be in [0, 1), got {self.label_noise}")
         for key in ("img_size", "batch_size", "eval_batch_size"):
             _require(getattr(self, key) >= 1, f"data.{key}", "must be >= 1")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
@@ -336,6 +340,11 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
                 raise ConfigError(f"override {item!r} conflicts with an earlier override of {part}")
         node[leaf] = value
     return out
+
+
+def with_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """A new config: `cfg` with `section.key=value` overrides applied, every section checked again."""
+    return config_from_dict(_merge(config_to_dict(cfg), parse_overrides(overrides)))
 
 
 def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -320,6 +320,68 @@ def _assemble(source: str, root: Optional[str], num_classes: int, train: Labelle
     return ContinualData(train, test, num_classes, info)
 
 
+# ---------------------------------------------------------------------------------------------
+# label noise
+
+
+LABEL_NOISE_RULE = ("symmetric: round(fraction * n) training samples, the first of a permutation seeded by "
+                    "derive_seed(run.seed, 'label_noise'), each get a label drawn uniformly from the other classes; "
+                    "the test split is untouched")
+
+
+class NoisyLabels(Dataset):
+    """`dataset` with its labels replaced: item i is (x of dataset[i], labels[i])."""
+
+    def __init__(self, dataset: Dataset, labels: torch.Tensor):
+        self.dataset, self.labels = dataset, labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i][0], self.labels[i]
+
+
+def symmetric_label_noise(targets: torch.Tensor, fraction: float, seed: int) -> Tuple[torch.Tensor, dict]:
+    """(noisy targets, record of the flips). round(fraction * n) samples, the first of a permutation
+    seeded by `seed` (so a smaller fraction flips a subset of a larger one's samples), each get a
+    label drawn uniformly from the other classes present in `targets`. The record lists the flipped
+    positions (sorted) with their original and new labels."""
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    if not 0 <= fraction < 1:
+        raise ValueError(f"label noise fraction must be in [0, 1), got {fraction}")
+    classes = targets.unique()  # sorted
+    generator = torch.Generator().manual_seed(seed)
+    count = round(fraction * len(targets))
+    if count and len(classes) < 2:
+        raise ValueError(f"label noise needs at least 2 classes, got {classes.tolist()}")
+    indices = torch.randperm(len(targets), generator=generator)[:count].sort().values
+    original = targets[indices]
+    draw = torch.randint(max(len(classes) - 1, 1), (count,), generator=generator)
+    new = classes[draw + (draw >= torch.searchsorted(classes, original)).long()]  # skip the true class
+    noisy = targets.clone()
+    noisy[indices] = new
+    record = dict(fraction=fraction, num_samples=len(targets), num_flipped=count,
+                  indices=indices.tolist(), original_labels=original.tolist(), noisy_labels=new.tolist())
+    return noisy, record
+
+
+def add_label_noise(data: ContinualData, fraction: float, run_seed: int) -> Tuple[ContinualData, Optional[dict]]:
+    """`data` with symmetric label noise on its train split (`symmetric_label_noise`, seeded from
+    the run's seed only: every loss of a seed sees the same flips), and the record of the flips
+    (positions in the train split) for the run's outputs; `fraction` 0 returns `data` itself and None."""
+    if fraction == 0:
+        return data, None
+    from .checkpoint import derive_seed
+
+    noisy, record = symmetric_label_noise(data.train.targets, fraction, derive_seed(run_seed, "label_noise"))
+    record = dict(rule=LABEL_NOISE_RULE, run_seed=run_seed, indices_are="positions in the train split", **record)
+    info = dict(data.info, label_noise=dict(fraction=fraction, num_flipped=record["num_flipped"],
+                                            rule=LABEL_NOISE_RULE))
+    train = LabelledSplit(NoisyLabels(data.train.dataset, noisy), noisy)
+    return ContinualData(train, data.test, data.num_classes, info), record
+
+
 _SOURCES = {"digits": _digits, "imagefolder": _imagefolder, "cifar100": _cifar100}
 
 
@@ -348,5 +410,5 @@ def load_mnist5k(img_size: int, crop: int = MNIST_SIDE) -> Tuple[torch.Tensor, t
     return _resize(images, img_size), torch.as_tensor(labels, dtype=torch.long)
 
 
-__all__ = ["ContinualData", "LabelledSplit", "backbone_normalization", "build_data", "load_mnist5k",
-           "read_split_file", "stratified_split"]
+__all__ = ["ContinualData", "LabelledSplit", "NoisyLabels", "add_label_noise", "backbone_normalization", "build_data",
+           "load_mnist5k", "read_split_file", "stratified_split", "symmetric_label_noise"]

@@ -26,7 +26,7 @@ import aepg_kernels
 from . import metrics
 from .config import config_to_dict, config_to_yaml
 
-SUMMARY_FILE, CONFIG_FILE = "summary.json", "config.yaml"
+SUMMARY_FILE, CONFIG_FILE, NOISE_FILE = "summary.json", "config.yaml", "noise.json"
 MATRIX_PLOT, PER_TASK_PLOT, ENTROPY_PLOT = "accuracy_matrix.png", "accuracy_per_task.png", "entropy.png"
 
 # The accuracy metrics under their JSON names (those of metrics.summarize), with their functions.
@@ -160,9 +160,11 @@ def summary_record(cfg, summary: Mapping, extra_info: Mapping) -> dict:
 
 
 
-def write_run_outputs(output_dir, cfg, summary: Mapping, extra_info: Optional[Mapping] = None) -> Dict[str, Path]:
-    """Writes summary.json, config.yaml and the three plots into `output_dir` (created if needed);
-    returns their paths by name ("summary", "config", "accuracy_matrix", "accuracy_per_task", "entropy")."""
+def write_run_outputs(output_dir, cfg, summary: Mapping, extra_info: Optional[Mapping] = None,
+                      label_noise: Optional[Mapping] = None) -> Dict[str, Path]:
+    """Writes summary.json, config.yaml and the three plots into `output_dir` (created if needed),
+    and noise.json (the flipped training labels) when `label_noise` is given; returns their paths by
+    name ("summary", "config", "accuracy_matrix", "accuracy_per_task", "entropy", "label_noise")."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"summary": out / SUMMARY_FILE, "config": out / CONFIG_FILE, "accuracy_matrix": out / MATRIX_PLOT,
@@ -170,6 +172,9 @@ def write_run_outputs(output_dir, cfg, summary: Mapping, extra_info: Optional[Ma
     record = summary_record(cfg, summary, extra_info or {})
     paths["summary"].write_text(dump_json(record))
     paths["config"].write_text(config_to_yaml(cfg))
+    if label_noise is not None:
+        paths["label_noise"] = out / NOISE_FILE
+        paths["label_noise"].write_text(dump_json(label_noise, "label_noise"))
     R = summary["accuracy_matrix"]
     plot_accuracy_matrix(R, paths["accuracy_matrix"])
     plot_accuracy_per_task(R, paths["accuracy_per_task"])

@@ -12,7 +12,7 @@ import torch
 
 from . import distributed
 from .config import TrainConfig
-from .data import backbone_normalization, build_data
+from .data import add_label_noise, backbone_normalization, build_data
 from .model import ContinualViT
 from .pretrain import ensure_pretrained_backbone
 from .report import format_run_summary, write_run_outputs
@@ -45,14 +45,14 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     model = ContinualViT.from_config(cfg.model, cfg.peft)
     in_chans = model.backbone.patch_embed.proj.in_channels
     mean, std = backbone_normalization(model.backbone, in_chans)
-    data = build_data(cfg.data, mean, std)
+    data, label_noise = add_label_noise(build_data(cfg.data, mean, std), cfg.data.label_noise, cfg.run.seed)
     scenario = ClassIncrementalScenario.from_config(cfg.scenario, data.train.targets, seed=cfg.run.seed)
     log(f"{data.info.get('source', cfg.data.name)}: {len(data.train.targets)} train / {len(data.test.targets)} "
         f"test images, {scenario.num_classes} classes in {scenario.num_tasks} tasks")
     trainer = ContinualTrainer(model, scenario, cfg, device=device, log=log)
     summary = trainer.fit(data.train.dataset, data.train.targets, data.test.dataset, data.test.targets)
     if distributed.is_main():
-        paths = write_run_outputs(cfg.run.output_dir, cfg, summary, {"data": data.info})
+        paths = write_run_outputs(cfg.run.output_dir, cfg, summary, {"data": data.info}, label_noise)
         log(format_run_summary(summary))
         log(f"outputs: {', '.join(str(p) for p in paths.values())}")
     return summary
