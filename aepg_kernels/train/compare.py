@@ -1,33 +1,60 @@
-"""`compare` mode: several losses x several seeds of one config, aggregated into mean +- std.
+"""`compare` and `sweep` modes: configurations x seeds of one base config, paired by seed, aggregated
+into mean +- std.
 
     aggregated = run_compare(cfg, ["ce", "aepg"], [0, 1, 2], run_one=train_and_write)
     print(format_compare_table(aggregated))
     write_compare_outputs(cfg.run.output_dir, aggregated)
+    swept = run_sweep(cfg, {"loss.name": ["ce", "aepg"], "data.label_noise": [0, 0.2]}, range(10), train_and_write)
 
-Each run gets its own copy of the config with `loss.name`, `run.seed` and
-`run.output_dir = <base output_dir>/<loss>/seed<seed>` replaced (the class order follows run.seed
-unless scenario.order_seed pins it). The spread is the sample standard deviation over seeds
-(ddof=1, as papers report it); with a single seed it is undefined: NaN in the aggregate (null in
-JSON) and left out of the table.
+A configuration is a list of `section.key=value` overrides of the base config: compare's are
+`loss.name=<loss>`, named by the loss; sweep's are one point of the cartesian product of a grid,
+named by its values (`loss.name=aepg,data.label_noise=0.2`). Each run gets its own copy of the config
+with those overrides, `run.seed` and `run.output_dir = <base output_dir>/<name>/seed<seed>`.
+
+Paired by seed: every seeded draw of a run (the class order unless scenario.order_seed pins it,
+the PEFT initialisation, the heads, the batch order, each sample's augmentation, the label noise)
+derives from run.seed alone, so the configurations of one seed differ only in what they override.
+Resumable: a run whose output dir holds the summary.json of the same config is read back, not run
+again; an unfinished one resumes from its checkpoint (run.resume).
+
+The spread is the sample standard deviation over seeds (ddof=1, as papers report it); with a single
+seed it is undefined: NaN in the aggregate (null in JSON) and left out of the table.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
+import itertools
+import json
 import math
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .config import LOSS_NAMES, ConfigError, TrainConfig, config_to_dict
+from .checkpoint import config_differences
+from .config import LOSS_NAMES, ConfigError, TrainConfig, config_to_dict, parse_overrides, with_overrides
 from .metrics import accuracy_after_each_task
-from .report import (ACCURACY_METRICS, FINAL_EPOCH_ENTROPY, METRIC_DEFINITIONS, METRIC_LABELS, UNITS, dump_json,
-                     new_figure, run_metrics, save_figure)
+from .report import (ACCURACY_METRICS, FINAL_EPOCH_ENTROPY, METRIC_DEFINITIONS, METRIC_LABELS, SUMMARY_FILE, UNITS,
+                     dump_json, new_figure, run_metrics, save_figure)
 
 COMPARE_JSON, COMPARE_TABLE, COMPARE_PLOT = "compare.json", "compare_table.md", "compare_accuracy.png"
+SWEEP_JSON, SWEEP_TABLE, SWEEP_PLOT = "sweep.json", "sweep_table.md", "sweep_accuracy.png"
 TABLE_METRICS = (*ACCURACY_METRICS, FINAL_EPOCH_ENTROPY)  # the table's columns, in order
 STD_DEFINITION = "sample standard deviation over seeds (ddof=1); NaN (null) for a single seed"
+# Set by the runner once the demo's backbone is pretrained: a finished run's summary holds them resolved.
+RESOLVED_WEIGHT_KEYS = ("model.pretrained", "model.checkpoint")
+
+RunOne = Callable[[TrainConfig], dict]
+
+
+def check_seeds(seeds: Sequence[int], mode: str = "compare") -> None:
+    if not seeds:
+        raise ConfigError(f"{mode}.seeds: give at least one seed")
+    not_int = [s for s in seeds if type(s) is not int]
+    if not_int:
+        raise ConfigError(f"{mode}.seeds: seeds must be integers, got {not_int}")
+    if len(set(seeds)) != len(seeds):
+        duplicates = sorted({s for s in seeds if list(seeds).count(s) > 1})
+        raise ConfigError(f"{mode}.seeds: seeds must be distinct, {duplicates} repeated in {list(seeds)}")
 
 
 def check_compare_args(losses: Sequence[str], seeds: Sequence[int]) -> None:
@@ -39,43 +66,177 @@ def check_compare_args(losses: Sequence[str], seeds: Sequence[int]) -> None:
                           f"{', '.join(LOSS_NAMES)}")
     if len(set(losses)) != len(losses):
         raise ConfigError(f"compare.losses: each loss once, got {list(losses)}")
-    if not seeds:
-        raise ConfigError("compare.seeds: give at least one seed")
-    not_int = [s for s in seeds if type(s) is not int]
-    if not_int:
-        raise ConfigError(f"compare.seeds: seeds must be integers, got {not_int}")
-    if len(set(seeds)) != len(seeds):
-        duplicates = sorted({s for s in seeds if list(seeds).count(s) > 1})
-        raise ConfigError(f"compare.seeds: seeds must be distinct, {duplicates} repeated in {list(seeds)}")
+    check_seeds(seeds)
 
 
-def run_config(base_cfg: TrainConfig, loss: str, seed: int) -> TrainConfig:
-    """`base_cfg` with this loss, seed and output directory; a deep copy, so runs share no state.
-    `dataclasses.replace` re-runs each section's checks."""
-    cfg = copy.deepcopy(base_cfg)
-    output_dir = Path(base_cfg.run.output_dir) / loss / f"seed{seed}"
-    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, name=loss),
-                               run=dataclasses.replace(cfg.run, seed=seed, output_dir=str(output_dir)))
+def run_config(base_cfg: TrainConfig, name: str, overrides: Sequence[str], seed: int) -> TrainConfig:
+    """A new config: `base_cfg` with the configuration's overrides, this seed and the output directory
+    `<base output_dir>/<name>/seed<seed>`; every section is checked again."""
+    output_dir = Path(base_cfg.run.output_dir) / name / f"seed{seed}"
+    return with_overrides(base_cfg, [*overrides, f"run.seed={seed}", f"run.output_dir={output_dir}"])
+
+
+def finished_summary(cfg: TrainConfig) -> Optional[dict]:
+    """The summary.json in `cfg.run.output_dir` when a run of this config finished there, else None.
+    One of another config (beyond the keys a resumption may change) is an error, not reused."""
+    path = Path(cfg.run.output_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    ignored = set(RESOLVED_WEIGHT_KEYS) if cfg.model.pretrain_on is not None and not cfg.model.checkpoint else set()
+    differences = [d for d in config_differences(summary["config"], config_to_dict(cfg))
+                   if d.split(":")[0] not in ignored]
+    if differences:
+        raise ConfigError(f"{path} is the summary of another config ({'; '.join(differences)}): remove it or "
+                          f"choose another run.output_dir")
+    # Strict JSON wrote NaN as null.
+    summary["accuracy_matrix"] = [[math.nan if v is None else v for v in row] for row in summary["accuracy_matrix"]]
+    return summary
+
+
+def run_configurations(base_cfg: TrainConfig, configurations: Mapping[str, Sequence[str]], seeds: Sequence[int],
+                       run_one: RunOne, log: Callable[[str], None] = print, mode: str = "compare"
+                       ) -> Tuple[Dict[str, Dict[int, dict]], Dict[str, Dict[str, str]], Dict[str, List[int]]]:
+    """Runs (or reads back, see `finished_summary`) every configuration for every seed, in that order.
+    Returns ({name: {seed: fit summary}}, {name: {seed: output dir}}, {name: the seeds read back}).
+    Every config is built, and so checked, before the first run."""
+    check_seeds(seeds, mode)
+    configs = {(name, seed): run_config(base_cfg, name, overrides, seed)
+               for name, overrides in configurations.items() for seed in seeds}
+    results: Dict[str, Dict[int, dict]] = {name: {} for name in configurations}
+    reused: Dict[str, List[int]] = {name: [] for name in configurations}
+    for n, ((name, seed), cfg) in enumerate(configs.items(), start=1):
+        summary = finished_summary(cfg)
+        if summary is None:
+            log(f"{mode}: run {n}/{len(configs)}: {name} seed={seed} -> {cfg.run.output_dir}")
+            summary = run_one(cfg)
+        else:
+            log(f"{mode}: run {n}/{len(configs)}: {name} seed={seed}: finished, read back from {cfg.run.output_dir}")
+            reused[name].append(seed)
+        results[name][seed] = summary
+        values = run_metrics(summary)
+        log(f"{mode}: {name} seed={seed}: " + ", ".join(
+            f"{METRIC_LABELS[metric]} {100 * values[metric]:.2f}%" for metric in ACCURACY_METRICS))
+    output_dirs = {name: {str(seed): configs[name, seed].run.output_dir for seed in seeds} for name in configurations}
+    return results, output_dirs, reused
 
 
 def run_compare(base_cfg: TrainConfig, losses: Sequence[str], seeds: Sequence[int],
-                run_one: Callable[[TrainConfig], dict], log: Callable[[str], None] = print) -> dict:
+                run_one: RunOne, log: Callable[[str], None] = print) -> dict:
     """Calls `run_one(cfg)` (which trains and returns `ContinualTrainer.fit`'s summary) for every loss
     and seed, in that order, and returns `aggregate` of the summaries plus each run's output dir."""
     check_compare_args(losses, seeds)
-    configs = {(loss, seed): run_config(base_cfg, loss, seed) for loss in losses for seed in seeds}
-    results: Dict[str, Dict[int, dict]] = {loss: {} for loss in losses}
-    for n, ((loss, seed), cfg) in enumerate(configs.items(), start=1):
-        log(f"compare: run {n}/{len(configs)}: loss={loss} seed={seed} -> {cfg.run.output_dir}")
-        results[loss][seed] = run_one(cfg)
-        values = run_metrics(results[loss][seed])
-        log(f"compare: loss={loss} seed={seed}: " + ", ".join(
-            f"{METRIC_LABELS[name]} {100 * values[name]:.2f}%" for name in ACCURACY_METRICS))
+    results, output_dirs, _ = run_configurations(base_cfg, {loss: [f"loss.name={loss}"] for loss in losses}, seeds,
+                                                 run_one, log)
     aggregated = aggregate(results)
-    aggregated["output_dirs"] = {loss: {str(seed): configs[loss, seed].run.output_dir for seed in seeds}
-                                 for loss in losses}
+    aggregated["output_dirs"] = output_dirs
     aggregated["base_config"] = config_to_dict(base_cfg)
     return aggregated
+
+
+# ---------------------------------------------------------------------------------------------
+# grids
+
+
+def _value_text(value) -> str:
+    """A grid value as an override reads it (YAML): true / false / null, numbers and words as written."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return str(value)
+
+
+def parse_grid(items: Sequence[str]) -> Dict[str, List[str]]:
+    """`["loss.name=ce,aepg", "loss.alpha=0,0.5"]` -> {"loss.name": ["ce", "aepg"], "loss.alpha": ["0", "0.5"]}
+    (values as text; the overrides read them as YAML)."""
+    grid: Dict[str, List[str]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not sep or not key or not values:
+            raise ConfigError(f"sweep.grid: {item!r} is not of the form section.key=v1,v2,...")
+        if key in grid:
+            raise ConfigError(f"sweep.grid: {key} given twice")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"sweep.grid: {key}: each value once, got {values}")
+        grid[key] = values
+    return grid
+
+
+def grid_configurations(grid: Mapping[str, Sequence]) -> Dict[str, Dict[str, str]]:
+    """The cartesian product of the grid (the last key varies fastest): {name: {key: value text}},
+    each named `key=value,key=value` in the grid's order."""
+    if not grid:
+        raise ConfigError("sweep.grid: give at least one key=v1,v2,...")
+    for key, values in grid.items():
+        parse_overrides([f"{key}=0"])  # the key's form
+        if not values:
+            raise ConfigError(f"sweep.grid: {key} has no values")
+    points = itertools.product(*([_value_text(v) for v in values] for values in grid.values()))
+    configurations = {}
+    for point in points:
+        assignment = dict(zip(grid, point, strict=True))
+        name = ",".join(f"{key}={text}" for key, text in assignment.items())
+        if "/" in name:
+            raise ConfigError(f"sweep.grid: {name!r}: a value may not contain '/' (it names a folder)")
+        configurations[name] = assignment
+    return configurations
+
+
+def parse_configuration(name: str) -> Dict[str, str]:
+    """A configuration written as its name, `key=value,key=value` -> {key: value text}."""
+    assignment = {}
+    for item in name.split(","):
+        key, sep, text = item.partition("=")
+        if not sep or not key or not text.strip() or key in assignment:
+            raise ConfigError(f"sweep.extra: {name!r} is not of the form section.key=value,section.key=value")
+        assignment[key] = text.strip()
+    return assignment
+
+
+def sweep_configurations(grid: Mapping[str, Sequence], extra: Sequence[str] = ()) -> Dict[str, Dict[str, str]]:
+    """{name: {key: value text}}: the grid's product (`grid_configurations`), then the extra ones."""
+    configurations = grid_configurations(grid) if grid or not extra else {}
+    for name in extra:
+        assignment = parse_configuration(name)
+        configurations[",".join(f"{k}={v}" for k, v in assignment.items())] = assignment
+    return configurations
+
+
+def grid_values(assignment: Mapping[str, str]) -> Dict[str, object]:
+    """{key: value text} -> {key: the value it sets} (read as YAML, as an override)."""
+    return {key: _leaf(key, text) for key, text in assignment.items()}
+
+
+def run_sweep(base_cfg: TrainConfig, grid: Mapping[str, Sequence], seeds: Sequence[int], run_one: RunOne,
+              extra: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
+    """Every configuration of the grid, then each `extra` one (written as a name,
+    `loss.schedule=sigmoid`: one outside the product), x every seed (`run_configurations`). Returns
+    the aggregate per configuration ("configurations", each with its grid values) and each run's
+    metrics ("runs": output dir, the named metrics, the accuracy after each task, read back or not)."""
+    configurations = sweep_configurations(grid, extra)
+    overrides = {name: [f"{k}={v}" for k, v in assignment.items()] for name, assignment in configurations.items()}
+    results, output_dirs, reused = run_configurations(base_cfg, overrides, seeds, run_one, log, mode="sweep")
+    swept = aggregate(results, key="configurations")
+    for name, entry in swept["configurations"].items():
+        entry["grid_values"] = grid_values(configurations[name])
+    swept["runs"] = {name: {str(seed): {"output_dir": output_dirs[name][str(seed)], "reused": seed in reused[name],
+                                        "metrics": run_metrics(summary),
+                                        "accuracy_after_each_task": accuracy_after_each_task(summary["accuracy_matrix"])}
+                            for seed, summary in by_seed.items()}
+                     for name, by_seed in results.items()}
+    swept["grid"] = {k: [_value_text(v) for v in values] for k, values in grid.items()}
+    swept["extra"] = list(extra)
+    swept["seeds"] = list(seeds)
+    swept["base_config"] = config_to_dict(base_cfg)
+    return swept
+
+
+def _leaf(key: str, text: str):
+    """The value `key=text` sets (read as YAML, as an override)."""
+    node = parse_overrides([f"{key}={text}"])
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def mean_and_std(values: Sequence[float]) -> Dict[str, object]:
@@ -85,30 +246,41 @@ def mean_and_std(values: Sequence[float]) -> Dict[str, object]:
     return {"mean": float(np.mean(array)), "std": std, "values": array.tolist()}
 
 
-def _curve_mean_and_std(curves: List[List[float]], loss: str) -> Dict[str, object]:
+def _curve_mean_and_std(curves: List[List[float]], what: str) -> Dict[str, object]:
     if len({len(c) for c in curves}) > 1:
-        raise ValueError(f"loss {loss}: the seeds' runs have different numbers of tasks {[len(c) for c in curves]}")
+        raise ValueError(f"{what}: the seeds' runs have different numbers of tasks {[len(c) for c in curves]}")
     array = np.asarray(curves, dtype=float)  # seeds x tasks
     std = np.std(array, axis=0, ddof=1) if len(array) > 1 else np.full(array.shape[1], math.nan)
     return {"mean": np.mean(array, axis=0).tolist(), "std": std.tolist(), "values": array.tolist()}
 
 
-def aggregate(results: Mapping[str, Mapping[int, Mapping]]) -> dict:
-    """`{loss: {seed: fit summary}}` -> per loss: the seeds, and mean / std / per-seed values of each
-    named metric and of the accuracy after each task."""
-    losses = {}
-    for loss, by_seed in results.items():
+ENTRY_KINDS = {"losses": "loss", "configurations": "configuration"}  # aggregate's key -> what an entry is
+
+
+def aggregate(results: Mapping[str, Mapping[int, Mapping]], key: str = "losses") -> dict:
+    """`{name: {seed: fit summary}}` -> under `key` ("losses": compare, "configurations": sweep), per
+    name: the seeds, and mean / std / per-seed values of each named metric and of the accuracy after
+    each task."""
+    kind = ENTRY_KINDS[key]
+    entries = {}
+    for name, by_seed in results.items():
         if not by_seed:
-            raise ValueError(f"loss {loss}: no runs to aggregate")
+            raise ValueError(f"{kind} {name}: no runs to aggregate")
         per_seed = [run_metrics(summary) for summary in by_seed.values()]
-        losses[loss] = {
+        entries[name] = {
             "seeds": list(by_seed),
-            "metrics": {name: mean_and_std([v[name] for v in per_seed]) for name in TABLE_METRICS},
+            "metrics": {metric: mean_and_std([v[metric] for v in per_seed]) for metric in TABLE_METRICS},
             "accuracy_after_each_task": _curve_mean_and_std(
-                [accuracy_after_each_task(s["accuracy_matrix"]) for s in by_seed.values()], loss),
+                [accuracy_after_each_task(s["accuracy_matrix"]) for s in by_seed.values()], f"{kind} {name}"),
         }
-    return {"losses": losses, "std_definition": STD_DEFINITION, "units": UNITS,
+    return {key: entries, "std_definition": STD_DEFINITION, "units": UNITS,
             "metric_definitions": {name: METRIC_DEFINITIONS[name] for name in TABLE_METRICS}}
+
+
+def entries_of(aggregated: Mapping) -> Tuple[str, Mapping[str, Mapping]]:
+    """(what an entry is, the entries) of a compare or sweep aggregate."""
+    key = next(k for k in ENTRY_KINDS if k in aggregated)
+    return ENTRY_KINDS[key], aggregated[key]
 
 
 def _mean_pm_std(stat: Mapping, scale: float, digits: int) -> str:
@@ -120,30 +292,35 @@ def _mean_pm_std(stat: Mapping, scale: float, digits: int) -> str:
 
 
 def format_compare_table(aggregated: Mapping) -> str:
-    """A Markdown table: one row per loss, columns final accuracy A_T, average incremental accuracy,
-    forgetting (max-based), BWT (mean +- std in %) and the final-epoch entropy (nats)."""
-    losses = aggregated["losses"]
-    seeds = sorted({seed for entry in losses.values() for seed in entry["seeds"]})
-    counts = sorted({len(entry["seeds"]) for entry in losses.values()})
-    header = ["loss", *(f"{METRIC_LABELS[name]} (%)" for name in ACCURACY_METRICS),
+    """A Markdown table: one row per loss (or configuration), columns final accuracy A_T, average
+    incremental accuracy, forgetting (max-based), BWT (mean +- std in %) and the final-epoch entropy (nats)."""
+    kind, entries = entries_of(aggregated)
+    seeds = sorted({seed for entry in entries.values() for seed in entry["seeds"]})
+    counts = sorted({len(entry["seeds"]) for entry in entries.values()})
+    header = [kind, *(f"{METRIC_LABELS[name]} (%)" for name in ACCURACY_METRICS),
               f"{METRIC_LABELS[FINAL_EPOCH_ENTROPY]} (nats)"]
-    rows = [[loss, *(_mean_pm_std(entry["metrics"][name], 100, 2) for name in ACCURACY_METRICS),
-             _mean_pm_std(entry["metrics"][FINAL_EPOCH_ENTROPY], 1, 3)] for loss, entry in losses.items()]
+    rows = [[name, *(_mean_pm_std(entry["metrics"][metric], 100, 2) for metric in ACCURACY_METRICS),
+             _mean_pm_std(entry["metrics"][FINAL_EPOCH_ENTROPY], 1, 3)] for name, entry in entries.items()]
+    caption = (f"{'/'.join(map(str, counts))} seed(s) per {kind} (seeds {seeds}); mean +- {STD_DEFINITION}; "
+               "metrics are means over tasks")
+    return caption + "\n\n" + markdown_table(header, rows)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell."""
     widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
 
     def line(cells):
         return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
 
-    caption = (f"{'/'.join(map(str, counts))} seed(s) per loss (seeds {seeds}); mean +- {STD_DEFINITION}; "
-               "metrics are means over tasks")
-    return "\n".join([caption, "", line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-                      *map(line, rows)])
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def plot_compare(aggregated: Mapping, path) -> None:
-    """The accuracy after each task per loss: mean line, mean +- std band (when there are several seeds)."""
+    """The accuracy after each task per loss (or configuration): mean line, mean +- std band (when
+    there are several seeds)."""
     figure, (ax,) = new_figure()
-    for loss, entry in aggregated["losses"].items():
+    for loss, entry in entries_of(aggregated)[1].items():
         curve = entry["accuracy_after_each_task"]
         mean = 100 * np.asarray(curve["mean"], dtype=float)
         std = 100 * np.asarray([math.nan if s is None else s for s in curve["std"]], dtype=float)
@@ -160,12 +337,22 @@ def plot_compare(aggregated: Mapping, path) -> None:
     save_figure(figure, path)
 
 
-def write_compare_outputs(output_dir, aggregated: Mapping) -> Dict[str, Path]:
-    """compare.json (everything, strict JSON), compare_table.md and compare_accuracy.png in `output_dir`."""
+def _write_outputs(output_dir, aggregated: Mapping, names: Tuple[str, str, str]) -> Dict[str, Path]:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / COMPARE_JSON, "table": out / COMPARE_TABLE, "plot": out / COMPARE_PLOT}
+    paths = {"json": out / names[0], "table": out / names[1], "plot": out / names[2]}
     paths["json"].write_text(dump_json(aggregated, "aggregated"))
     paths["table"].write_text(format_compare_table(aggregated) + "\n")
     plot_compare(aggregated, paths["plot"])
     return paths
+
+
+def write_sweep_outputs(output_dir, swept: Mapping) -> Dict[str, Path]:
+    """sweep.json (every run's metrics and the aggregate, strict JSON), sweep_table.md and
+    sweep_accuracy.png in `output_dir`."""
+    return _write_outputs(output_dir, swept, (SWEEP_JSON, SWEEP_TABLE, SWEEP_PLOT))
+
+
+def write_compare_outputs(output_dir, aggregated: Mapping) -> Dict[str, Path]:
+    """compare.json (everything, strict JSON), compare_table.md and compare_accuracy.png in `output_dir`."""
+    return _write_outputs(output_dir, aggregated, (COMPARE_JSON, COMPARE_TABLE, COMPARE_PLOT))

@@ -84,3 +84,35 @@ def test_embedded_demo_learns_far_above_chance(tmp_path, capsys):
     for loss in ("ce", "aepg"):
         finals = aggregated["losses"][loss]["metrics"]["final_accuracy"]["values"]
         assert len(finals) == 3 and min(finals) > 0.3, (loss, finals)
+
+
+def test_sweep_runs_the_grid_with_label_noise_and_reads_finished_runs_back(tmp_path, small_recipe, capsys,  # noqa: F811
+                                                                           monkeypatch):
+    argv = ["sweep", *_args(tmp_path, "loss.name=ce"), "--grid", "data.label_noise=0,0.2", "--seeds", "0"]
+    assert cli_main(argv) == 0
+    out = tmp_path / "out"
+    swept = json.loads((out / "sweep.json").read_text())
+    assert list(swept["configurations"]) == ["data.label_noise=0", "data.label_noise=0.2"]
+    assert swept["configurations"]["data.label_noise=0.2"]["grid_values"] == {"data.label_noise": 0.2}
+    noisy, clean = out / "data.label_noise=0.2" / "seed0", out / "data.label_noise=0" / "seed0"
+    noise = json.loads((noisy / "noise.json").read_text())
+    assert noise["num_flipped"] == round(0.2 * noise["num_samples"]) and not (clean / "noise.json").exists()
+    assert json.loads((noisy / "summary.json").read_text())["config"]["data"]["label_noise"] == 0.2
+    assert set(swept["runs"]["data.label_noise=0"]["0"]["metrics"]) >= set(METRICS)
+    assert "| data.label_noise=0.2 " in capsys.readouterr().out
+
+    def no_run(cfg):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr("aepg_kernels.train.runner.run", no_run)
+    assert cli_main(argv) == 0
+    again = json.loads((out / "sweep.json").read_text())
+    assert again["runs"]["data.label_noise=0.2"]["0"]["reused"] is True
+    assert again["configurations"] == swept["configurations"]
+
+
+def test_sweep_rejects_a_bad_grid_before_running(tmp_path, capsys):
+    assert cli_main(["sweep", *_args(tmp_path), "--grid", "loss.schedule=constant"]) == 2
+    assert "loss.alpha" in capsys.readouterr().err  # the constant schedule needs an alpha
+    assert cli_main(["sweep", *_args(tmp_path), "--grid", "loss.alpha"]) == 2
+    assert not (tmp_path / "out").exists()

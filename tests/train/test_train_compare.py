@@ -126,7 +126,7 @@ def test_run_compare_runs_every_loss_and_seed_with_its_own_config(base_cfg):
     assert calls[0].model is not calls[1].model  # copies: one run cannot change another's config
     assert aggregated["losses"]["ce"]["seeds"] == [0, 5]
     assert aggregated["output_dirs"]["aepg"]["5"] == str(base / "aepg/seed5")
-    assert len(logged) == 8 and "run 3/4: loss=aepg seed=0" in logged[4]
+    assert len(logged) == 8 and "run 3/4: aepg seed=0" in logged[4]
 
 
 @pytest.mark.parametrize("losses, seeds, message", [
