@@ -170,7 +170,8 @@ def _worker(rank, world_size, init_file, sizes):
         raise AssertionError("\n".join(failures[:10]))
 
 
-@pytest.mark.parametrize("sizes", [(5, 6), (1, 500, 502)], ids=["2-ranks-uneven", "3-ranks-one-class-shard"])
+@pytest.mark.parametrize("sizes", [(6, 6), (5, 6), (1, 500, 502)],
+                         ids=["2-ranks-even", "2-ranks-uneven", "3-ranks-one-class-shard"])
 def test_vocab_parallel_policy_loss_equals_the_whole_op(tmp_path, sizes):
     mp.spawn(_worker, args=(len(sizes), str(tmp_path / "store"), sizes), nprocs=len(sizes), join=True)
 
