@@ -84,8 +84,12 @@ def _flatten(values: dict, prefix: str = "") -> Dict[str, object]:
 
 
 def config_differences(saved: dict, current: dict) -> List[str]:
-    """`section.key: saved -> current` for every key that differs, except RESUME_NEUTRAL_KEYS."""
+    """`section.key: saved -> current` for every key that differs, except RESUME_NEUTRAL_KEYS. A key
+    the saved config lacks (written before the key existed) counts as its default value."""
+    from .config import TrainConfig, config_to_dict
+
     a, b = _flatten(saved), _flatten(current)
+    a.update({k: v for k, v in _flatten(config_to_dict(TrainConfig())).items() if k in b and k not in a})
     keys = sorted((a.keys() | b.keys()) - set(RESUME_NEUTRAL_KEYS))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k) != b.get(k)]
 

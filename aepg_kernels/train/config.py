@@ -132,13 +132,32 @@ class OptimConfig:
 
 
 @dataclass
+class FeedbackConfig:
+    """loss.schedule=feedback (aepg_kernels.FeedbackAlpha): alpha starts every task at alpha0 and after
+    each optimizer step moves by gain (target(t) - the batch's mean p_y), clamped to [0, 1], the
+    target rising linearly from target_start to target_end over the task."""
+    target_start: float = 0.5
+    target_end: float = 0.95
+    gain: float = 0.5
+    alpha0: float = 1.0
+
+    def __post_init__(self):
+        for key in ("target_start", "target_end", "alpha0"):
+            value = getattr(self, key)
+            _require(0 <= value <= 1, f"loss.feedback.{key}", f"must be in [0, 1], got {value}")
+        _require(0 <= self.gain < float("inf"), "loss.feedback.gain", f"must be a finite number >= 0, got {self.gain}")
+
+
+@dataclass
 class LossConfig:
     # ce, epg (1 - p_y), aepg (alpha CE + (1 - alpha) EPG, alpha from `schedule`), cp (CE - beta H),
     # ep (CE + beta H), ls (label smoothing), focal.
     name: Literal["ce", "epg", "aepg", "cp", "ep", "ls", "focal"] = "aepg"
-    schedule: Literal["sigmoid", "linear", "cosine", "constant"] = "sigmoid"  # aepg only; reset every task
+    # aepg only, reset every task; feedback: alpha driven by the batch's mean p_y (loss.feedback)
+    schedule: Literal["sigmoid", "linear", "cosine", "constant", "feedback"] = "sigmoid"
     tau: float = 6.0  # sigmoid schedule: alpha = sigmoid(tau (1 - 2 t / T))
     alpha: Optional[float] = None  # constant schedule
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)  # feedback schedule
     entropy_weight: float = 1.0  # beta > 0 of cp / ep (the sign comes from the name)
     label_smoothing: float = 0.1  # ls
     focal_gamma: float = 2.0  # focal

@@ -13,6 +13,8 @@ uninterrupted run does, whatever data.num_workers:
   test samples by (seed, test task, index));
 - each step's model randomness (dropout, drop path): the global RNG seeded by (seed, task, epoch,
   batch, rank); each head's initialisation: seeded by (seed, task).
+A feedback alpha schedule (loss.schedule=feedback) observes each step's batch statistics after the
+optimizer step; its state (alpha itself) is checkpointed with the schedule's.
 
 Data parallel (torchrun, see distributed.py): every rank takes an equal share of each global batch
 of data.batch_size rows, gradients are averaged with one all_reduce per step, the epoch statistics
@@ -24,6 +26,7 @@ import contextlib
 import math
 import sys
 import time
+import types
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -163,8 +166,9 @@ class ContinualTrainer:
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.model.to(self.device)
         distributed.broadcast_module(self.model)  # identical replicas whatever each rank's init drew
-        self.criterion = build_criterion(cfg.loss)
+        self.criterion = build_criterion(cfg.loss, device=self.device)
         self.schedule = getattr(self.criterion, "schedule", None)  # aepg only
+        self._feedback = hasattr(self.schedule, "observe")  # a schedule driven by the batch's stats
         self.accuracy_matrix = AccuracyMatrix(scenario.num_tasks)
         self.history: List[Dict[str, float]] = []  # one entry per epoch
         self.trainable_per_task: List[int] = []
@@ -276,6 +280,7 @@ class ContinualTrainer:
         alpha = self.schedule.alpha if self.schedule is not None else float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(len(STAT_NAMES), device=self.device)
+        stats = None
         if data is not None:  # None: this rank's share of a short last batch is empty
             x, y = data[0].to(self.device, non_blocking=True), data[1].to(self.device, non_blocking=True)
             with self._autocast():
@@ -288,9 +293,23 @@ class ContinualTrainer:
                                 torch.as_tensor(alpha, dtype=torch.float32, device=self.device) * n])
         distributed.all_reduce_gradients(trained, weight=share)
         self.optimizer.step()
+        if self._feedback:
+            self._observe(stats)
         if self.schedule is not None:
             self.schedule.step()
         return sums
+
+    def _observe(self, stats) -> None:
+        """Feeds the step's LossStats to a feedback schedule. Data parallel: the global batch's mean
+        p_y (sums over ranks, one all_reduce), as one counted row, so every rank moves alpha alike."""
+        if self.world_size == 1:
+            self.schedule.observe(stats)
+            return
+        p_y = stats.p_target.detach().float().reshape(-1) if stats is not None else torch.zeros(0, device=self.device)
+        counted = p_y > 0  # ignored rows have p_y = 0
+        sums = distributed.all_reduce_sum(torch.stack([torch.where(counted, p_y, 0.0).sum(), counted.sum().float()]))
+        mean = (sums[0] / sums[1].clamp(min=1)).reshape(1)
+        self.schedule.observe(types.SimpleNamespace(p_target=mean), counted=(sums[1] > 0).reshape(1))
 
     # -- evaluation ----------------------------------------------------------------------------
 

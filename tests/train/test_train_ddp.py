@@ -23,7 +23,8 @@ def config(output_dir):
     return config_from_dict({
         "optim": {"lr": 1e-3, "epochs": 2, "peft_frozen_epochs": 1},
         "data": {"batch_size": 4, "eval_batch_size": 5, "num_workers": 0},
-        "loss": {"name": "aepg", "backend": "eager"},
+        # The feedback schedule: alpha follows the global batch's mean p_y, the same on every rank.
+        "loss": {"name": "aepg", "schedule": "feedback", "feedback": {"alpha0": 0.5}, "backend": "eager"},
         "scenario": {"num_tasks": 3, "class_order": "natural"},
         "run": {"output_dir": str(output_dir), "progress": False, "device": "cpu"},
     })
