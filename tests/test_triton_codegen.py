@@ -15,27 +15,13 @@ import pytest
 
 pytest.importorskip("triton.backends.nvidia")
 COMPILING = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-if COMPILING:
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+from aepg_kernels.bench.resources import BWD_FLAGS, FWD_FLAGS, compile_triton  # noqa: E402
 
+if COMPILING:
     from aepg_kernels.backends.triton.backward import policy_loss_bwd_kernel
     from aepg_kernels.backends.triton.forward import policy_loss_fwd_kernel
     from aepg_kernels.backends.triton.reduce import denominator_kernel, reduce_rows_kernel
     from aepg_kernels.backends.triton.scale import scale_grad_kernel
-
-POINTERS = dict(x_ptr="X", q_ptr="X", grad_ptr="X", y_ptr="i64", w_ptr="fp32", w_total_ptr="fp32", a_ptr="fp32",
-                b_ptr="fp32", denom_ptr="fp32", loss_ptr="A", stats_ptr="A", g_ptr="X", row_loss_ptr="A",
-                denom_out_ptr="A", out_ptr="X")
-SCALARS = dict(a_value="fp64", b_value="fp64", beta="fp64", eps="fp64", gamma="fp64", ignore_index="i64",
-               x_stride="i64", q_stride="i64", grad_stride="i64", g_stride="i64", n_rows="i32", n_cols="i32",
-               numel="i64")
-FWD_FLAGS = ["PROB_TARGET", "HAS_WEIGHT", "SMOOTHING", "FOCAL", "ENTROPY", "A_FROM_PTR", "B_FROM_PTR",
-             "B_ONE_MINUS_A", "MEAN"]
-BWD_FLAGS = ["PROB_TARGET", "HAS_WEIGHT", "SMOOTHING", "ENTROPY_TERM", "A_FROM_PTR", "B_FROM_PTR", "B_ONE_MINUS_A",
-             "MEAN"]
 
 
 def _in_compiler(request) -> bool:
@@ -49,20 +35,7 @@ def _in_compiler(request) -> bool:
     return False
 
 
-def _compile(kernel, dtype, constexprs, num_warps=4):
-    acc = "fp64" if dtype == "fp64" else "fp32"
-    constexprs = dict(constexprs, ACC=tl.float64 if dtype == "fp64" else tl.float32)
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in POINTERS:
-            signature[name] = "*" + POINTERS[name].replace("X", dtype).replace("A", acc)
-        else:
-            signature[name] = SCALARS[name]
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+_compile = compile_triton  # the signature and sm_90 target of aepg_kernels/bench/resources.py
 
 
 def flag_sets(names):

@@ -7,6 +7,7 @@ Liger-Kernel, on this machine; and what swapping nn.CrossEntropyLoss for ak.Poli
     aepg-bench --suite llm [--threads T] [--repeats R] [--shapes NxHxV,...] [--losses ce,dft,aepg]
     aepg-bench --suite llm-step [--threads T] [--repeats R] [--shapes BxSxHxV,...] [--implementations ...]
     aepg-bench --suite vocab-parallel [--repeats R] [--shapes NxC,NxHxV,...] [--losses ce,aepg]
+    aepg-bench --suite resources [--out FILE.json]   (registers, spills, occupancy for sm_90; no GPU)
     aepg-bench trainer-step [--batch B] [--classes 100,21843] [--out FILE.json]
     python -m aepg_kernels.bench ...
 
@@ -47,7 +48,8 @@ def _csv(text: str) -> List[str]:
 def bench_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aepg-bench", description=__doc__.splitlines()[0],
                                      epilog="Subcommand: 'aepg-bench trainer-step --help'.")
-    parser.add_argument("--suite", choices=sorted([*SUITES, "llm-step", "vocab-parallel"]), default="quick",
+    parser.add_argument("--suite", choices=sorted([*SUITES, "llm-step", "vocab-parallel", "resources"]),
+                        default="quick",
                         help="quick: the main job on this device; cpu: the CPU table; gpu: the full GPU sweep; "
                              "overhead: us per call of nn.CrossEntropyLoss() vs ak.PolicyLoss() vs aEPG on the "
                              "CPU, interleaved (1 thread unless --threads), plus host time on CUDA tensors when "
@@ -55,7 +57,8 @@ def bench_parser() -> argparse.ArgumentParser:
                              "and F.linear_cross_entropy, time and peak memory; llm-step: one training step of a "
                              "LlamaForCausalLM, transformers' loss vs TRL's fused head vs patch_causal_lm; "
                              "vocab-parallel: policy_loss(process_group=) on 2 gloo ranks vs the unsharded op, "
-                             "time and bytes communicated per call")
+                             "time and bytes communicated per call; resources: what the compiler says about "
+                             "every kernel for sm_90 (registers, spills, shared memory, vector loads, occupancy)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="overhead suite: its table is always on the CPU; cpu also skips the CUDA host time")
     parser.add_argument("--implementations", type=_csv, default=None,
@@ -170,6 +173,9 @@ def run_bench(argv: Sequence[str]) -> int:
         return llm_step.run_cli(parser, args, argv, device)
     if args.suite == "vocab-parallel":
         return vocab_parallel.run_cli(parser, args, argv, device)
+    if args.suite == "resources":
+        from . import resources
+        return resources.run_cli(parser, args, argv, device)
     if SUITES[args.suite]().kind == "overhead":
         return run_overhead(parser, args, argv, device)
     if SUITES[args.suite]().kind == "llm":
