@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._contract import ONE_MINUS_CE_WEIGHT, LossSpec, Reduction, Stat, accumulation_dtype
+from ._contract import LossSpec, Reduction, Stat, accumulation_dtype
 from ._spec import widen_targets
-from .backends.eager import assemble_stats, index_rows_from_sums, prob_rows_from_sums, reduce_rows, stable_log_p_target
+from .backends.eager import (assemble_stats, coefficients, index_rows_from_sums, prob_rows_from_sums, reduce_rows,
+                             stable_log_p_target)
 
 # Per-row sums of a shard, relative to its row max m_r (e = exp(z - m_r), z' = z - m_r, w the class
 # weights, 1 without; q the probability targets, q' = (1 - eps) q + eps / C):
@@ -132,8 +133,7 @@ def rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpe
     sums, top = _merge(gathered[:, :-2], gathered[:, -2].detach(), names)
     log_s = sums["S"].log()
     entropy = log_s - sums["T"] / sums["S"]
-    a = _coefficient(spec.ce_weight, acc)
-    b = 1 - a if spec.epg_weight is ONE_MINUS_CE_WEIGHT else _coefficient(spec.epg_weight, acc)
+    a, b = coefficients(spec, acc)
     if spec.prob_target:
         ce = log_s * sums["B"] - sums["A"]
         loss, named = prob_rows_from_sums(ce, sums["WQE"] / sums["S"], sums["WQ"], sums["QE"] / sums["S"], entropy,
@@ -149,10 +149,6 @@ def rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpe
                                            b)
         loss = torch.where(bad, float("nan"), loss)
     return loss, assemble_stats(named, log_s, top, entropy)
-
-
-def _coefficient(value, dtype: torch.dtype):
-    return value.to(dtype) if isinstance(value, Tensor) else value
 
 
 def _check_gathered_sizes(sizes: Tensor, shard_sizes: List[int]) -> None:

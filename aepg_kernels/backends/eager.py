@@ -19,6 +19,12 @@ def _coefficient(value, dtype: torch.dtype):
     return value.to(dtype) if isinstance(value, torch.Tensor) else value
 
 
+def coefficients(spec: LossSpec, dtype: torch.dtype):
+    """(a, b) of a call in the accumulation dtype: floats, or tensors, b = 1 - a for aEPG."""
+    a = _coefficient(spec.ce_weight, dtype)
+    return a, 1 - a if spec.epg_weight is ONE_MINUS_CE_WEIGHT else _coefficient(spec.epg_weight, dtype)
+
+
 def _index_masks(target: torch.Tensor, n_classes: int, ignore_index: int):
     """(counted, in_range, y) for class-index targets: rows not ignored, rows whose index is a
     class, and an index safe to read (0 where the row is ignored or out of range)."""
@@ -190,8 +196,7 @@ def policy_loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: Optiona
     logp = z - lse.unsqueeze(-1)
     p = logp.exp()
     entropy = _entropy(z, p, lse)
-    a = _coefficient(spec.ce_weight, acc)
-    b = 1 - a if spec.epg_weight is ONE_MINUS_CE_WEIGHT else _coefficient(spec.epg_weight, acc)
+    a, b = coefficients(spec, acc)
     rows = _prob_target_rows if spec.prob_target else _index_target_rows
     loss, named = rows(z, logp, p, entropy, target, weight, spec, a, b)
 

@@ -36,6 +36,7 @@ import aepg_kernels as ak
 from . import report
 from .correctness import TOLERANCE, relative_error
 from .sweeps import DTYPES
+from .timing import cuda_peak_extra_bytes, synchronize
 
 HeadFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, W, y) -> loss
 
@@ -284,12 +285,7 @@ def peak_extra_bytes(step: Callable[[], object], device: torch.device, *leaves: 
     for leaf in leaves:
         leaf.grad = None
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-        result = step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - baseline, result
+        return cuda_peak_extra_bytes(step, device)
     if not os.path.exists("/proc/self/statm"):
         return None, step()
     _trim()
@@ -327,11 +323,6 @@ def estimated_bytes(case: HeadCase, impl: Impl) -> int:
 
 
 # --- one case ---------------------------------------------------------------------------------------
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 TINY = HeadCase("ce", "fp32", 8, 16, 64)
 

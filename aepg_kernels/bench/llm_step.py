@@ -34,6 +34,7 @@ import torch
 
 from . import llm, report
 from .correctness import TOLERANCE, relative_error
+from .timing import synchronize
 
 # (batch, seq, hidden, vocab): 2048 tokens through a Llama-3-sized vocabulary
 SHAPES = ((4, 512, 256, 128256),)
@@ -312,7 +313,7 @@ def run_case(case: StepCase, impls: Sequence[StepImpl], device: torch.device, re
 def timed_step(fn: StepFn, model, batch: Batch, device: torch.device) -> Callable[[], object]:
     def step():
         call(fn, model, *batch)
-        llm.synchronize(device)
+        synchronize(device)
     return step
 
 

@@ -109,12 +109,17 @@ def peak_extra_bytes(step: Step, device: torch.device) -> Optional[int]:
     the returned gradient included). None on a CPU: no allocator statistics there."""
     if device.type != "cuda":
         return None
+    return cuda_peak_extra_bytes(step, device)[0]
+
+
+def cuda_peak_extra_bytes(step: Step, device: torch.device):
+    """(peak extra bytes of one call on a CUDA device, the call's result), from the allocator."""
     synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.memory_allocated(device)
-    step()
+    result = step()
     synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - baseline
+    return torch.cuda.max_memory_allocated(device) - baseline, result
 
 
 def device_ops_per_call(step: Step, device: torch.device) -> Optional[Dict[str, float]]:
