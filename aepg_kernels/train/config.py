@@ -83,8 +83,11 @@ class DataConfig:
     num_workers: int = 4
     test_fraction: float = 0.3  # digits only (it has no official split): stratified, fixed split seed 0
     # Symmetric label noise on the train split only: this fraction of the training samples, drawn from
-    # run.seed, gets a label drawn uniformly from the other classes (recorded in noise.json).
+    # run.seed, gets a label drawn uniformly from the other classes (recorded in noise.json) of
+    # label_noise_scope: all (every class, so a flipped image joins its new label's task) or task
+    # (the classes of its own task, which stays the same).
     label_noise: float = 0.0
+    label_noise_scope: Literal["all", "task"] = "all"
 
     def __post_init__(self):
         _require(0 <= self.label_noise < 1, "data.label_noise", f"must be in [0, 1), got {self.label_noise}")

@@ -9,6 +9,7 @@ RNG (the trainer seeds it per sample for an exact resume); test transforms are d
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -325,8 +326,8 @@ def _assemble(source: str, root: Optional[str], num_classes: int, train: Labelle
 
 
 LABEL_NOISE_RULE = ("symmetric: round(fraction * n) training samples, the first of a permutation seeded by "
-                    "derive_seed(run.seed, 'label_noise'), each get a label drawn uniformly from the other classes; "
-                    "the test split is untouched")
+                    "derive_seed(run.seed, 'label_noise'), each get a label drawn uniformly from the other classes "
+                    "of its scope (all: every class; task: the classes of its task); the test split is untouched")
 
 
 class NoisyLabels(Dataset):
@@ -342,23 +343,38 @@ class NoisyLabels(Dataset):
         return self.dataset[i][0], self.labels[i]
 
 
-def symmetric_label_noise(targets: torch.Tensor, fraction: float, seed: int) -> Tuple[torch.Tensor, dict]:
+def symmetric_label_noise(targets: torch.Tensor, fraction: float, seed: int,
+                          groups: Optional[Sequence[Sequence[int]]] = None) -> Tuple[torch.Tensor, dict]:
     """(noisy targets, record of the flips). round(fraction * n) samples, the first of a permutation
     seeded by `seed` (so a smaller fraction flips a subset of a larger one's samples), each get a
-    label drawn uniformly from the other classes present in `targets`. The record lists the flipped
-    positions (sorted) with their original and new labels."""
+    label drawn uniformly from the other classes of its group: `groups` partitions the classes
+    present in `targets` (e.g. the tasks of a scenario); None is one group of them all. The record
+    lists the flipped positions (sorted) with their original and new labels."""
     targets = torch.as_tensor(targets, dtype=torch.long)
     if not 0 <= fraction < 1:
         raise ValueError(f"label noise fraction must be in [0, 1), got {fraction}")
     classes = targets.unique()  # sorted
+    groups = [classes] if groups is None else [torch.as_tensor(sorted(g), dtype=torch.long) for g in groups]
+    grouped = torch.cat(groups).sort().values if groups else classes.new_empty(0)
+    if not torch.equal(grouped, classes):
+        raise ValueError(f"groups must partition the classes {classes.tolist()}, got {[g.tolist() for g in groups]}")
     generator = torch.Generator().manual_seed(seed)
     count = round(fraction * len(targets))
-    if count and len(classes) < 2:
-        raise ValueError(f"label noise needs at least 2 classes, got {classes.tolist()}")
+    if count and min(len(g) for g in groups) < 2:
+        raise ValueError(f"label noise needs at least 2 classes in every group, got {[g.tolist() for g in groups]}")
     indices = torch.randperm(len(targets), generator=generator)[:count].sort().values
     original = targets[indices]
-    draw = torch.randint(max(len(classes) - 1, 1), (count,), generator=generator)
-    new = classes[draw + (draw >= torch.searchsorted(classes, original)).long()]  # skip the true class
+    # One draw in [0, lcm of the group sizes - 1) per sample, reduced modulo its group's size - 1:
+    # exactly uniform in every group, and with one group the same stream as a plain randint.
+    span = math.lcm(*(max(len(g) - 1, 1) for g in groups))
+    if span >= 2**62:
+        raise ValueError(f"too many distinct group sizes for one uniform draw: {sorted({len(g) for g in groups})}")
+    draw = torch.randint(span, (count,), generator=generator)
+    new = original.clone()
+    for group in groups:
+        members = torch.isin(original, group)
+        pick = draw[members] % max(len(group) - 1, 1)
+        new[members] = group[pick + (pick >= torch.searchsorted(group, original[members])).long()]  # skip the true class
     noisy = targets.clone()
     noisy[indices] = new
     record = dict(fraction=fraction, num_samples=len(targets), num_flipped=count,
@@ -366,18 +382,21 @@ def symmetric_label_noise(targets: torch.Tensor, fraction: float, seed: int) -> 
     return noisy, record
 
 
-def add_label_noise(data: ContinualData, fraction: float, run_seed: int) -> Tuple[ContinualData, Optional[dict]]:
-    """`data` with symmetric label noise on its train split (`symmetric_label_noise`, seeded from
-    the run's seed only: every loss of a seed sees the same flips), and the record of the flips
-    (positions in the train split) for the run's outputs; `fraction` 0 returns `data` itself and None."""
+def add_label_noise(data: ContinualData, fraction: float, run_seed: int,
+                    groups: Optional[Sequence[Sequence[int]]] = None) -> Tuple[ContinualData, Optional[dict]]:
+    """`data` with symmetric label noise on its train split (`symmetric_label_noise` within `groups`,
+    seeded from the run's seed only: every loss of a seed sees the same flips), and the record of the
+    flips (positions in the train split) for the run's outputs; `fraction` 0 returns `data` itself and None."""
     if fraction == 0:
         return data, None
     from .checkpoint import derive_seed
 
-    noisy, record = symmetric_label_noise(data.train.targets, fraction, derive_seed(run_seed, "label_noise"))
-    record = dict(rule=LABEL_NOISE_RULE, run_seed=run_seed, indices_are="positions in the train split", **record)
+    noisy, record = symmetric_label_noise(data.train.targets, fraction, derive_seed(run_seed, "label_noise"), groups)
+    scope = "all" if groups is None else [list(g) for g in groups]
+    record = dict(rule=LABEL_NOISE_RULE, run_seed=run_seed, indices_are="positions in the train split",
+                  groups=scope, **record)
     info = dict(data.info, label_noise=dict(fraction=fraction, num_flipped=record["num_flipped"],
-                                            rule=LABEL_NOISE_RULE))
+                                            rule=LABEL_NOISE_RULE, groups=scope))
     train = LabelledSplit(NoisyLabels(data.train.dataset, noisy), noisy)
     return ContinualData(train, data.test, data.num_classes, info), record
 

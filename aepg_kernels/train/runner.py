@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from . import distributed
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import add_label_noise, backbone_normalization, build_data
 from .model import ContinualViT
 from .pretrain import ensure_pretrained_backbone
@@ -45,8 +45,13 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     model = ContinualViT.from_config(cfg.model, cfg.peft)
     in_chans = model.backbone.patch_embed.proj.in_channels
     mean, std = backbone_normalization(model.backbone, in_chans)
-    data, label_noise = add_label_noise(build_data(cfg.data, mean, std), cfg.data.label_noise, cfg.run.seed)
+    data = build_data(cfg.data, mean, std)
     scenario = ClassIncrementalScenario.from_config(cfg.scenario, data.train.targets, seed=cfg.run.seed)
+    groups = None if cfg.data.label_noise_scope == "all" else scenario.tasks()
+    if groups is not None and cfg.data.label_noise > 0 and min(scenario.task_sizes) < 2:
+        raise ConfigError(f"data.label_noise_scope: 'task' needs >= 2 classes in every task, got task sizes "
+                          f"{list(scenario.task_sizes)}")
+    data, label_noise = add_label_noise(data, cfg.data.label_noise, cfg.run.seed, groups)
     log(f"{data.info.get('source', cfg.data.name)}: {len(data.train.targets)} train / {len(data.test.targets)} "
         f"test images, {scenario.num_classes} classes in {scenario.num_tasks} tasks")
     trainer = ContinualTrainer(model, scenario, cfg, device=device, log=log)

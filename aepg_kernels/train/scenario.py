@@ -94,6 +94,10 @@ class ClassIncrementalScenario:
         lo, hi = self.class_range(task)
         return self.class_order[lo:hi]
 
+    def tasks(self) -> List[Tuple[int, ...]]:
+        """Every task's classes as original labels, in task order."""
+        return [self.task_classes(t) for t in range(self.num_tasks)]
+
     def num_seen_classes(self, task: int) -> int:
         return self.class_range(task)[1]
 

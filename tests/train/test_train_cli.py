@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from aepg_kernels.train import load_config
+from aepg_kernels.train import ConfigError, load_config
 from aepg_kernels.train.cli import main as cli_main
 
 from test_train_pretrain import small_recipe  # noqa: F401  (fixture)
@@ -116,3 +116,17 @@ def test_sweep_rejects_a_bad_grid_before_running(tmp_path, capsys):
     assert "loss.alpha" in capsys.readouterr().err  # the constant schedule needs an alpha
     assert cli_main(["sweep", *_args(tmp_path), "--grid", "loss.alpha"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_task_scoped_noise_flips_within_the_runs_tasks(tmp_path, small_recipe):  # noqa: F811
+    assert cli_main(_args(tmp_path, "loss.name=ce", "data.label_noise=0.2", "data.label_noise_scope=task")) == 0
+    out = tmp_path / "out"
+    noise = json.loads((out / "noise.json").read_text())
+    order = json.loads((out / "summary.json").read_text())["scenario"]["class_order"]
+    assert noise["groups"] == [order[:5], order[5:]]  # two tasks of the permuted order
+    task_of = {c: order.index(c) // 5 for c in order}
+    assert all(task_of[a] == task_of[b] for a, b in zip(noise["original_labels"], noise["noisy_labels"]))
+    single = _args(tmp_path / "single", "data.label_noise=0.2", "data.label_noise_scope=task",
+                   "scenario.num_tasks=null", "scenario.classes_per_task=3")  # the last task has one class
+    with pytest.raises(ConfigError, match="data.label_noise_scope: 'task' needs >= 2 classes in every task"):
+        cli_main(single)

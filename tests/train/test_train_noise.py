@@ -1,4 +1,5 @@
 """data.label_noise: symmetric noise on the train split only, seeded from run.seed, recorded."""
+import collections
 import json
 
 import pytest
@@ -76,3 +77,41 @@ def test_noise_record_is_written_with_the_outputs(tmp_path):
 def test_label_noise_must_be_a_fraction_below_one(value):
     with pytest.raises(ConfigError, match=r"data.label_noise: must be in \[0, 1\)"):
         load_config(None, [f"data.label_noise={value}"])
+
+
+def test_one_group_is_the_plain_draw_and_task_groups_keep_each_flip_in_its_task():
+    targets = torch.arange(10).repeat(300)
+    plain, record = symmetric_label_noise(targets, 0.2, seed=5)
+    grouped, same = symmetric_label_noise(targets, 0.2, seed=5, groups=[list(range(10))])
+    assert torch.equal(plain, grouped) and same == record  # committed all-class results stay reproducible
+    tasks = [(3, 7, 1), (0, 9), (2, 4, 5, 6, 8)]  # unequal sizes: one draw reduced per group
+    noisy, record = symmetric_label_noise(targets, 0.2, seed=5, groups=tasks)
+    task_of = {c: t for t, classes in enumerate(tasks) for c in classes}
+    pairs = list(zip(record["original_labels"], record["noisy_labels"]))
+    assert len(pairs) == 600 and all(new != old and task_of[new] == task_of[old] for old, new in pairs)
+    for classes in tasks:  # uniform over the other classes of the task: ~60 flips of a class spread evenly
+        for old in classes:
+            reached = collections.Counter(new for o, new in pairs if o == old)
+            assert set(reached) == set(classes) - {old}, (old, reached)
+            assert max(reached.values()) < 2.5 * min(reached.values()), (old, reached)
+
+
+@pytest.mark.parametrize("groups, match", [([(0, 1), (2,)], "at least 2 classes in every group"),
+                                           ([(0, 1)], "must partition the classes"),
+                                           ([(0, 1, 2), (2, 3)], "must partition the classes")])
+def test_groups_must_partition_the_classes_into_flippable_sets(groups, match):
+    targets = torch.arange(3 if match.startswith("at least") else 4).repeat(10)
+    with pytest.raises(ValueError, match=match):
+        symmetric_label_noise(targets, 0.2, seed=0, groups=groups)
+
+
+def test_task_scope_is_recorded_and_rejects_unknown_scopes(digits):
+    tasks = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+    noisy, record = add_label_noise(digits, 0.2, run_seed=0, groups=tasks)
+    assert record["groups"] == noisy.info["label_noise"]["groups"] == [list(t) for t in tasks]
+    flipped = torch.nonzero(noisy.train.targets != digits.train.targets).flatten()
+    assert ((noisy.train.targets[flipped] // 2) == (digits.train.targets[flipped] // 2)).all()
+    _, plain = add_label_noise(digits, 0.2, run_seed=0)
+    assert plain["groups"] == "all" and plain["indices"] == record["indices"]  # the same samples flip
+    with pytest.raises(ConfigError, match="data.label_noise_scope"):
+        load_config(None, ["data.label_noise_scope=class"])
