@@ -1,4 +1,4 @@
-"""Edge cases of kernels.md section 5 and issue 2, on every backend, against the float64 eager
+"""Edge cases (docs/design.md section 7, behaviour at the edges), on every backend, against the float64 eager
 reference or F.cross_entropy: confident, uniform and shifted rows, masked (-inf) classes, NaN
 logits, all-ignored batches, degenerate shapes, non-contiguous inputs, ignore_index values,
 out-of-range targets, poisoned output buffers, per-row statistics and tensor coefficients."""
