@@ -25,9 +25,8 @@ from .backends import REGISTRY, KernelBackend
 from .backends.eager import counted_row_weight
 
 # The fp32 logits of one chunk stay about this size (or the size of the input, when larger). Smaller
-# chunks re-read W (V x H) once per chunk in each of the three matmuls: at 2048 x 256 x 128256 fp32
-# on 2 CPU cores, fwd+bwd takes 8.3 s with 32-row chunks (16 MiB), 5.1 s with 128 rows (64 MiB),
-# 5.0 s with 512, against 6.3 s for the materialising F.linear + F.cross_entropy.
+# chunks re-read W (V x H) once per chunk in each of the three matmuls (the measurement behind the
+# size: docs/design.md section 8).
 CHUNK_BUDGET_BYTES = 64 << 20
 
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check for a lent device machine (see ../shared/docs/machines.md and bench/README.md):
+# The GPU check for a GPU session (see bench/README.md):
 # builds the extension for sm_90 only, runs the test suite on the GPU (GPU-only tests first, then
 # the rest without the slow CPU demo), the GPU benchmark sweep (every implementation checked
-# against eager before it is timed; the issue's targets first) and the trainer-step benchmark.
-# Everything ends by one deadline, BENCH_TOTAL_S seconds after the start (default 450: under 8
-# minutes on an H100, build included): each stage's timeout, its kill grace included, is what the
-# deadline leaves after the later stages' shares and FINAL_S for the last summary.
+# against eager before it is timed; the performance targets first) and the trainer-step benchmark.
+# Everything ends by one deadline, BENCH_TOTAL_S seconds after the start (default 450, build
+# included): each stage's timeout, its kill grace included, is what the deadline leaves after
+# the later stages' shares and FINAL_S for the last summary.
 # Writes under $OUT (default ./out) 7 files (the device tool brings back at most 8):
 #   device_check.json  machine (aepg_kernels.bench.machine.describe), native build, return codes,
 #                      log tails; written after the build and again at the end

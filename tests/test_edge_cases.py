@@ -1,4 +1,4 @@
-"""Edge cases of kernels.md section 5 and issue 2, on every backend, against the float64 eager
+"""Edge cases (docs/design.md section 7, behaviour at the edges), on every backend, against the float64 eager
 reference or F.cross_entropy: confident, uniform and shifted rows, masked (-inf) classes, NaN
 logits, all-ignored batches, degenerate shapes, non-contiguous inputs, ignore_index values,
 out-of-range targets, poisoned output buffers, per-row statistics and tensor coefficients."""
@@ -181,7 +181,7 @@ MASK_EXCEPTIONS = ["smoothing", "masked_target", "masked_row"]
 @pytest.mark.parametrize("backend,chunked", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("case", MASK_EXCEPTIONS)
 def test_masked_classes_documented_exceptions(backend, chunked, case):
-    """The README's exceptions, as in PyTorch: label smoothing over a masked class (weight 1) and
+    """The exceptions of docs/design.md section 7, as in PyTorch: label smoothing over a masked class (weight 1) and
     a masked target class give an inf loss with a finite gradient; a row of only -inf gives NaN.
     Loss and gradient equal F.cross_entropy's (inf/NaN in the same places)."""
     x = logits(4, 11, dtype=torch.float32, requires_grad=False)

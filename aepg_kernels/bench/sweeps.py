@@ -1,5 +1,5 @@
 """What a benchmark run measures: loss configurations, modes, dtypes, shapes, and the suites
-that combine them (kernels.md section 6). Pure data and arithmetic: no timing, no device."""
+that combine them (docs/benchmarks.md). Pure data and arithmetic: no timing, no device."""
 from __future__ import annotations
 
 import math
@@ -112,8 +112,8 @@ class Suite:
     # Cases that would start after this many seconds are skipped and recorded so (None: no limit);
     # `--max-seconds` overrides it. The cases are ordered by priority for this reason.
     budget_seconds: Optional[float] = None
-    # torch.compile only on the issue's target shapes (`target`): on a GPU each case recompiles
-    # (10-40 s), which ~130 cases cannot afford. The CPU suites compile every case.
+    # torch.compile only on the target shapes (`target`, docs/benchmarks.md "Targets"): each case
+    # recompiles, which ~130 cases cannot afford. The CPU suites compile every case.
     compile_targets_only: bool = False
     # "kernels": every implementation per case (runner.py); "overhead": the drop-in rows of
     # overhead.py (nn.CrossEntropyLoss vs ak.PolicyLoss vs aEPG) interleaved on the CPU.
@@ -134,7 +134,7 @@ def quick_suite() -> Suite:
 
 
 def cpu_suite() -> Suite:
-    """The CPU table (the shapes of the former bench/cpu_native.py, plus the modes and losses)."""
+    """The CPU table: aEPG at four shapes from 256x100 to 8192x32000, plus the modes and losses."""
     shapes = [(256, 100), (256, 1000), (4096, 1000), (8192, 32000)]
     cases = grid(["aepg"], ["fwd+bwd"], ["fp32"], shapes)
     cases += grid(["ce", "epg"], ["fwd+bwd"], ["fp32"], [(4096, 1000)])
@@ -143,10 +143,11 @@ def cpu_suite() -> Suite:
     return Suite("cpu", "the CPU table: native cpu kernel vs eager vs torch.compile", _unique(cases))
 
 
-GPU_BUDGET_SECONDS = 420.0  # the full sweep stays under 8 minutes on an H100 (start-up and writing included)
+GPU_BUDGET_SECONDS = 420.0  # cases that would start later are skipped (a GPU session lasts minutes)
 
-# The issue's targets, all fwd+bwd: large C (bf16 8192x128256, fp32 16384x32000) against Liger and
-# torch.compile; classification (N >= 4096, C 100-21843) against eager and torch.compile.
+# The performance targets (docs/benchmarks.md "Targets"), all fwd+bwd: large C (bf16 8192x128256,
+# fp32 16384x32000) against Liger and torch.compile; classification (N >= 4096, C 100-21843) against
+# eager and torch.compile.
 LARGE_C_TARGETS = (("bf16", 8192, 128256), ("fp32", 16384, 32000))
 CLASSIFICATION_TARGET_MIN_N, CLASSIFICATION_TARGET_C = 4096, (100, 21843)
 COMPILE_SKIPPED = ("torch.compile is timed on the target shapes only in this suite (fwd+bwd: bf16 8192x128256, "
@@ -154,7 +155,7 @@ COMPILE_SKIPPED = ("torch.compile is timed on the target shapes only in this sui
 
 
 def target(case: Case) -> Optional[str]:
-    """Which of the issue's targets `case` measures ('large C', 'classification'), or None."""
+    """Which of the performance targets `case` measures ('large C', 'classification'), or None."""
     if case.mode != "fwd+bwd":
         return None
     if (case.dtype, case.n, case.c) in LARGE_C_TARGETS:
@@ -167,7 +168,7 @@ def target(case: Case) -> Optional[str]:
 
 def gpu_suite() -> Suite:
     """The full GPU sweep, ordered by priority since the time budget cuts from the end. First the
-    issue's targets, cheapest first so that all of them fit in about 200 s: N=256 (us per call with
+    performance targets, cheapest first so that the budget cuts them last: N=256 (us per call with
     and without a CUDA graph), CE at large C (vs Liger and torch.compile), the classification
     targets (vs eager and torch.compile), aEPG at large C. Then the classification grid (bf16), the
     LLM vocabularies at N=8192, every loss x mode x dtype at 4096x1000, the other LLM row counts, the

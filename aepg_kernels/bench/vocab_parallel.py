@@ -1,4 +1,4 @@
-"""`aepg-bench --suite vocab-parallel`: the vocab-parallel op (``process_group=``, issue 13) on
+"""`aepg-bench --suite vocab-parallel`: the vocab-parallel op (``process_group=``, docs/design.md section 9) on
 WORLD_SIZE ranks of one CPU (gloo, torch.multiprocessing.spawn, file:// rendezvous in a temporary
 directory) against the unsharded op in one process, time and bytes communicated per call.
 

@@ -1,4 +1,4 @@
-"""Reference ViT-PEFT class-incremental trainer on the fused policy-gradient loss (issue 4).
+"""Reference ViT-PEFT class-incremental trainer on the fused policy-gradient loss (docs/trainer.md).
 
 Built on the public `aepg_kernels` API only. Needs the `train` extra (timm, pyyaml, scikit-learn,
 mlxtend, matplotlib, tqdm): `pip install 'aepg-kernels[train]'`. timm, matplotlib and the datasets

@@ -1,4 +1,4 @@
-"""The class-incremental training loop of the paper (method.md section 5): tasks in the scenario's
+"""The class-incremental training loop of the paper (docs/trainer.md): tasks in the scenario's
 order; per task a new head, a fresh Adam over the PEFT modules and the new head, the loss on the
 current task's classes only, the alpha schedule reset; PEFT frozen for the first
 `optim.peft_frozen_epochs` epochs of every task after the first; after each task, accuracy on

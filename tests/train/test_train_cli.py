@@ -75,7 +75,7 @@ def test_compare_rejects_an_unknown_loss_before_running(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_embedded_demo_learns_far_above_chance(tmp_path, capsys):
-    """The README's demo as shipped (MNIST pretraining included, cached under tmp_path): CE vs aEPG
+    """The demo of docs/trainer.md as shipped (MNIST pretraining included, cached under tmp_path): CE vs aEPG
     over 3 seeds. Chance is 10%; a frozen MNIST backbone with LoRA keeps every run above 3x that.
     Nothing here compares the two losses: the demo is not tuned to make one win."""
     assert cli_main(["compare", "--config", "demo_digits", f"run.output_dir={tmp_path / 'demo'}",
