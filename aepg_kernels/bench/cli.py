@@ -9,6 +9,7 @@ Liger-Kernel, on this machine; and what swapping nn.CrossEntropyLoss for ak.Poli
     aepg-bench --suite vocab-parallel [--repeats R] [--shapes NxC,NxHxV,...] [--losses ce,aepg]
     aepg-bench --suite resources [--out FILE.json]   (registers, spills, occupancy for sm_90; no GPU)
     aepg-bench trainer-step [--batch B] [--classes 100,21843] [--out FILE.json]
+    aepg-bench perf-model [--measured GPU-SWEEP.json] [--out FILE.json]   (the static bound per sweep case)
     python -m aepg_kernels.bench ...
 
 Baselines: lean-eager (the default: log_softmax, gather, exp and the loss's own terms, as a user
@@ -47,7 +48,8 @@ def _csv(text: str) -> List[str]:
 
 def bench_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aepg-bench", description=__doc__.splitlines()[0],
-                                     epilog="Subcommand: 'aepg-bench trainer-step --help'.")
+                                     epilog="Subcommands: 'aepg-bench trainer-step --help', "
+                                            "'aepg-bench perf-model --help'.")
     parser.add_argument("--suite", choices=sorted([*SUITES, "llm-step", "vocab-parallel", "resources"]),
                         default="quick",
                         help="quick: the main job on this device; cpu: the CPU table; gpu: the full GPU sweep; "
@@ -500,4 +502,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "trainer-step":
         return run_trainer_step(argv[1:])
+    if argv and argv[0] == "perf-model":
+        from . import perf_model
+        return perf_model.main(argv[1:])
     return run_bench(argv)
