@@ -265,13 +265,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     measured = json.loads(args.measured.read_text()) if args.measured else None
-    document = build_document(measured)
+    document = {**build_document(measured), "argv": list(argv or []),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     out = args.out or Path.cwd() / f"perf-model-{datetime.date.today().isoformat()}.json"
-    text = markdown(document)
-    print(text + "\n")
-    for line in summary_lines(document):
-        print(line)
-    print(f"wrote {report.write_json(out, {**document, 'argv': list(argv or [])})}")
+    text = markdown(document) + "\n\n" + "\n".join(f"- {line}" for line in summary_lines(document))
+    print(text)
+    print(f"wrote {report.write_json(out, document)}")
     markdown_path = out.with_suffix(".md")
     markdown_path.write_text(text + "\n")
     print(f"wrote {markdown_path}")
