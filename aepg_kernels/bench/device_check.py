@@ -63,6 +63,10 @@ class Step:
     # Why the step cannot run here (None: it can), asked just before it would start.
     unavailable: Callable[[], Optional[str]] = lambda: None
 
+    def __post_init__(self) -> None:
+        if (self.argv is None) == (self.function is None):
+            raise ValueError(f"step {self.name!r}: give exactly one of argv and function")
+
 
 def _bench(*args: str) -> List[str]:
     return [sys.executable, "-m", "aepg_kernels.bench", *args]
@@ -245,6 +249,7 @@ def run_step(step: Step, out: Path, budget: float, dry_run: bool) -> Dict:
         except Exception as error:  # noqa: BLE001  (one broken step must not end the session)
             result, status = {"error": f"{type(error).__name__}: {str(error)[:500]}"}, "error"
         return {"status": status, "seconds": round(time.monotonic() - start, 1), "result": result}
+    assert step.argv is not None  # __post_init__: a step without a function has argv
     argv = step.argv(out, budget)
     shown = ["python", *argv[1:]] if argv[0] == sys.executable else argv
     record = {"command": " ".join(shown), **run_child(argv, budget, log_path, GRACE_S)}

@@ -23,7 +23,7 @@ import json
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from . import metrics, report
 from .sweeps import MODES, Case, gpu_suite, logits_bytes
@@ -123,7 +123,7 @@ def transcendentals(case: Case, path: KernelPath) -> int:
     return case.elements * (path.exp_per_element + path.log_per_element) + case.n * path.transcendentals_per_row
 
 
-def bound(case: Case, path: KernelPath, gpu: GpuSpec, launch_floor_s: float = LAUNCH_FLOOR_S) -> Dict[str, object]:
+def bound(case: Case, path: KernelPath, gpu: GpuSpec, launch_floor_s: float = LAUNCH_FLOOR_S) -> Dict[str, Any]:
     """The lower bound of one case on one card, in microseconds, and what sets it."""
     memory_s = logits_bytes(case) * path.bytes_per_logit_byte / gpu.hbm_bytes_per_second
     sfu_s = transcendentals(case, path) / gpu.sfu_per_second
@@ -158,11 +158,12 @@ def measured_entry(record: Optional[Dict], predicted_us: Optional[float], card: 
         return {"status": NOT_MEASURED}
     if record.get("status") != "ok" or not record.get("seconds"):
         return {"status": record.get("status"), "reason": record.get("reason", "")}
-    entry: Dict[str, object] = {"status": "ok", "card": card, "measured_us": record["seconds"] * 1e6}
+    measured_us = record["seconds"] * 1e6
+    entry: Dict[str, object] = {"status": "ok", "card": card, "measured_us": measured_us}
     if predicted_us is None:
         entry["reason"] = f"no spec in the model for the card {card!r}"
     else:
-        entry["measured_over_predicted"] = entry["measured_us"] / predicted_us
+        entry["measured_over_predicted"] = measured_us / predicted_us
     return entry
 
 

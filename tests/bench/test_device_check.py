@@ -136,3 +136,10 @@ def test_subcommands_have_help(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([name, "--help"])
     assert exit_info.value.code == 0 and f"aepg-bench {name}" in capsys.readouterr().out
+
+
+def test_a_step_is_either_a_command_or_a_function():
+    with pytest.raises(ValueError, match="exactly one of argv and function"):
+        Step("neither", "nothing to run", 5, False)
+    with pytest.raises(ValueError, match="exactly one of argv and function"):
+        Step("both", "two things", 5, False, argv=_sleeper(0), function=lambda out, dry: {})
