@@ -9,6 +9,8 @@ Liger-Kernel, on this machine; and what swapping nn.CrossEntropyLoss for ak.Poli
     aepg-bench --suite vocab-parallel [--repeats R] [--shapes NxC,NxHxV,...] [--losses ce,aepg]
     aepg-bench --suite resources [--out FILE.json]   (registers, spills, occupancy for sm_90; no GPU)
     aepg-bench trainer-step [--batch B] [--classes 100,21843] [--out FILE.json]
+    aepg-bench perf-model [--measured GPU-SWEEP.json] [--out FILE.json]   (the static bound per sweep case)
+    aepg-bench device-check --out DIR [--dry-run]   (a GPU session's checks, most important first)
     python -m aepg_kernels.bench ...
 
 Baselines: lean-eager (the default: log_softmax, gather, exp and the loss's own terms, as a user
@@ -47,7 +49,8 @@ def _csv(text: str) -> List[str]:
 
 def bench_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aepg-bench", description=__doc__.splitlines()[0],
-                                     epilog="Subcommand: 'aepg-bench trainer-step --help'.")
+                                     epilog="Subcommands: 'aepg-bench trainer-step --help', "
+                                            "'aepg-bench perf-model --help', 'aepg-bench device-check --help'.")
     parser.add_argument("--suite", choices=sorted([*SUITES, "llm-step", "vocab-parallel", "resources"]),
                         default="quick",
                         help="quick: the main job on this device; cpu: the CPU table; gpu: the full GPU sweep; "
@@ -500,4 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "trainer-step":
         return run_trainer_step(argv[1:])
+    if argv and argv[0] in ("perf-model", "device-check"):
+        from . import device_check, perf_model
+        return {"perf-model": perf_model.main, "device-check": device_check.main}[argv[0]](argv[1:])
     return run_bench(argv)
