@@ -7,7 +7,8 @@ import torch
 
 from aepg_kernels.train import ClassIncrementalScenario, ContinualTrainer, config_from_dict
 from aepg_kernels.train.checkpoint import ResumeError
-from aepg_kernels.train.trainer import EpochBatches, SeededSamples, TrainingInterrupted
+from aepg_kernels.train.sampling import EpochBatches, SeededSamples
+from aepg_kernels.train.trainer import TrainingInterrupted
 
 from tiny_vit import class_images, make_model, one_intra_op_thread
 
