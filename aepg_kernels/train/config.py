@@ -18,8 +18,7 @@ import yaml
 
 import aepg_kernels as ak
 
-PEFT_KINDS = ("lora", "adapter", "prefix", "prompt", "none")
-LOSS_NAMES = ("ce", "epg", "aepg", "cp", "ep", "ls", "focal")
+from .losses import LOSSES
 
 
 class ConfigError(ValueError):
@@ -153,9 +152,7 @@ class FeedbackConfig:
 
 @dataclass
 class LossConfig:
-    # ce, epg (1 - p_y), aepg (alpha CE + (1 - alpha) EPG, alpha from `schedule`), cp (CE - beta H),
-    # ep (CE + beta H), ls (label smoothing), focal.
-    name: Literal["ce", "epg", "aepg", "cp", "ep", "ls", "focal"] = "aepg"
+    name: str = "aepg"  # a key of losses.LOSSES (ce, epg, aepg, cp, ep, ls, focal)
     # aepg only, reset every task; feedback: alpha driven by the batch's mean p_y (loss.feedback)
     schedule: Literal["sigmoid", "linear", "cosine", "constant", "feedback"] = "sigmoid"
     tau: float = 6.0  # sigmoid schedule: alpha = sigmoid(tau (1 - 2 t / T))
@@ -167,6 +164,7 @@ class LossConfig:
     backend: Literal[ak.BACKEND_NAMES] = "auto"
 
     def __post_init__(self):
+        _require(self.name in LOSSES, "loss.name", f"must be one of {list(LOSSES)}, got {self.name!r}")
         if self.name == "aepg" and self.schedule == "constant":
             _require(self.alpha is not None, "loss.alpha", "the constant schedule needs loss.alpha=<0..1>")
         _require(self.alpha is None or 0 <= self.alpha <= 1, "loss.alpha", f"must be in [0, 1], got {self.alpha}")
