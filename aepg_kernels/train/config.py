@@ -152,7 +152,7 @@ class FeedbackConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "aepg"  # a key of losses.LOSSES (ce, epg, aepg, cp, ep, ls, focal)
+    name: str = "aepg"  # a key of losses.LOSSES
     # aepg only, reset every task; feedback: alpha driven by the batch's mean p_y (loss.feedback)
     schedule: Literal["sigmoid", "linear", "cosine", "constant", "feedback"] = "sigmoid"
     tau: float = 6.0  # sigmoid schedule: alpha = sigmoid(tau (1 - 2 t / T))
