@@ -1,7 +1,8 @@
-"""The class-incremental training loop of the paper's protocol: tasks in the scenario's order; per task a new head, a fresh Adam over the PEFT modules and the new head, the loss on the
-current task's classes only, the alpha schedule reset; PEFT frozen for the first
-`optim.peft_frozen_epochs` epochs of every task after the first; after each task, accuracy on
-every task seen so far (argmax over all seen classes) into the accuracy matrix.
+"""The class-incremental training loop of the paper's protocol: tasks in the scenario's order; per
+task a new head, a fresh Adam over the PEFT modules and the new head, the loss on the current
+task's classes only, the alpha schedule reset; PEFT frozen for the first `optim.peft_frozen_epochs`
+epochs of every task after the first; after each task, accuracy on every task seen so far (argmax
+over all seen classes) into the accuracy matrix.
 
 Reproducible and resumable: every random draw comes from a seed derived from (run.seed, task,
 epoch, position), never from a stream carried along, so a run resumed from a checkpoint (written
