@@ -18,7 +18,7 @@ import yaml
 import aepg_kernels as ak
 
 from ._typed_config import ConfigError, build_dataclass, require, to_plain
-from .losses import LOSSES
+from .losses import LOSSES, SCHEDULES
 
 
 @dataclass
@@ -145,7 +145,7 @@ class FeedbackConfig:
 class LossConfig:
     name: str = "aepg"  # a key of losses.LOSSES
     # aepg only, reset every task; feedback: alpha driven by the batch's mean p_y (loss.feedback)
-    schedule: Literal["sigmoid", "linear", "cosine", "constant", "feedback"] = "sigmoid"
+    schedule: str = "sigmoid"  # a key of losses.SCHEDULES
     tau: float = 6.0  # sigmoid schedule: alpha = sigmoid(tau (1 - 2 t / T))
     alpha: Optional[float] = None  # constant schedule
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)  # feedback schedule
@@ -156,6 +156,7 @@ class LossConfig:
 
     def __post_init__(self):
         require(self.name in LOSSES, "loss.name", f"must be one of {list(LOSSES)}, got {self.name!r}")
+        require(self.schedule in SCHEDULES, "loss.schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if self.name == "aepg" and self.schedule == "constant":
             require(self.alpha is not None, "loss.alpha", "the constant schedule needs loss.alpha=<0..1>")
         require(self.alpha is None or 0 <= self.alpha <= 1, "loss.alpha", f"must be in [0, 1], got {self.alpha}")

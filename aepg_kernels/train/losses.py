@@ -1,5 +1,6 @@
 """The losses a run can train with: one registry, `LOSSES` (name -> description and builder), which
-`LossConfig` validates `loss.name` against. Built on the public `aepg_kernels` API only.
+`LossConfig` validates `loss.name` against, and likewise `SCHEDULES` for aEPG's `loss.schedule`.
+Built on the public `aepg_kernels` API only.
 """
 from __future__ import annotations
 
@@ -24,20 +25,27 @@ class RegisteredLoss:
     build: LossBuilder
 
 
+def _feedback_schedule(cfg: LossConfig, total_steps: int, device: Optional[torch.device]) -> ak.AlphaSchedule:
+    f = cfg.feedback
+    return ak.FeedbackAlpha(total_steps, target_start=f.target_start, target_end=f.target_end, gain=f.gain,
+                            alpha0=f.alpha0, device=device)
+
+
+# loss.schedule of aepg: (loss config, steps of a task, device of a feedback schedule's state) -> the schedule
+SCHEDULES: Dict[str, Callable[["LossConfig", int, Optional[torch.device]], ak.AlphaSchedule]] = {
+    "sigmoid": lambda cfg, steps, _device: ak.SigmoidAnneal(steps, tau=cfg.tau),
+    "linear": lambda _cfg, steps, _device: ak.LinearAnneal(steps),
+    "cosine": lambda _cfg, steps, _device: ak.CosineAnneal(steps),
+    "constant": lambda cfg, _steps, _device: ak.ConstantAlpha(cfg.alpha),
+    "feedback": _feedback_schedule,
+}
+
+
 def build_schedule(cfg: LossConfig, total_steps: int, device: Optional[torch.device] = None) -> ak.AlphaSchedule:
-    """The aEPG schedule of `cfg`. `device`: where the feedback schedule keeps its state (0-d
-    tensors updated in place, no host read per step); the schedules of the clock stay Python floats."""
-    if cfg.schedule == "feedback":
-        f = cfg.feedback
-        return ak.FeedbackAlpha(total_steps, target_start=f.target_start, target_end=f.target_end, gain=f.gain,
-                                alpha0=f.alpha0, device=device)
-    if cfg.schedule == "sigmoid":
-        return ak.SigmoidAnneal(total_steps, tau=cfg.tau)
-    if cfg.schedule == "linear":
-        return ak.LinearAnneal(total_steps)
-    if cfg.schedule == "cosine":
-        return ak.CosineAnneal(total_steps)
-    return ak.ConstantAlpha(cfg.alpha)
+    """The aEPG schedule `loss.schedule` names (see SCHEDULES). `device`: where the feedback
+    schedule keeps its state (0-d tensors updated in place, no host read per step); the schedules
+    of the clock stay Python floats."""
+    return SCHEDULES[cfg.schedule](cfg, total_steps, device)
 
 
 def _aepg(cfg: LossConfig, total_steps: int, device: Optional[torch.device]) -> nn.Module:
