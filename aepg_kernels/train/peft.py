@@ -34,7 +34,7 @@ class PeftModule(nn.Module):
 class LoRAQKV(PeftModule):
     """qkv(x) + scale * B A x on the chosen slices of the fused qkv projection."""
 
-    def __init__(self, base: nn.Linear, rank: int, targets: str = "kv", scale: float = 1.0):
+    def __init__(self, base: nn.Linear, rank: int, targets: str, scale: float):
         super().__init__()
         if targets not in ("kv", "qkv"):
             raise ValueError(f"LoRA targets must be 'kv' or 'qkv', got {targets!r}")
@@ -63,7 +63,7 @@ class LoRAQKV(PeftModule):
 class ParallelAdapter(PeftModule):
     """base(x) + scale * up(relu(down(x))), in parallel with the block's MLP (same input)."""
 
-    def __init__(self, base: nn.Module, dim: int, bottleneck: int, scale: float = 0.1):
+    def __init__(self, base: nn.Module, dim: int, bottleneck: int, scale: float):
         super().__init__()
         self.base, self.scale = base, scale
         weight = next(base.parameters())

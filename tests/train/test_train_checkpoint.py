@@ -26,6 +26,16 @@ def test_state_round_trips_through_a_file(tmp_path):
     assert load_checkpoint(tmp_path / "missing.pt") is None
 
 
+def test_format_1_keys():
+    """The keys of format 1, as every checkpoint written so far holds them: a change of the format
+    must change FORMAT_VERSION (and this list) with it."""
+    assert FORMAT_VERSION == 1
+    assert sorted(state().to_dict()) == sorted([
+        "config", "scenario", "backbone_fingerprint", "world_size", "position", "global_step", "num_heads", "model",
+        "optimizer", "schedule", "epoch_totals", "task_seconds", "accuracy_matrix", "history", "trainable_per_task",
+        "timing", "format_version"])
+
+
 def test_other_formats_are_refused(tmp_path):
     values = state().to_dict()
     with pytest.raises(ResumeError, match=f"checkpoint format 2, this trainer reads {FORMAT_VERSION}"):

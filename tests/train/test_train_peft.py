@@ -30,7 +30,7 @@ def test_perturbed_peft_changes_the_output(kind):
 
 def test_lora_kv_leaves_the_query_alone():
     qkv = torch.nn.Linear(WIDTH, 3 * WIDTH)
-    lora = LoRAQKV(qkv, RANK, "kv")
+    lora = LoRAQKV(qkv, RANK, "kv", scale=1.0)
     with torch.no_grad():
         lora.lora_b.normal_()
     x = torch.randn(2, 5, WIDTH)
