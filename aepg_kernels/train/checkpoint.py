@@ -5,7 +5,7 @@ A checkpoint holds the trained parameters (PEFT modules and every head; the froz
 as its weight file's path, in the config, and a fingerprint of its values), the optimizer and
 alpha-schedule states, the position (task, epoch, next batch, global step), the per-epoch history,
 the accuracy matrix, the scenario and the resolved config. Random streams are not stored: the
-trainer derives every seed from (run.seed, task, epoch, position), see `derive_seed`.
+trainer derives every seed from (run.seed, task, epoch, position), see `sampling.derive_seed`.
 """
 from __future__ import annotations
 
@@ -29,13 +29,6 @@ RESUME_NEUTRAL_KEYS = ("run.output_dir", "run.resume", "run.progress", "run.chec
 
 class ResumeError(ValueError):
     """A checkpoint that belongs to another run (config, scenario or backbone)."""
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from a tuple of ints/strings, stable across processes and Python versions
-    (unlike hash() of a str)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def checkpoint_path(output_dir: str) -> Path:

@@ -1,6 +1,6 @@
 """The samples a task trains and evaluates on, and their order, each drawn from a seed derived from
-its place in the run (never from a random stream carried along), so a resumed run reads exactly
-what an uninterrupted one does, whatever the number of workers or processes:
+its place in the run (`derive_seed`, never a random stream carried along), so a resumed run reads
+exactly what an uninterrupted one does, whatever the number of workers or processes:
 
 - `task_subsets`: one subset per task, its labels remapped to the scenario's class order;
 - `EpochBatches`: an epoch's order, a permutation seeded by (seed, task, epoch), cut into global
@@ -10,14 +10,21 @@ what an uninterrupted one does, whatever the number of workers or processes:
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import List
 
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from .checkpoint import derive_seed
 from .scenario import ClassIncrementalScenario
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from a tuple of ints/strings, stable across processes and Python versions
+    (unlike hash() of a str)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class RemappedSubset(Dataset):

@@ -34,8 +34,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed
-from .checkpoint import (Position, ResumeError, TrainerState, backbone_fingerprint, checkpoint_path, derive_seed,
-                         load_checkpoint, load_trained_state, save_checkpoint, trained_state)
+from .checkpoint import (Position, ResumeError, TrainerState, backbone_fingerprint, checkpoint_path, load_checkpoint,
+                         load_trained_state, save_checkpoint, trained_state)
 from .config import TrainConfig, config_to_dict
 from .evaluation import predict_loader
 from .heads import local_loss
@@ -43,7 +43,7 @@ from .losses import build_criterion
 from .metrics import AccuracyMatrix
 from .model import ContinualViT
 from .optim import build_optimizer
-from .sampling import EpochBatches, SeededSamples, collate_or_none, task_subsets
+from .sampling import EpochBatches, SeededSamples, collate_or_none, derive_seed, task_subsets
 from .scenario import ClassIncrementalScenario
 
 EPOCH_MEANS = ("loss", "entropy", "sample_weight", "alpha")  # history: per-epoch means over the task's samples
