@@ -17,10 +17,13 @@ if TYPE_CHECKING:  # config.py imports this registry at run time
 
 # (loss config, steps of the alpha schedule, device of a feedback schedule's state) -> the criterion
 LossBuilder = Callable[["LossConfig", int, Optional[torch.device]], nn.Module]
+# (loss config, steps of a task, device of a feedback schedule's state) -> aEPG's alpha schedule
+ScheduleBuilder = Callable[["LossConfig", int, Optional[torch.device]], ak.AlphaSchedule]
 
 
 @dataclass(frozen=True)
 class RegisteredLoss:
+    """An entry of LOSSES: what the loss computes, in one line, and how to build it from the config."""
     description: str
     build: LossBuilder
 
@@ -31,8 +34,7 @@ def _feedback_schedule(cfg: LossConfig, total_steps: int, device: Optional[torch
                             alpha0=f.alpha0, device=device)
 
 
-# loss.schedule of aepg: (loss config, steps of a task, device of a feedback schedule's state) -> the schedule
-SCHEDULES: Dict[str, Callable[["LossConfig", int, Optional[torch.device]], ak.AlphaSchedule]] = {
+SCHEDULES: Dict[str, ScheduleBuilder] = {  # loss.schedule, of aepg only
     "sigmoid": lambda cfg, steps, _device: ak.SigmoidAnneal(steps, tau=cfg.tau),
     "linear": lambda _cfg, steps, _device: ak.LinearAnneal(steps),
     "cosine": lambda _cfg, steps, _device: ak.CosineAnneal(steps),
