@@ -19,13 +19,15 @@ from .losses import build_criterion, build_schedule
 from .metrics import (AccuracyMatrix, accuracy_after_each_task, average_incremental_accuracy, backward_transfer,
                       final_accuracy, forgetting, summarize)
 from .model import ContinualViT, create_backbone
+from .optim import build_optimizer
 from .peft import (LoRAQKV, ParallelAdapter, PeftModule, PrefixAttention, PromptTokens, apply_peft,
                    count_parameters, peft_parameters)
 from .pretrain import ensure_pretrained_backbone
 from .report import format_run_summary, write_run_outputs
 from .runner import run
+from .sampling import RemappedSubset, task_subsets
 from .scenario import ClassIncrementalScenario
-from .trainer import ContinualTrainer, RemappedSubset, TrainingInterrupted, build_optimizer, task_subsets
+from .trainer import ContinualTrainer, TrainingInterrupted
 
 __all__ = [
     "AccuracyMatrix", "ClassIncrementalScenario", "ConfigError", "ContinualData", "ContinualTrainer",

@@ -31,7 +31,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .checkpoint import config_differences
-from .config import LOSS_NAMES, ConfigError, TrainConfig, config_to_dict, parse_overrides, with_overrides
+from .config import ConfigError, TrainConfig, config_to_dict, parse_overrides, with_overrides
+from .losses import LOSS_NAMES
 from .metrics import accuracy_after_each_task
 from .report import (ACCURACY_METRICS, FINAL_EPOCH_ENTROPY, METRIC_DEFINITIONS, METRIC_LABELS, SUMMARY_FILE, UNITS,
                      dump_json, new_figure, run_metrics, save_figure)

@@ -8,27 +8,17 @@ the list of valid keys, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import types
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import yaml
 
 import aepg_kernels as ak
 
-PEFT_KINDS = ("lora", "adapter", "prefix", "prompt", "none")
-LOSS_NAMES = ("ce", "epg", "aepg", "cp", "ep", "ls", "focal")
-
-
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message names the key."""
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
+from ._typed_config import ConfigError, build_dataclass, require, to_plain
+from .losses import LOSSES, SCHEDULES
 
 
 @dataclass
@@ -44,10 +34,10 @@ class ModelConfig:
     pretrain_on: Optional[Literal["mnist"]] = None
 
     def __post_init__(self):
-        _require(self.head_init_std > 0, "model.head_init_std", "must be > 0")
+        require(self.head_init_std > 0, "model.head_init_std", "must be > 0")
         set_by_trainer = {"pretrained", "num_classes", "checkpoint_path", "pretrained_cfg_overlay"}
         reserved = sorted(set_by_trainer & self.kwargs.keys())
-        _require(not reserved, "model.kwargs", f"{reserved} are set by the trainer; use model.pretrained/checkpoint")
+        require(not reserved, "model.kwargs", f"{reserved} are set by the trainer; use model.pretrained/checkpoint")
 
 
 @dataclass
@@ -64,10 +54,10 @@ class PeftConfig:
     freeze_backbone: bool = True
 
     def __post_init__(self):
-        _require(all(b >= 0 for b in self.blocks), "peft.blocks", f"block indices must be >= 0, got {self.blocks}")
-        _require(len(set(self.blocks)) == len(self.blocks), "peft.blocks", f"duplicate blocks in {self.blocks}")
+        require(all(b >= 0 for b in self.blocks), "peft.blocks", f"block indices must be >= 0, got {self.blocks}")
+        require(len(set(self.blocks)) == len(self.blocks), "peft.blocks", f"duplicate blocks in {self.blocks}")
         for key in ("lora_rank", "adapter_bottleneck", "prefix_length", "prompt_length"):
-            _require(getattr(self, key) >= 1, f"peft.{key}", "must be >= 1")
+            require(getattr(self, key) >= 1, f"peft.{key}", "must be >= 1")
 
 
 @dataclass
@@ -90,13 +80,13 @@ class DataConfig:
     label_noise_scope: Literal["all", "task"] = "all"
 
     def __post_init__(self):
-        _require(0 <= self.label_noise < 1, "data.label_noise", f"must be in [0, 1), got {self.label_noise}")
+        require(0 <= self.label_noise < 1, "data.label_noise", f"must be in [0, 1), got {self.label_noise}")
         for key in ("img_size", "batch_size", "eval_batch_size"):
-            _require(getattr(self, key) >= 1, f"data.{key}", "must be >= 1")
-        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
-        _require(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+            require(getattr(self, key) >= 1, f"data.{key}", "must be >= 1")
+        require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        require(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         lo, hi = self.rrc_scale
-        _require(0 < lo <= hi <= 1, "data.rrc_scale", f"need 0 < lo <= hi <= 1, got {self.rrc_scale}")
+        require(0 < lo <= hi <= 1, "data.rrc_scale", f"need 0 < lo <= hi <= 1, got {self.rrc_scale}")
 
 
 @dataclass
@@ -108,12 +98,12 @@ class ScenarioConfig:
     order_seed: Optional[int] = None  # seed of the class permutation; null: run.seed
 
     def __post_init__(self):
-        _require((self.num_tasks is None) != (self.classes_per_task is None), "scenario",
+        require((self.num_tasks is None) != (self.classes_per_task is None), "scenario",
                  f"set exactly one of num_tasks / classes_per_task (the other to null), got "
                  f"num_tasks={self.num_tasks}, classes_per_task={self.classes_per_task}")
         for key in ("num_tasks", "classes_per_task"):
             value = getattr(self, key)
-            _require(value is None or value >= 1, f"scenario.{key}", "must be >= 1")
+            require(value is None or value >= 1, f"scenario.{key}", "must be >= 1")
 
 
 @dataclass
@@ -126,11 +116,11 @@ class OptimConfig:
     peft_frozen_epochs: int = 30  # head-only epochs at the start of every task after the first
 
     def __post_init__(self):
-        _require(self.lr > 0, "optim.lr", "must be > 0")
-        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", f"need 0 <= beta < 1, got {self.betas}")
-        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _require(self.epochs >= 1, "optim.epochs", "must be >= 1")
-        _require(0 <= self.peft_frozen_epochs <= self.epochs, "optim.peft_frozen_epochs",
+        require(self.lr > 0, "optim.lr", "must be > 0")
+        require(all(0 <= b < 1 for b in self.betas), "optim.betas", f"need 0 <= beta < 1, got {self.betas}")
+        require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        require(self.epochs >= 1, "optim.epochs", "must be >= 1")
+        require(0 <= self.peft_frozen_epochs <= self.epochs, "optim.peft_frozen_epochs",
                  f"need 0 <= peft_frozen_epochs <= epochs ({self.epochs}), got {self.peft_frozen_epochs}")
 
 
@@ -147,17 +137,15 @@ class FeedbackConfig:
     def __post_init__(self):
         for key in ("target_start", "target_end", "alpha0"):
             value = getattr(self, key)
-            _require(0 <= value <= 1, f"loss.feedback.{key}", f"must be in [0, 1], got {value}")
-        _require(0 <= self.gain < float("inf"), "loss.feedback.gain", f"must be a finite number >= 0, got {self.gain}")
+            require(0 <= value <= 1, f"loss.feedback.{key}", f"must be in [0, 1], got {value}")
+        require(0 <= self.gain < float("inf"), "loss.feedback.gain", f"must be a finite number >= 0, got {self.gain}")
 
 
 @dataclass
 class LossConfig:
-    # ce, epg (1 - p_y), aepg (alpha CE + (1 - alpha) EPG, alpha from `schedule`), cp (CE - beta H),
-    # ep (CE + beta H), ls (label smoothing), focal.
-    name: Literal["ce", "epg", "aepg", "cp", "ep", "ls", "focal"] = "aepg"
+    name: str = "aepg"  # a key of losses.LOSSES
     # aepg only, reset every task; feedback: alpha driven by the batch's mean p_y (loss.feedback)
-    schedule: Literal["sigmoid", "linear", "cosine", "constant", "feedback"] = "sigmoid"
+    schedule: str = "sigmoid"  # a key of losses.SCHEDULES
     tau: float = 6.0  # sigmoid schedule: alpha = sigmoid(tau (1 - 2 t / T))
     alpha: Optional[float] = None  # constant schedule
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)  # feedback schedule
@@ -167,13 +155,15 @@ class LossConfig:
     backend: Literal[ak.BACKEND_NAMES] = "auto"
 
     def __post_init__(self):
+        require(self.name in LOSSES, "loss.name", f"must be one of {list(LOSSES)}, got {self.name!r}")
+        require(self.schedule in SCHEDULES, "loss.schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if self.name == "aepg" and self.schedule == "constant":
-            _require(self.alpha is not None, "loss.alpha", "the constant schedule needs loss.alpha=<0..1>")
-        _require(self.alpha is None or 0 <= self.alpha <= 1, "loss.alpha", f"must be in [0, 1], got {self.alpha}")
-        _require(self.tau > 0, "loss.tau", "must be > 0")
-        _require(self.entropy_weight >= 0, "loss.entropy_weight", "must be >= 0 (cp/ep choose the sign)")
-        _require(0 <= self.label_smoothing <= 1, "loss.label_smoothing", "must be in [0, 1]")
-        _require(self.focal_gamma >= 0, "loss.focal_gamma", "must be >= 0")
+            require(self.alpha is not None, "loss.alpha", "the constant schedule needs loss.alpha=<0..1>")
+        require(self.alpha is None or 0 <= self.alpha <= 1, "loss.alpha", f"must be in [0, 1], got {self.alpha}")
+        require(self.tau > 0, "loss.tau", "must be > 0")
+        require(self.entropy_weight >= 0, "loss.entropy_weight", "must be >= 0 (cp/ep choose the sign)")
+        require(0 <= self.label_smoothing <= 1, "loss.label_smoothing", "must be in [0, 1]")
+        require(self.focal_gamma >= 0, "loss.focal_gamma", "must be >= 0")
 
 
 @dataclass
@@ -188,7 +178,7 @@ class RunConfig:
     cache_dir: Optional[str] = None  # pretrained demo backbones; null: $AEPG_CACHE or ~/.cache/aepg_kernels
 
     def __post_init__(self):
-        _require(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
+        require(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0")
 
 
 @dataclass
@@ -202,85 +192,13 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-# ---------------------------------------------------------------------------------------------
-# dict -> dataclass, with type checks
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin, args = get_origin(tp), get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None:
-            _require(type(None) in args, key, "must not be null")
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is Literal:
-        _require(value in args, key, f"must be one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        _require(isinstance(value, dict), key, f"must be a mapping of {', '.join(_fields(tp))}, got {value!r}")
-        return _build(tp, value, key)
-    if origin in (list, tuple):
-        _require(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
-        if origin is tuple:
-            _require(len(value) == len(args), key, f"must have {len(args)} items, got {value!r}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        _require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is float:
-        # YAML 1.1 reads `5e-4` (no dot) as a string: accept any float literal.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-                 f"must be a float, got {value!r}")
-        return float(value)
-    # bool is an int subclass: never accept one for the other.
-    _require(type(value) is tp, key, f"must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _fields(cls) -> Dict[str, Any]:
-    return get_type_hints(cls)
-
-
-def _build(cls, values: dict, prefix: str = ""):
-    hints = _fields(cls)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
-                          f"valid keys{' of ' + prefix if prefix else ''}: {', '.join(hints)}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a section whose post-init check fails on a type we let through
-        raise ConfigError(f"{prefix or 'config'}: {e}") from None
-
-
 def config_from_dict(values: dict) -> TrainConfig:
-    return _build(TrainConfig, values)
+    return build_dataclass(TrainConfig, values)
 
 
 def config_to_dict(cfg) -> dict:
     """Plain dicts and lists (tuples become lists), ready for YAML or JSON."""
-    def plain(x):
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        return x
-    return plain(dataclasses.asdict(cfg))
+    return to_plain(dataclasses.asdict(cfg))
 
 
 class _ConfigDumper(yaml.SafeDumper):

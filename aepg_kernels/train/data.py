@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .config import ConfigError, DataConfig
+from .sampling import derive_seed
 
 SPLIT_SEED = 0  # digits has no official split: a stratified split drawn once with this seed
 RRC_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratios (torchvision's default, as the paper's code)
@@ -386,11 +387,10 @@ def add_label_noise(data: ContinualData, fraction: float, run_seed: int,
                     groups: Optional[Sequence[Sequence[int]]] = None) -> Tuple[ContinualData, Optional[dict]]:
     """`data` with symmetric label noise on its train split (`symmetric_label_noise` within `groups`,
     seeded from the run's seed only: every loss of a seed sees the same flips), and the record of the
-    flips (positions in the train split) for the run's outputs; `fraction` 0 returns `data` itself and None."""
+    flips (positions in the train split) for the run's outputs; `fraction` 0 returns `data` itself
+    and None."""
     if fraction == 0:
         return data, None
-    from .checkpoint import derive_seed
-
     noisy, record = symmetric_label_noise(data.train.targets, fraction, derive_seed(run_seed, "label_noise"), groups)
     scope = "all" if groups is None else [list(g) for g in groups]
     record = dict(rule=LABEL_NOISE_RULE, run_seed=run_seed, indices_are="positions in the train split",

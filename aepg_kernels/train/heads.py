@@ -12,9 +12,10 @@ from torch import nn
 
 
 class TaskHeads(nn.Module):
-    """One linear head per task; forward concatenates the logits of all tasks added so far."""
+    """One linear head per task; forward concatenates the logits of all tasks added so far. Heads
+    start at N(0, init_std^2) (the config's default: `ModelConfig.head_init_std`)."""
 
-    def __init__(self, in_features: int, init_std: float = 0.001):
+    def __init__(self, in_features: int, init_std: float):
         super().__init__()
         self.in_features, self.init_std = in_features, init_std
         self.heads = nn.ModuleList()

@@ -44,13 +44,10 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
 class ContinualViT(nn.Module):
     """backbone (frozen, with PEFT wrappers) -> features -> TaskHeads (logits of all seen classes)."""
 
-    def __init__(self, backbone: nn.Module, peft: PeftConfig, head_init_std: float = 0.001):
+    def __init__(self, backbone: nn.Module, peft: PeftConfig, head_init_std: float):
         super().__init__()
         self.backbone = backbone
-        apply_peft(backbone, peft.kind, peft.blocks, lora_rank=peft.lora_rank, lora_targets=peft.lora_targets,
-                   lora_scale=peft.lora_scale, adapter_bottleneck=peft.adapter_bottleneck,
-                   adapter_scale=peft.adapter_scale, prefix_length=peft.prefix_length,
-                   prompt_length=peft.prompt_length)
+        apply_peft(backbone, peft)
         if peft.freeze_backbone:
             backbone.requires_grad_(False)
             self.set_peft_trainable(True)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import PeftConfig
+
 
 class PeftModule(nn.Module):
     """Marker base: every parameter not under `.base` is a PEFT parameter."""
@@ -32,7 +34,7 @@ class PeftModule(nn.Module):
 class LoRAQKV(PeftModule):
     """qkv(x) + scale * B A x on the chosen slices of the fused qkv projection."""
 
-    def __init__(self, base: nn.Linear, rank: int, targets: str = "kv", scale: float = 1.0):
+    def __init__(self, base: nn.Linear, rank: int, targets: str, scale: float):
         super().__init__()
         if targets not in ("kv", "qkv"):
             raise ValueError(f"LoRA targets must be 'kv' or 'qkv', got {targets!r}")
@@ -61,7 +63,7 @@ class LoRAQKV(PeftModule):
 class ParallelAdapter(PeftModule):
     """base(x) + scale * up(relu(down(x))), in parallel with the block's MLP (same input)."""
 
-    def __init__(self, base: nn.Module, dim: int, bottleneck: int, scale: float = 0.1):
+    def __init__(self, base: nn.Module, dim: int, bottleneck: int, scale: float):
         super().__init__()
         self.base, self.scale = base, scale
         weight = next(base.parameters())
@@ -135,40 +137,43 @@ class PromptTokens(PeftModule):
         return f"length={self.prompts.shape[1]}"
 
 
-def apply_peft(model: nn.Module, kind: str, blocks=(0, 1, 2, 3, 4), *, lora_rank: int = 4, lora_targets: str = "kv",
-               lora_scale: float = 1.0, adapter_bottleneck: int = 5, adapter_scale: float = 0.1,
-               prefix_length: int = 10, prompt_length: int = 10) -> List[PeftModule]:
-    """Wraps modules of a timm VisionTransformer in place; returns the new PEFT modules."""
-    if kind == "none":
+def apply_peft(model: nn.Module, cfg: PeftConfig) -> List[PeftModule]:
+    """Wraps modules of a timm VisionTransformer in place as `cfg` says (kind, blocks and the
+    kind's sizes); returns the new PEFT modules."""
+    if cfg.kind == "none":
         return []
-    if kind == "prompt":
-        if getattr(model, "dynamic_img_size", False):
-            raise ValueError("prompt tokens need a fixed image size (dynamic_img_size resamples by prefix count)")
-        weight = model.patch_embed.proj.weight
-        model.pos_drop = PromptTokens(model.pos_drop, prompt_length, model.embed_dim, model.num_prefix_tokens,
-                                      device=weight.device, dtype=weight.dtype)
-        # Prompts count as prefix tokens, so average pooling and patch dropout skip them, as the class token.
-        model.num_prefix_tokens += prompt_length
-        return [model.pos_drop]
+    if cfg.kind == "prompt":
+        return [_insert_prompt_tokens(model, cfg.prompt_length)]
     depth = len(model.blocks)
-    bad = [b for b in blocks if not 0 <= b < depth]
+    bad = [b for b in cfg.blocks if not 0 <= b < depth]
     if bad:
         raise ValueError(f"peft blocks {bad} out of range for a model with {depth} blocks")
     wrapped = []
-    for i in blocks:
+    for i in cfg.blocks:
         block = model.blocks[i]
-        if kind == "lora":
-            block.attn.qkv = LoRAQKV(block.attn.qkv, lora_rank, lora_targets, lora_scale)
+        if cfg.kind == "lora":
+            block.attn.qkv = LoRAQKV(block.attn.qkv, cfg.lora_rank, cfg.lora_targets, cfg.lora_scale)
             wrapped.append(block.attn.qkv)
-        elif kind == "adapter":
-            block.mlp = ParallelAdapter(block.mlp, model.embed_dim, adapter_bottleneck, adapter_scale)
+        elif cfg.kind == "adapter":
+            block.mlp = ParallelAdapter(block.mlp, model.embed_dim, cfg.adapter_bottleneck, cfg.adapter_scale)
             wrapped.append(block.mlp)
-        elif kind == "prefix":
-            block.attn = PrefixAttention(block.attn, prefix_length)
+        elif cfg.kind == "prefix":
+            block.attn = PrefixAttention(block.attn, cfg.prefix_length)
             wrapped.append(block.attn)
         else:
-            raise ValueError(f"unknown PEFT kind {kind!r}; expected lora, adapter, prefix, prompt or none")
+            raise ValueError(f"unknown PEFT kind {cfg.kind!r}; expected lora, adapter, prefix, prompt or none")
     return wrapped
+
+
+def _insert_prompt_tokens(model: nn.Module, length: int) -> PromptTokens:
+    if getattr(model, "dynamic_img_size", False):
+        raise ValueError("prompt tokens need a fixed image size (dynamic_img_size resamples by prefix count)")
+    weight = model.patch_embed.proj.weight
+    model.pos_drop = PromptTokens(model.pos_drop, length, model.embed_dim, model.num_prefix_tokens,
+                                  device=weight.device, dtype=weight.dtype)
+    # Prompts count as prefix tokens, so average pooling and patch dropout skip them, as the class token.
+    model.num_prefix_tokens += length
+    return model.pos_drop
 
 
 def peft_parameters(model: nn.Module) -> List[nn.Parameter]:

@@ -98,9 +98,6 @@ class ClassIncrementalScenario:
         """Every task's classes as original labels, in task order."""
         return [self.task_classes(t) for t in range(self.num_tasks)]
 
-    def num_seen_classes(self, task: int) -> int:
-        return self.class_range(task)[1]
-
     def remap(self, targets) -> torch.Tensor:
         """Original labels -> positions in the class order (the labels the heads are trained on)."""
         t = _as_targets(targets)
@@ -117,11 +114,6 @@ class ClassIncrementalScenario:
         lo, hi = self.class_range(task)
         position = self.remap(targets)
         return torch.nonzero((position >= lo) & (position < hi)).flatten()
-
-    def splits(self, train_targets, test_targets) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """Per task: (train indices, test indices)."""
-        return [(self.task_indices(train_targets, t), self.task_indices(test_targets, t))
-                for t in range(self.num_tasks)]
 
     def state_dict(self) -> dict:
         return {"class_order": list(self.class_order), "task_sizes": list(self.task_sizes)}

@@ -8,13 +8,14 @@ Reproducible and resumable: every random draw comes from a seed derived from (ru
 epoch, position), never from a stream carried along, so a run resumed from a checkpoint (written
 at every task boundary and every `run.checkpoint_every` steps) replays exactly what an
 uninterrupted run does, whatever data.num_workers:
-- the epoch's sample order: a permutation seeded by (seed, task, epoch) (`EpochBatches`);
-- each sample's augmentation: the CPU RNG seeded by (seed, task, epoch, position) (`SeededSamples`;
-  test samples by (seed, test task, index));
+- the epoch's sample order: a permutation seeded by (seed, task, epoch) (`sampling.EpochBatches`);
+- each sample's augmentation: the CPU RNG seeded by (seed, task, epoch, position)
+  (`sampling.SeededSamples`; test samples by (seed, test task, index));
 - each step's model randomness (dropout, drop path): the global RNG seeded by (seed, task, epoch,
   batch, rank); each head's initialisation: seeded by (seed, task).
 A feedback alpha schedule (loss.schedule=feedback) observes each step's batch statistics after the
-optimizer step; its state (alpha itself) is checkpointed with the schedule's.
+optimizer step; its state (alpha itself) is checkpointed with the schedule's. The checkpoint's
+content is `checkpoint.TrainerState`.
 
 Data parallel (torchrun, see distributed.py): every rank takes an equal share of each global batch
 of data.batch_size rows, gradients are averaged with one all_reduce per step, the epoch statistics
@@ -27,131 +28,30 @@ import math
 import sys
 import time
 import types
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed
-from .checkpoint import (ResumeError, backbone_fingerprint, check_resumable, checkpoint_path, derive_seed,
-                         load_checkpoint, load_trained_state, save_checkpoint, trained_state)
-from .config import OptimConfig, TrainConfig, config_to_dict
+from .checkpoint import (Position, ResumeError, TrainerState, backbone_fingerprint, checkpoint_path, load_checkpoint,
+                         load_trained_state, save_checkpoint, trained_state)
+from .config import TrainConfig, config_to_dict
 from .evaluation import predict_loader
 from .heads import local_loss
 from .losses import build_criterion
 from .metrics import AccuracyMatrix
 from .model import ContinualViT
+from .optim import build_optimizer
+from .sampling import EpochBatches, SeededSamples, collate_or_none, derive_seed, task_subsets
 from .scenario import ClassIncrementalScenario
 
-STAT_NAMES = ("loss", "entropy", "sample_weight", "alpha")  # per-epoch means over the task's samples
+EPOCH_MEANS = ("loss", "entropy", "sample_weight", "alpha")  # history: per-epoch means over the task's samples
 
 
 class TrainingInterrupted(RuntimeError):
     """Raised by `fit(stop_after_steps=K)` after K optimizer steps: the output folder is left as a
     kill at that moment would leave it (the last checkpoint written before)."""
-
-
-class RemappedSubset(Dataset):
-    """`dataset[indices]` with each label replaced by its position in the scenario's class order."""
-
-    def __init__(self, dataset: Dataset, indices: torch.Tensor, labels: torch.Tensor):
-        self.dataset, self.indices, self.labels = dataset, indices.tolist(), labels
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        x = self.dataset[self.indices[i]][0]
-        return x, self.labels[i]
-
-
-def task_subsets(scenario: ClassIncrementalScenario, dataset: Dataset, targets) -> List[RemappedSubset]:
-    """One remapped subset per task of `dataset`, whose labels are `targets`."""
-    remapped = scenario.remap(targets)
-    subsets = []
-    for task in range(scenario.num_tasks):
-        indices = scenario.task_indices(targets, task)
-        subsets.append(RemappedSubset(dataset, indices, remapped[indices]))
-    return subsets
-
-
-class SeededSamples(Dataset):
-    """Reads a sample with torch's CPU RNG seeded by (*seed_parts, position) and restored after:
-    a sample's random augmentation depends on where it sits in the epoch only, not on the worker
-    process, the rank layout or a resumption. A key is `(position, index)` (training: the position
-    in the epoch's order) or an index (its own position: evaluation)."""
-
-    def __init__(self, dataset: Dataset, *seed_parts):
-        self.dataset, self.seed_parts = dataset, seed_parts
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        position, index = key if isinstance(key, tuple) else (key, key)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(*self.seed_parts, position))
-            return self.dataset[index]
-
-
-class EpochBatches(Sampler):
-    """This rank's share of every global batch of one epoch, as lists of `(position, index)` keys.
-
-    The epoch's order is a permutation seeded by (seed, task, epoch), cut into global batches of
-    `batch_size` rows; rank r of W takes rows [r m / W, (r+1) m / W) of a batch of m rows (m =
-    batch_size except maybe the last batch, whose share may be empty). `start` skips the first
-    batches without reading them (a resumed epoch)."""
-
-    def __init__(self, num_samples: int, batch_size: int, seed: int, task: int, epoch: int,
-                 rank: int = 0, world_size: int = 1, start: int = 0):
-        if batch_size % world_size:
-            raise ValueError(f"data.batch_size={batch_size} must be a multiple of the number of processes "
-                             f"(world size {world_size}): each rank takes batch_size / world_size rows")
-        self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
-        self.num_batches = math.ceil(num_samples / batch_size)
-        if not 0 <= start <= self.num_batches:
-            raise ValueError(f"start batch {start} out of range for {self.num_batches} batches")
-        self.start = start
-        order = torch.Generator().manual_seed(derive_seed(seed, "order", task, epoch))
-        self.permutation = torch.randperm(num_samples, generator=order).tolist()
-
-    def global_rows(self, batch: int) -> int:
-        return min(self.batch_size, self.num_samples - batch * self.batch_size)
-
-    def share(self, batch: int) -> range:
-        """This rank's positions in the epoch for global batch `batch`."""
-        first, rows = batch * self.batch_size, self.global_rows(batch)
-        return range(first + self.rank * rows // self.world_size, first + (self.rank + 1) * rows // self.world_size)
-
-    def __len__(self) -> int:
-        return self.num_batches - self.start
-
-    def __iter__(self):
-        for batch in range(self.start, self.num_batches):
-            yield [(p, self.permutation[p]) for p in self.share(batch)]
-
-
-def collate_or_none(samples: list):
-    """default_collate, or None for a rank's empty share of a short last batch."""
-    return default_collate(samples) if samples else None
-
-
-@dataclass
-class Position:
-    """The next thing to do: batch `batch` of epoch `epoch` of task `task`."""
-    task: int = 0
-    epoch: int = 0
-    batch: int = 0
-
-    @property
-    def task_started(self) -> bool:
-        return (self.epoch, self.batch) != (0, 0)
-
-
-def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The paper's optimizer: Adam with `optim.lr`, `optim.betas`, `optim.weight_decay`."""
-    return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 class ContinualTrainer:
@@ -207,14 +107,6 @@ class ContinualTrainer:
         return DataLoader(dataset, num_workers=self.cfg.data.num_workers, generator=generator,
                           pin_memory=self.device.type == "cuda", **kwargs)
 
-    def _progress(self, task: int, total: int, initial: int):
-        enabled = self.cfg.run.progress and distributed.is_main() and sys.stderr.isatty()
-        if not enabled:
-            return _NoBar()
-        from tqdm.auto import tqdm
-        return tqdm(total=total, initial=initial, desc=f"task {task + 1}/{self.scenario.num_tasks}", unit="step",
-                    leave=False, dynamic_ncols=True)
-
     # -- training ------------------------------------------------------------------------------
 
     def train_task(self, task: int, train_set: Dataset) -> None:
@@ -223,18 +115,13 @@ class ContinualTrainer:
         resuming = self.position.task == task and self.position.task_started
         num_batches = self._batches(train_set, task, 0).num_batches
         if not resuming:
-            self._seed("head", task)
-            class_range = self.model.add_task(self.scenario.task_sizes[task])
-            assert class_range == self.scenario.class_range(task), "heads and scenario disagree on the class layout"
-            self.optimizer = self._build_optimizer()
-            if self.schedule is not None:
-                # Assumption (the paper does not say): alpha spans all epochs of the task, head-only ones included.
-                self.schedule.reset(cfg.optim.epochs * num_batches)
-            self.position = Position(task)
+            self._start_task(task, cfg.optim.epochs * num_batches)
         class_range = self.scenario.class_range(task)
         frozen_epochs = cfg.optim.peft_frozen_epochs if task > 0 else 0
-        with self._progress(task, cfg.optim.epochs * num_batches,
-                            self.position.epoch * num_batches + self.position.batch) as bar:
+        show_bar = cfg.run.progress and distributed.is_main()
+        with progress_bar(show_bar, total=cfg.optim.epochs * num_batches,
+                          initial=self.position.epoch * num_batches + self.position.batch,
+                          desc=f"task {task + 1}/{self.scenario.num_tasks}") as bar:
             for epoch in range(self.position.epoch, cfg.optim.epochs):
                 peft_trainable = epoch >= frozen_epochs
                 self.model.set_peft_trainable(peft_trainable)
@@ -248,6 +135,17 @@ class ContinualTrainer:
         self.model.set_peft_trainable(True)
         self.trainable_per_task.append(self.model.num_trainable_parameters())  # PEFT + this task's head
 
+    def _start_task(self, task: int, total_steps: int) -> None:
+        """The task's new head (seeded by the task), a fresh optimizer, the alpha schedule reset."""
+        self._seed("head", task)
+        class_range = self.model.add_task(self.scenario.task_sizes[task])
+        assert class_range == self.scenario.class_range(task), "heads and scenario disagree on the class layout"
+        self.optimizer = self._build_optimizer()
+        if self.schedule is not None:
+            # Assumption (the paper does not say): alpha spans all epochs of the task, head-only ones included.
+            self.schedule.reset(total_steps)
+        self.position = Position(task)
+
     def _train_epoch(self, task: int, epoch: int, train_set: Dataset, class_range, bar) -> Dict[str, float]:
         self.model.train()
         batches = self._batches(train_set, task, epoch, start=self.position.batch)
@@ -256,7 +154,7 @@ class ContinualTrainer:
                               collate_fn=collate_or_none)
         trained = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
         # Sums over this rank's rows stay on the device: no host synchronisation per step.
-        totals = torch.zeros(len(STAT_NAMES), device=self.device)
+        totals = torch.zeros(len(EPOCH_MEANS), device=self.device)
         if self._resumed_totals is not None:
             totals += self._resumed_totals.to(self.device)
             self._resumed_totals = None
@@ -272,14 +170,14 @@ class ContinualTrainer:
             if self._stop_at is not None and self.global_step >= self._stop_at:
                 raise TrainingInterrupted(f"stopped after global step {self.global_step} (stop_after_steps)")
         means = (distributed.all_reduce_sum(totals) / len(train_set)).tolist()
-        return dict(zip(STAT_NAMES, means, strict=True))
+        return dict(zip(EPOCH_MEANS, means, strict=True))
 
     def _train_step(self, data, class_range, trained: Sequence[torch.nn.Parameter], share: float) -> torch.Tensor:
-        """One optimizer step; returns this rank's row-weighted sums of STAT_NAMES. `share` is
+        """One optimizer step; returns this rank's row-weighted sums of EPOCH_MEANS. `share` is
         this rank's fraction of the global batch (1 alone)."""
         alpha = self.schedule.alpha if self.schedule is not None else float("nan")
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(len(STAT_NAMES), device=self.device)
+        sums = torch.zeros(len(EPOCH_MEANS), device=self.device)
         stats = None
         if data is not None:  # None: this rank's share of a short last batch is empty
             x, y = data[0].to(self.device, non_blocking=True), data[1].to(self.device, non_blocking=True)
@@ -341,66 +239,54 @@ class ContinualTrainer:
     def save_checkpoint(self, epoch_totals: Optional[torch.Tensor] = None) -> None:
         """Writes the run's state to run.output_dir (rank 0; every rank must call it: the partial
         epoch sums of all ranks are gathered)."""
-        mid_task = self.position.task_started
         partials = None
         if epoch_totals is not None:
             partials = torch.stack(distributed.all_gather_object(epoch_totals.detach().cpu()))
-        if not distributed.is_main():
-            return
-        state = {
-            "config": config_to_dict(self.cfg),
-            "scenario": self.scenario.state_dict(),
-            "backbone_fingerprint": self._fingerprint(),
-            "world_size": self.world_size,
-            "position": [self.position.task, self.position.epoch, self.position.batch],
-            "global_step": self.global_step,
-            "num_heads": len(self.model.heads.heads),
-            "model": trained_state(self.model, self.cfg.peft.freeze_backbone),
-            "optimizer": self.optimizer.state_dict() if mid_task else None,
-            "schedule": self.schedule.state_dict() if mid_task and self.schedule is not None else None,
-            "epoch_totals": partials,  # per rank
-            "task_seconds": time.perf_counter() - self._task_clock if mid_task else 0.0,
-            "accuracy_matrix": self.accuracy_matrix.state_dict(),
-            "history": self.history,
-            "trainable_per_task": self.trainable_per_task,
-            "timing": self.timing,
-        }
-        save_checkpoint(checkpoint_path(self.cfg.run.output_dir), state)
+        if distributed.is_main():
+            save_checkpoint(checkpoint_path(self.cfg.run.output_dir), self._state(partials))
+
+    def _state(self, epoch_totals: Optional[torch.Tensor]) -> TrainerState:
+        mid_task = self.position.task_started
+        return TrainerState(
+            config=config_to_dict(self.cfg), scenario=self.scenario.state_dict(),
+            backbone_fingerprint=self._fingerprint(), world_size=self.world_size, position=self.position,
+            global_step=self.global_step, num_heads=len(self.model.heads.heads),
+            model=trained_state(self.model, self.cfg.peft.freeze_backbone),
+            accuracy_matrix=self.accuracy_matrix.state_dict(), history=self.history,
+            trainable_per_task=self.trainable_per_task, timing=self.timing,
+            optimizer=self.optimizer.state_dict() if mid_task else None,
+            schedule=self.schedule.state_dict() if mid_task and self.schedule is not None else None,
+            epoch_totals=epoch_totals, task_seconds=time.perf_counter() - self._task_clock if mid_task else 0.0)
 
     def resume(self) -> bool:
         """Restores the run from run.output_dir's checkpoint if there is one; True if it did."""
         path = checkpoint_path(self.cfg.run.output_dir)
-        checkpoint = load_checkpoint(path)
-        if checkpoint is None:
+        state = load_checkpoint(path)
+        if state is None:
             return False
-        check_resumable(checkpoint, config_to_dict(self.cfg), self.scenario.state_dict(), self._fingerprint(), path)
+        state.check_resumable(config_to_dict(self.cfg), self.scenario.state_dict(), self._fingerprint(), path)
         if len(self.model.heads.heads):
             raise ResumeError(f"resuming from {path} needs a model without heads (the checkpoint rebuilds them), "
                               f"got {len(self.model.heads.heads)}")
-        for task in range(checkpoint["num_heads"]):
-            self.model.add_task(self.scenario.task_sizes[task])
-        load_trained_state(self.model, checkpoint["model"])
-        self.position = Position(*checkpoint["position"])
-        self.global_step = checkpoint["global_step"]
-        self.accuracy_matrix.load_state_dict(checkpoint["accuracy_matrix"])
-        self.history, self.timing = checkpoint["history"], checkpoint["timing"]
-        self.trainable_per_task = checkpoint["trainable_per_task"]
-        if checkpoint["optimizer"] is not None:
-            self.optimizer = self._build_optimizer()
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["schedule"] is not None:
-            self.schedule.load_state_dict(checkpoint["schedule"])
-        partials = checkpoint["epoch_totals"]
-        if partials is not None:
-            # Same layout: each rank its own sums (bitwise replay). Another world size: rank 0 takes them all.
-            if checkpoint["world_size"] == self.world_size:
-                self._resumed_totals = partials[self.rank]
-            else:
-                self._resumed_totals = partials.sum(0) if self.rank == 0 else torch.zeros_like(partials[0])
-        self._task_clock = time.perf_counter() - checkpoint["task_seconds"]
+        self._restore(state)
         p = self.position
         self.log(f"resumed from {path}: task {p.task} epoch {p.epoch} batch {p.batch} (step {self.global_step})")
         return True
+
+    def _restore(self, state: TrainerState) -> None:
+        for task in range(state.num_heads):
+            self.model.add_task(self.scenario.task_sizes[task])
+        load_trained_state(self.model, state.model)
+        self.position, self.global_step = state.position, state.global_step
+        self.accuracy_matrix.load_state_dict(state.accuracy_matrix)
+        self.history, self.timing, self.trainable_per_task = state.history, state.timing, state.trainable_per_task
+        if state.optimizer is not None:
+            self.optimizer = self._build_optimizer()
+            self.optimizer.load_state_dict(state.optimizer)
+        if state.schedule is not None:
+            self.schedule.load_state_dict(state.schedule)
+        self._resumed_totals = state.epoch_totals_of(self.rank, self.world_size)
+        self._task_clock = time.perf_counter() - state.task_seconds
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -427,6 +313,15 @@ class ContinualTrainer:
         return {**self.accuracy_matrix.summary(), "scenario": self.scenario.state_dict(),
                 "trainable_parameters_per_task": self.trainable_per_task, "history": self.history,
                 "timing": self.timing}
+
+
+def progress_bar(enabled: bool, total: int, initial: int, desc: str):
+    """A tqdm bar of optimizer steps when `enabled` and stderr is a terminal, else one that does
+    nothing (and tqdm, of the train extra, is not imported)."""
+    if not (enabled and sys.stderr.isatty()):
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False, dynamic_ncols=True)
 
 
 class _NoBar:

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from aepg_kernels.train import LoRAQKV, PeftModule, PrefixAttention, apply_peft, count_parameters, create_backbone
+from aepg_kernels.train import (LoRAQKV, PeftConfig, PeftModule, PrefixAttention, apply_peft, count_parameters,
+                                create_backbone)
 
 from tiny_vit import RANK, TINY_VIT, WIDTH, images, make_model
 
@@ -13,7 +14,7 @@ def test_starts_as_the_backbone(kind, targets):
     """LoRA (B = 0) and the adapter (up = 0) leave the backbone's output unchanged at init."""
     backbone = create_backbone(TINY_VIT).eval()
     before = backbone(images())
-    apply_peft(backbone, kind, lora_targets=targets or "kv")
+    apply_peft(backbone, PeftConfig(kind=kind, lora_targets=targets or "kv"))
     torch.testing.assert_close(backbone(images()), before, rtol=0, atol=1e-6)
 
 
@@ -29,7 +30,7 @@ def test_perturbed_peft_changes_the_output(kind):
 
 def test_lora_kv_leaves_the_query_alone():
     qkv = torch.nn.Linear(WIDTH, 3 * WIDTH)
-    lora = LoRAQKV(qkv, RANK, "kv")
+    lora = LoRAQKV(qkv, RANK, "kv", scale=1.0)
     with torch.no_grad():
         lora.lora_b.normal_()
     x = torch.randn(2, 5, WIDTH)
@@ -90,7 +91,7 @@ def test_prompt_tokens_are_prefix_tokens():
 
 def test_bad_blocks():
     with pytest.raises(ValueError, match=r"blocks \[5\] out of range"):
-        apply_peft(create_backbone(TINY_VIT), "lora", [0, 5])
+        apply_peft(create_backbone(TINY_VIT), PeftConfig(kind="lora", blocks=[0, 5]))
 
 
 def test_backbone_weights_from_a_local_checkpoint(tmp_path):

@@ -52,7 +52,8 @@ def test_sparse_labels_and_uneven_splits():
 def test_train_and_test_splits():
     test_targets = torch.arange(100)
     s = ClassIncrementalScenario.from_targets(TARGETS, num_tasks=4, order="permuted", seed=0)
-    for t, (train, test) in enumerate(s.splits(TARGETS, test_targets)):
+    for t in range(s.num_tasks):
+        train, test = s.task_indices(TARGETS, t), s.task_indices(test_targets, t)
         assert len(train) == 75 and len(test) == 25
         assert set(test_targets[test].tolist()) == set(s.task_classes(t))
 
