@@ -93,7 +93,7 @@ def test_rotations_cover_the_flush_size_within_the_cap():
 
 
 def test_cpu_rotations_cover_the_flush_bytes_down_to_16_kib_of_logits():
-    """No cache flush between CPU calls: the copies must cover FLUSH_BYTES (bench/README.md says
+    """No cache flush between CPU calls: the copies must cover FLUSH_BYTES (benchmarks/README.md says
     which shapes stay cache-resident)."""
     cap = runner.max_rotations(torch.device("cpu"))
     assert runner.FLUSH_BYTES // cap == 16 << 10
