@@ -1,6 +1,6 @@
-"""The documentation resolves: every relative link of the top-level pages and of docs/ points to a
-file of the repository (and, with a #fragment, to a heading of that page), and no file cites a
-document that is not in the repository (CONTRIBUTING.md, "Conventions")."""
+"""The documentation resolves: every relative link of the top-level pages, benchmarks/README.md and
+docs/ points to a file of the repository (and, with a #fragment, to a heading of that page), and
+no file cites a document that is not in the repository (CONTRIBUTING.md, "Conventions")."""
 from __future__ import annotations
 
 import re
@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md",
-                ROOT / "aepg_kernels" / "train" / "README.md", *(ROOT / "docs").glob("*.md")])
+                ROOT / "benchmarks" / "README.md", ROOT / "aepg_kernels" / "train" / "README.md",
+                *(ROOT / "docs").glob("*.md")])
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 # Documents that live outside the repository, and references to the issue tracker instead of a doc.

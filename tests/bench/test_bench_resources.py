@@ -117,7 +117,7 @@ def test_triton_variants_follow_the_launcher():
 
 
 # ---- the reports ------------------------------------------------------------------------------
-# Findings of 2026-12-01 (bench/results/sm90-resources-2026-12-01.md): (backend, kernel, preset,
+# Findings of 2026-12-01 (benchmarks/results/sm90-resources-2026-12-01.md): (backend, kernel, preset,
 # regime, dtype) -> kinds. "max" is the heaviest flag set (probability targets, weights, smoothing,
 # entropy term, tensor alpha); "ce" is nn.CrossEntropyLoss's.
 KNOWN = {}

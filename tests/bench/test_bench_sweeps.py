@@ -60,7 +60,7 @@ def test_cpu_suite_has_the_cpu_table_shapes():
 
 
 def test_bytes_floor_matches_the_worked_examples():
-    # docs/benchmarks.md, "How the numbers are read": bf16 8192x128256 fwd+bwd -> 4.2 GB; fp32 4096x100 -> 3.3 MB.
+    # benchmarks/README.md, "How the numbers are read": bf16 8192x128256 fwd+bwd -> 4.2 GB; fp32 4096x100 -> 3.3 MB.
     assert metrics.minimal_bytes(Case("ce", "fwd+bwd", "bf16", 8192, 128256)) == 8192 * 128256 * 2 * 2
     assert round(metrics.minimal_bytes(Case("ce", "fwd+bwd", "bf16", 8192, 128256)) / GB, 1) == 4.2
     assert metrics.minimal_bytes(Case("aepg", "fwd+bwd/rows", "fp32", 4096, 100)) == 4096 * 100 * 4 * 2
@@ -69,7 +69,7 @@ def test_bytes_floor_matches_the_worked_examples():
 
 def test_bandwidth_percent_and_speedup():
     floor = metrics.minimal_bytes(Case("ce", "fwd+bwd", "bf16", 8192, 128256))
-    assert metrics.gbps(floor, 1.40e-3) == pytest.approx(3000, rel=0.01)  # docs/benchmarks.md's floor at 3.0 TB/s
+    assert metrics.gbps(floor, 1.40e-3) == pytest.approx(3000, rel=0.01)  # benchmarks/README.md's floor at 3.0 TB/s
     assert metrics.copy_bytes(2**30) == 2**31
     assert metrics.percent_of(2550.0, 3000.0) == pytest.approx(85.0)
     assert metrics.speedup(3.0, 1.5) == 2.0
@@ -93,7 +93,7 @@ def test_rotations_cover_the_flush_size_within_the_cap():
 
 
 def test_cpu_rotations_cover_the_flush_bytes_down_to_16_kib_of_logits():
-    """No cache flush between CPU calls: the copies must cover FLUSH_BYTES (bench/README.md says
+    """No cache flush between CPU calls: the copies must cover FLUSH_BYTES (benchmarks/README.md says
     which shapes stay cache-resident)."""
     cap = runner.max_rotations(torch.device("cpu"))
     assert runner.FLUSH_BYTES // cap == 16 << 10

@@ -22,7 +22,7 @@ def test_plan_order_and_budgets_fit_eight_minutes_with_the_build():
     assert budgets == {"environment": 15, "gpu-tests": 40, "op-tests": 60, "gpu-sweep": 190, "perf-model": 10,
                        "llm": 45, "trainer-step": 45, "other-tests": 60}
     assert device_check.TOTAL_SECONDS == 480  # 8 minutes of the 15-minute device budget, the build included
-    assert "timeout -k 10 150" in (CHECKOUT / "bench" / "device_check.sh").read_text()  # the build at most
+    assert "timeout -k 10 150" in (CHECKOUT / "benchmarks" / "device_check.sh").read_text()  # the build at most
     # Everything up to the sweep and its measured / predicted fits after a build of 120 s (the
     # upper end of the 60-120 s expected), each step using its whole budget.
     up_to_model = sum(s.budget_seconds for s in steps[:[s.name for s in steps].index("perf-model") + 1])

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# A GPU session (bench/README.md): build the extension for sm_90, then `aepg-bench device-check`,
+# A GPU session (benchmarks/README.md): build the extension for sm_90, then `aepg-bench device-check`,
 # which runs the checks most important first by one deadline (the build counts in it) and writes
 # device_check.json after every step, under $OUT (default ./out).
-# Usage (device tool): run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=540)
+# Usage (device tool): run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=540)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
