@@ -16,7 +16,8 @@ PAGES = sorted([ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 # Documents that live outside the repository, and references to the issue tracker instead of a doc.
-FOREIGN_CITATION = re.compile(r"\b(?:method|kernels|llm|machines|style-review)\.md\b|shared/docs|\bissue \d+")
+# A quoted name ("llm.md") is an output file the harness writes, not a citation.
+FOREIGN_CITATION = re.compile(r"(?<![\"'/])\b(?:method|kernels|llm|machines|style-review)\.md\b|shared/docs|\bissue \d+")
 SCANNED_SUFFIXES = {".py", ".h", ".cu", ".cpp", ".sh", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg"}
 
 
