@@ -10,7 +10,7 @@ import torch
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossVariant:
     """One member of the loss family, as keyword arguments of `aepg_kernels.policy_loss`."""
 
     name: str
@@ -21,10 +21,10 @@ class LossConfig:
         return dict(self.options)
 
 
-LOSSES: Dict[str, LossConfig] = {loss.name: loss for loss in (
-    LossConfig("ce", (("ce_weight", 1.0), ("epg_weight", 0.0))),
-    LossConfig("epg", (("ce_weight", 0.0), ("epg_weight", 1.0))),
-    LossConfig("aepg", (("ce_weight", 0.5), ("epg_weight", 0.5), ("entropy_weight", 0.1))),  # alpha=0.5, beta=0.1
+LOSSES: Dict[str, LossVariant] = {loss.name: loss for loss in (
+    LossVariant("ce", (("ce_weight", 1.0), ("epg_weight", 0.0))),
+    LossVariant("epg", (("ce_weight", 0.0), ("epg_weight", 1.0))),
+    LossVariant("aepg", (("ce_weight", 0.5), ("epg_weight", 0.5), ("entropy_weight", 0.1))),  # alpha=0.5, beta=0.1
 )}
 
 
@@ -221,26 +221,26 @@ def llm_suite() -> Suite:
 SUITES = {"quick": quick_suite, "cpu": cpu_suite, "gpu": gpu_suite, "overhead": overhead_suite, "llm": llm_suite}
 
 
-def parse_shapes(text: str) -> List[Tuple[int, int]]:
-    """'256x100,4096x1000' -> [(256, 100), (4096, 1000)]; ValueError naming --shapes otherwise."""
+def parse_dims(text: str, layout: str, example: str) -> List[Tuple[int, ...]]:
+    """'256x100,4096x1000' -> [(256, 100), (4096, 1000)] for layout 'NxC': each comma-separated item
+    has as many positive integers as `layout` names; ValueError naming --shapes otherwise."""
     shapes = []
     for item in text.split(","):
         parts = item.strip().lower().split("x")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"--shapes: expected NxC with positive integers (e.g. 4096x1000), got {item!r}")
-        shapes.append((int(parts[0]), int(parts[1])))
+        if len(parts) != len(layout.split("x")) or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--shapes: expected {layout} with positive integers (e.g. {example}), got {item!r}")
+        shapes.append(tuple(int(p) for p in parts))
     return shapes
+
+
+def parse_shapes(text: str) -> List[Tuple[int, int]]:
+    """'256x100,4096x1000' -> [(256, 100), (4096, 1000)] (N x C)."""
+    return parse_dims(text, "NxC", "4096x1000")
 
 
 def parse_head_shapes(text: str) -> List[Tuple[int, int, int]]:
     """'2048x256x128256,64x16x256' -> [(2048, 256, 128256), (64, 16, 256)] (N x H x V of --suite llm)."""
-    shapes = []
-    for item in text.split(","):
-        parts = item.strip().lower().split("x")
-        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"--shapes: expected NxHxV with positive integers (e.g. 2048x256x128256), got {item!r}")
-        shapes.append((int(parts[0]), int(parts[1]), int(parts[2])))
-    return shapes
+    return parse_dims(text, "NxHxV", "2048x256x128256")
 
 
 def check_names(kind: str, names: Sequence[str], known: Iterable[str]) -> List[str]:
