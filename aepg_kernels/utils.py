@@ -17,9 +17,14 @@ import re
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (IO, TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Mapping, Optional,
+                    Sequence, Tuple, Union)
 
 import torch
+
+if TYPE_CHECKING:  # matplotlib is optional and imported only by the figure helpers
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -125,7 +130,8 @@ def environment(*packages: str) -> Dict[str, Optional[str]]:
 # figures
 
 
-def new_figure(width: float = 6.4, height: float = 4.8, rows: int = 1, cols: int = 1, sharex: bool = False):
+def new_figure(width: float = 6.4, height: float = 4.8, rows: int = 1, cols: int = 1,
+               sharex: bool = False) -> Tuple["Figure", List["Axes"]]:
     """A matplotlib figure on its own Agg canvas and its axes, row by row in a list. No pyplot: no
     display is opened and matplotlib's global backend stays as it was. ImportError without
     matplotlib."""
@@ -138,7 +144,7 @@ def new_figure(width: float = 6.4, height: float = 4.8, rows: int = 1, cols: int
     return figure, list(axes.flat)
 
 
-def save_figure(figure, path: PathLike, dpi: int = 120) -> Path:
+def save_figure(figure: "Figure", path: PathLike, dpi: int = 120) -> Path:
     """Writes `figure` atomically, in the format of the path's suffix (e.g. .png); returns the path."""
     suffix = Path(path).suffix.lstrip(".") or "png"
     return write_atomically(path, lambda file: figure.savefig(file, format=suffix, dpi=dpi))
@@ -154,13 +160,13 @@ class NoProgressBar:
     def __enter__(self) -> "NoProgressBar":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def update(self, n: int = 1) -> None:
         pass
 
-    def set_postfix(self, **values) -> None:
+    def set_postfix(self, **values: Any) -> None:
         pass
 
     def close(self) -> None:
@@ -171,7 +177,7 @@ class NoProgressBar:
         print(line, flush=True)
 
 
-def progress_bar(total: int, enabled: bool = True, **options):
+def progress_bar(total: int, enabled: bool = True, **options: Any) -> Any:
     """A tqdm bar on standard error (`options` go to tqdm: desc, unit, initial, leave, ...) when
     `enabled`, standard error is a terminal and tqdm is installed; else a NoProgressBar, so that a
     log file or a pipe gets no control characters. Lines go through the bar's `write`."""
@@ -200,7 +206,7 @@ def resolve_device(name: str = "auto", index: Optional[int] = None) -> torch.dev
     return device
 
 
-def bf16_autocast(device: torch.device, enabled: bool = True):
+def bf16_autocast(device: torch.device, enabled: bool = True) -> ContextManager[Any]:
     """bf16 autocast on a CUDA device when `enabled`; a context that does nothing elsewhere (on a
     CPU, bf16 autocast would slow the step down rather than speed it up)."""
     if enabled and device.type == "cuda":

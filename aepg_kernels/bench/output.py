@@ -46,7 +46,7 @@ def format_number(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _cell(record: Dict, key: Optional[str], fmt: str) -> str:
+def _cell(record: Dict, key: Optional[str], fmt: Optional[str]) -> str:
     if key is None:
         return f"{record['n']}x{record['c']}"
     if key == "label":
