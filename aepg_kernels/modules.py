@@ -94,7 +94,7 @@ class PolicyLoss(nn.Module):
         if (not return_stats and self._buffers["weight"] is None and input.__class__ is Tensor
                 and target.__class__ is Tensor and input.dim() == 2 and target.dim() == 1):
             # The common call in as few Python steps as possible: at classification shapes host
-            # time is most of its cost (docs/benchmarks.md, "CPU, per call, as a drop-in").
+            # time is most of its cost (benchmarks/README.md, "CPU, per call, as a drop-in").
             if not torch.compiler.is_compiling():
                 loss, packed, checks_call = self._eager_call(input.device)
                 if checks_call:  # the native operator checks dtypes, shapes and devices itself

@@ -13,7 +13,7 @@ DIR/device_check.log. Everything written fits the 8 files a device session bring
 
 Without a CUDA device the command refuses and says why; --dry-run prints the plan, runs the steps
 that need no GPU (the environment, the performance model) and records the others as skipped.
-`bench/device_check.sh` builds the extension and then runs this.
+`benchmarks/device_check.sh` builds the extension and then runs this.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import machine, perf_model, report
+from . import machine, output, perf_model
 
 TOTAL_SECONDS = 480.0  # 8 minutes from the wrapper's start, the build included (of a 15-minute device budget)
 FINAL_RESERVE_S = 10.0  # kept before the deadline for the last device_check.json
@@ -154,7 +154,7 @@ def performance_model(out: Path, dry_run: bool) -> Dict:
     measured = json.loads(sweep.read_text()) if sweep.exists() else None
     document = perf_model.build_document(measured)
     document["markdown"] = perf_model.markdown(document)
-    report.write_json(out / "perf-model.json", document)
+    output.write_json(out / "perf-model.json", document)
     lines = perf_model.summary_lines(document)
     print("\n".join(lines), flush=True)
     return {"measured_from": document["measured_from"], "summary": lines}
@@ -283,14 +283,14 @@ def run_plan(steps: Sequence[Step], out: Path, document: Dict, deadline: float, 
             print(f"-- {step.name}: skipped ({why_not})", flush=True)
             continue
         entry["status"] = "running"
-        report.write_json(summary, document)
+        output.write_json(summary, document)
         print(f"-- {step.name} (at most {budget:.0f} s): {step.purpose}", flush=True)
         entry.update(run_step(step, out, budget, dry_run))
         if step.name == "environment" and entry["status"] == "ok":
             document["machine"] = entry.pop("result")
         print(f"   {step.name}: {entry['status']} in {entry['seconds']} s"
               + (f" ({entry['pytest']})" if entry.get("pytest") else ""), flush=True)
-        report.write_json(summary, document)
+        output.write_json(summary, document)
     return document
 
 
@@ -343,12 +343,12 @@ def main(argv: Optional[Sequence[str]] = None, steps: Optional[Sequence[Step]] =
     reason = no_gpu_reason()
     if reason is not None and not args.dry_run:
         document["refused"] = f"no CUDA device: {reason}"
-        report.write_json(args.out / SUMMARY, document)
+        output.write_json(args.out / SUMMARY, document)
         print(f"aepg-bench device-check: refused, {document['refused']}; --dry-run prints the plan and runs the "
               "steps that need no GPU", file=sys.stderr)
         return REFUSED
     run_plan(steps, args.out, document, started_at + args.total_seconds, args.dry_run)
     document["complete"] = True
     document["total_elapsed_seconds"] = round(time.time() - started_at, 1)
-    print(f"wrote {report.write_json(args.out / SUMMARY, document)}")
+    print(f"wrote {output.write_json(args.out / SUMMARY, document)}")
     return exit_code(document)

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 import aepg_kernels as ak
+from aepg_kernels import utils
 
-from . import report
+from . import output
 from .correctness import TOLERANCE, relative_error
 from .sweeps import DTYPES
 from .timing import cuda_peak_extra_bytes, synchronize
@@ -339,7 +340,7 @@ def run_case(case: HeadCase, impls: Sequence[Impl], device: torch.device, repeat
     for impl in sorted(impls, key=lambda impl: impl.name != EAGER):
         row = record["impls"][impl.name] = {}
         if case.loss not in impl.losses:
-            row["status"] = report.NOT_APPLICABLE
+            row["status"] = output.NOT_APPLICABLE
             continue
         if free is not None and estimated_bytes(case, impl) > MEMORY_FRACTION * free:
             row.update(status="skipped", reason=f"would need ~{estimated_bytes(case, impl) / 2**30:.1f} GiB "
@@ -470,13 +471,13 @@ def target_summary(records: Sequence[dict]) -> Dict[str, dict]:
 
 
 def _impls_in(records: Sequence[dict]) -> List[str]:
-    present = {name for r in records for name, row in r["impls"].items() if row.get("status") != report.NOT_APPLICABLE}
+    present = {name for r in records for name, row in r["impls"].items() if row.get("status") != output.NOT_APPLICABLE}
     return [name for name in IMPL_NAMES if name in present]
 
 
 def _cell(record: dict, impl: str, quantity: str, scale: float, digits: str) -> str:
     row = record["impls"].get(impl, {})
-    if row.get("status") == report.NOT_APPLICABLE or not row:
+    if row.get("status") == output.NOT_APPLICABLE or not row:
         return "n/a"
     if row.get("status") != "ok":
         return row.get("status", "-")
@@ -514,10 +515,10 @@ def markdown(records: Sequence[dict]) -> str:
     lead = ["loss", "dtype", "N x H x V"]
     time_rows = [_lead(r) + [_cell(r, n, "min_s", 1.0, ".2f") for n in names]
                  + [_ratio(r, "time_vs_eager"), _ratio(r, "time_vs_lce")] for r in records]
-    time_table = report.markdown_table(lead + [f"{n} s" for n in names] + ["aepg / eager", "aepg / F.lce"], time_rows)
+    time_table = utils.markdown_table(lead + [f"{n} s" for n in names] + ["aepg / eager", "aepg / F.lce"], time_rows)
     memory_rows = [_lead(r) + [_cell(r, n, "peak_extra_bytes", 2**20, ".0f") for n in names]
                    + [_ratio(r, "memory_vs_eager"), _ratio(r, "memory_vs_lce"), _gate(r, names)] for r in records]
-    memory_table = report.markdown_table(lead + [f"{n} MiB" for n in names]
+    memory_table = utils.markdown_table(lead + [f"{n} MiB" for n in names]
                                          + ["aepg / eager (<= 0.125)", "aepg / F.lce (<= 1)", "gate max error"],
                                          memory_rows)
     return f"{time_table}\n\n{memory_table}"
@@ -537,7 +538,7 @@ def progress_line(record: dict) -> str:
         if row.get("status") == "ok":
             mib = row.get("peak_extra_bytes")
             parts.append(f"{name} {row['min_s']:.3g} s" + ("" if mib is None else f" {mib / 2**20:.0f} MiB"))
-        elif row.get("status") != report.NOT_APPLICABLE:
+        elif row.get("status") != output.NOT_APPLICABLE:
             parts.append(f"{name} {row.get('status')}: {row.get('reason', '')[:80]}")
     return f"{record['label']:<28} " + ", ".join(parts)
 

@@ -32,8 +32,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import llm, report
+from aepg_kernels import utils
+
+from . import llm, output
 from .correctness import TOLERANCE, relative_error
+from .sweeps import parse_dims
 from .timing import synchronize
 
 # (batch, seq, hidden, vocab): 2048 tokens through a Llama-3-sized vocabulary
@@ -81,15 +84,11 @@ def cases(shapes: Sequence[Tuple[int, int, int, int]] = SHAPES) -> List[StepCase
 
 def parse_shapes(text: str) -> List[Tuple[int, int, int, int]]:
     """'4x512x256x128256,2x16x16x1000' -> [(4, 512, 256, 128256), (2, 16, 16, 1000)] (B x S x H x V)."""
-    shapes = []
-    for item in text.split(","):
-        parts = item.strip().lower().split("x")
-        if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"--shapes: expected BxSxHxV with positive integers (e.g. 4x512x256x128256), got {item!r}")
-        if int(parts[2]) % (2 * HEADS):
+    shapes = parse_dims(text, "BxSxHxV", "4x512x256x128256")
+    for shape in shapes:
+        if shape[2] % (2 * HEADS):
             raise ValueError(f"--shapes: the hidden size must be a multiple of {2 * HEADS} ({HEADS} heads of an even "
-                             f"size), got {item!r}")
-        shapes.append(tuple(int(p) for p in parts))
+                             f"size), got {'x'.join(map(str, shape))!r}")
     return shapes
 
 
@@ -363,7 +362,7 @@ def markdown(records: Sequence[dict]) -> str:
                          _number(ratios.get("min_time_vs_transformers"), ".2f"),
                          _number(None if mib is None else mib / 2**20, ".0f"),
                          _number(ratios.get("memory_vs_transformers"), ".2f"), _gate_cell(row)])
-    return report.markdown_table(["B x S x H x V", "implementation", "loss", "median s", "time / transformers",
+    return utils.markdown_table(["B x S x H x V", "implementation", "loss", "median s", "time / transformers",
                                   "min s", "min / transformers", "peak extra MiB", "memory / transformers",
                                   "gate (max relative error)"], rows)
 
@@ -435,7 +434,7 @@ def ours_failed(records: Sequence[dict]) -> bool:
 def run_cli(parser, args, argv: Sequence[str], device: torch.device) -> int:
     """--suite llm-step: every case (llm_step.py), FILE.json rewritten after each, FILE.md (the table) at
     the end; 1 when one of our rows fails its gate or raises. transformers always runs (the baseline)."""
-    from . import cli, machine
+    from . import machine
     from .sweeps import check_names
     for name in ("losses", "no_graphs", "no_profile"):
         if getattr(args, name):
@@ -466,13 +465,13 @@ def run_cli(parser, args, argv: Sequence[str], device: torch.device) -> int:
     not_run = {impl.name: unavailable(impl) for impl in wanted if unavailable(impl)}
     impls = [impl for impl in wanted if impl.name not in not_run]
     info = machine.describe(device)
-    info.update({name: machine.package_version(name) for name in ("transformers", "trl")})
+    info.update({name: utils.package_version(name) for name in ("transformers", "trl")})
     repeats = args.repeats or REPEATS
     print(f"aepg-bench --suite llm-step: {len(case_list)} cases on {machine.title(info)}, {repeats} repeats "
           "(median reported)")
     for name, why in not_run.items():
         print(f"  not run: {name} ({why})")
-    json_path = cli.output_path(args.out, f"{cli.device_tag(info)}-llm-step")
+    json_path = output.output_path(args.out, f"{output.device_tag(info)}-llm-step")
     document = {"suite": "llm-step", "argv": list(argv), "command": " ".join(["aepg-bench", *argv]),
                 "complete": False, "machine": info, "settings": settings(device, repeats),
                 "implementations": [impl.name for impl in impls], "not_run": not_run, "records": []}
@@ -480,7 +479,7 @@ def run_cli(parser, args, argv: Sequence[str], device: torch.device) -> int:
     def case_done(record):
         print(progress_line(record), flush=True)
         document["records"].append(record)
-        report.write_json(json_path, document)
+        output.write_json(json_path, document)
 
     start = time.monotonic()
     try:
@@ -493,7 +492,7 @@ def run_cli(parser, args, argv: Sequence[str], device: torch.device) -> int:
     document["complete"] = not interrupted
     text = markdown(document["records"])
     print("\n" + text + "\n")
-    cli.write_json_and_markdown(document, json_path, text)
+    output.write_json_and_markdown(document, json_path, text)
     if interrupted:
-        return cli.INTERRUPTED
+        return output.INTERRUPTED
     return int(ours_failed(document["records"]))

@@ -5,13 +5,13 @@ import datetime
 import os
 import platform
 import subprocess
-from importlib import metadata
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
 import aepg_kernels as ak
+from aepg_kernels import utils
 from aepg_kernels.backends import triton_interpreter
 
 
@@ -23,13 +23,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def package_version(name: str) -> Optional[str]:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def nvidia_driver() -> Optional[str]:
@@ -65,11 +58,8 @@ def describe(device: torch.device) -> Dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_version(),
-        "aepg_kernels": ak.__version__,
-        "liger_kernel": package_version("liger-kernel"),
+        **utils.environment("liger-kernel"),  # python, torch, aepg_kernels, liger_kernel
+        "triton": triton_version(),  # imported: its distribution is named pytorch-triton on some installs
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "available_backends": list(ak.available_backends()),
         "triton_interpret": triton_interpreter(),

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import aepg_kernels as ak
+from aepg_kernels import utils
 
-from . import report
+from . import output
 from .correctness import TOLERANCE, check, float64_reference, gate_rows, loss_and_grad
 from .implementations import LossFn
 from .inputs import make_inputs
@@ -266,7 +267,7 @@ def target_summary(records: Sequence[Dict[str, object]]) -> Dict[str, dict]:
 
 
 def _us(value: Optional[float]) -> Optional[str]:
-    return None if value is None else report._number(value)
+    return None if value is None else output.format_number(value)
 
 
 def _ratio(record: Dict[str, object], row: str) -> Optional[str]:
@@ -296,7 +297,7 @@ def markdown(records: Sequence[Dict[str, object]]) -> str:
         for target in TARGETS:
             cells += [_ratio(r, target.row), r["verdicts"][target.row]]
         lines.append(cells + [_gate_cell(r)])
-    return report.markdown_table(headers, lines)
+    return utils.markdown_table(headers, lines)
 
 
 def progress_line(record: Dict[str, object]) -> str:
@@ -370,7 +371,7 @@ def host_markdown(records: Sequence[Dict[str, object]]) -> str:
     rows = [[r["mode_title"], f"{r['n']}x{r['c']}", _us(r["F.cross_entropy"]["host_us"]),
              _us(r["ak.PolicyLoss"]["host_us"]), f"{r['host_ratio']:.2f}x", _us(r["F.cross_entropy"]["with_sync_us"]),
              _us(r["ak.PolicyLoss"]["with_sync_us"])] for r in records]
-    return report.markdown_table(headers, rows)
+    return utils.markdown_table(headers, rows)
 
 
 def settings() -> Dict[str, object]:

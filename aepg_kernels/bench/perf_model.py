@@ -9,7 +9,7 @@ The lower bound of a case on a card is
     max(path bytes / HBM bandwidth, transcendentals / SFU rate) + passes x LAUNCH_FLOOR_S
 
 The path is what the CUDA and Triton backends run for the case (both pick it by the same on-chip
-rule, C <= 16384): the bytes floor of the harness (`metrics.minimal_bytes`, 1 read + 1 write) is
+rule, C <= 16384): the bytes floor of the harness (`bandwidth.minimal_bytes`, 1 read + 1 write) is
 what the fused path moves; the recompute path reads the logits a second time. The transcendentals
 are counted from the kernels' per-row math (csrc/policy_loss_math.h,
 aepg_kernels/backends/triton/_row_math.py; docs/math.md section 2): one exponential per element
@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from . import metrics, report
+from .. import utils
+from . import bandwidth, output
 from .sweeps import MODES, Case, gpu_suite, logits_bytes
 
 NOT_MEASURED = "not measured on GPU"
@@ -131,7 +132,7 @@ def bound(case: Case, path: KernelPath, gpu: GpuSpec, launch_floor_s: float = LA
     limit = "sfu" if sfu_s > memory_s else "memory"
     if launch_s > max(memory_s, sfu_s):
         limit = "launch"
-    return {"floor_us": metrics.minimal_bytes(case) / gpu.hbm_bytes_per_second * 1e6,
+    return {"floor_us": bandwidth.minimal_bytes(case) / gpu.hbm_bytes_per_second * 1e6,
             "memory_us": memory_s * 1e6, "sfu_us": sfu_s * 1e6, "launch_us": launch_s * 1e6,
             "bound_us": (max(memory_s, sfu_s) + launch_s) * 1e6, "bound_by": limit,
             "sfu_over_memory": sfu_s / memory_s if memory_s else None}
@@ -172,7 +173,7 @@ def model_record(case: Case, measured: Dict[tuple, Dict], measured_gpu: Optional
     path = kernel_path(case)
     bounds = {key: bound(case, path, gpu) for key, gpu in GPUS.items()}
     predicted = bounds[measured_gpu.key]["bound_us"] if measured_gpu else None
-    return {**asdict(case), "path": path.name, "floor_bytes": metrics.minimal_bytes(case),
+    return {**asdict(case), "path": path.name, "floor_bytes": bandwidth.minimal_bytes(case),
             "path_bytes": logits_bytes(case) * path.bytes_per_logit_byte,
             "exp_per_element": path.exp_per_element, "log_per_element": path.log_per_element,
             "transcendentals": transcendentals(case, path), "bounds": bounds,
@@ -195,7 +196,7 @@ def build_document(measured_document: Optional[Dict] = None, cases: Optional[Seq
             "settings": {"launch_floor_s": LAUNCH_FLOOR_S,
                          "launch_floor_note": "assumed per pass over the logits, not measured",
                          "bound": "max(path_bytes / HBM bandwidth, transcendentals / SFU rate) + passes x launch floor",
-                         "floor": "metrics.minimal_bytes (1 read + 1 write of the logits) / HBM bandwidth"},
+                         "floor": "bandwidth.minimal_bytes (1 read + 1 write of the logits) / HBM bandwidth"},
             "measured_from": None if measured_document is None else {
                 "card": card, "date": measured_document.get("machine", {}).get("date"),
                 "complete": measured_document.get("complete")},
@@ -235,7 +236,7 @@ def markdown(document: Dict) -> str:
         rows.append([f"{r['loss']} {r['mode']} {r['dtype']} {r['n']}x{r['c']}", r["path"],
                      f"{r['floor_bytes'] / 1e6:.4g}", r["exp_per_element"] + r["log_per_element"], *bounds,
                      *[_ratio_cell(r["measured"][impl]) for impl in MEASURED_BACKENDS]])
-    return report.markdown_table(headers, rows)
+    return utils.markdown_table(headers, rows)
 
 
 def summary_lines(document: Dict) -> List[str]:
@@ -271,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = args.out or Path.cwd() / f"perf-model-{datetime.date.today().isoformat()}.json"
     text = markdown(document) + "\n\n" + "\n".join(f"- {line}" for line in summary_lines(document))
     print(text)
-    print(f"wrote {report.write_json(out, document)}")
+    print(f"wrote {output.write_json(out, document)}")
     markdown_path = out.with_suffix(".md")
     markdown_path.write_text(text + "\n")
     print(f"wrote {markdown_path}")

@@ -36,6 +36,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from aepg_kernels import utils
+
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CHECKOUT = PACKAGE_DIR.parent
 CUDA_SOURCE = "csrc/cuda/policy_loss_cuda.cu"
@@ -199,10 +201,7 @@ def _cached(kind: str, key: str, compute, refresh: bool = False) -> Dict:
     start = time.monotonic()
     document = compute()
     document.update(cache_key=key, compile_seconds=round(time.monotonic() - start, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=1) + "\n")
-    os.replace(tmp, path)
+    utils.write_json(path, document, kind)
     document["cached"] = False
     return document
 
@@ -615,7 +614,6 @@ def _row(r: Dict) -> List[object]:
 
 
 def markdown(document: Dict) -> str:
-    from .report import markdown_table
     records = document["records"]
     found = document["findings"]
     lines = [f"# Kernel resources for {SM90.name} (compiler only, no GPU)", "",
@@ -629,7 +627,7 @@ def markdown(document: Dict) -> str:
               + (" (fp64: reported, not failed)" if f["reported_only"] else "") for f in found] or ["- none"]
     for backend in ("triton", "cuda"):
         rows = [_row(r) for r in records if r["backend"] == backend and r.get("launcher_path", True)]
-        lines += ["", f"## {backend}", "", markdown_table(_HEADERS, rows)]
+        lines += ["", f"## {backend}", "", utils.markdown_table(_HEADERS, rows)]
     unused = [r for r in records if not r.get("launcher_path", True)]
     if unused:
         lines += ["", "Instantiated but never launched (the vector width of another dtype): "
@@ -656,17 +654,17 @@ def build(refresh: bool = False, with_cuda: bool = True) -> Dict:
 
 def run_cli(parser, args, argv: Sequence[str], device) -> int:
     """--suite resources: FILE.json and FILE.md; 1 when a low-precision variant has a finding."""
-    from . import cli, machine
+    from . import machine, output
     info = machine.describe(device)
     stem = "sm90-resources"
-    json_path = cli.output_path(args.out, stem)
+    json_path = output.output_path(args.out, stem)
     start = time.monotonic()
     document = {"suite": "resources", "argv": list(argv), "command": " ".join(["aepg-bench", *argv]),
                 "machine": info, **build()}
     document["wall_seconds"] = round(time.monotonic() - start, 1)
     text = markdown(document)
     print("\n" + text + "\n")
-    cli.write_json_and_markdown(document, json_path, text)
+    output.write_json_and_markdown(document, json_path, text)
     return int(any(not f["reported_only"] for f in document["findings"]))
 
 
@@ -676,7 +674,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--triton-json", type=Path, required=True)
     parser.add_argument("--jobs", type=int, default=1)
     args = parser.parse_args(argv)
-    args.triton_json.write_text(json.dumps(_compute_triton(args.jobs)))
+    utils.write_json(args.triton_json, _compute_triton(args.jobs), "triton")
     return 0
 
 

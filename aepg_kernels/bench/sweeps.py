@@ -1,5 +1,5 @@
 """What a benchmark run measures: loss configurations, modes, dtypes, shapes, and the suites
-that combine them (docs/benchmarks.md). Pure data and arithmetic: no timing, no device."""
+that combine them (benchmarks/README.md). Pure data and arithmetic: no timing, no device."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import torch
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossVariant:
     """One member of the loss family, as keyword arguments of `aepg_kernels.policy_loss`."""
 
     name: str
@@ -21,10 +21,10 @@ class LossConfig:
         return dict(self.options)
 
 
-LOSSES: Dict[str, LossConfig] = {loss.name: loss for loss in (
-    LossConfig("ce", (("ce_weight", 1.0), ("epg_weight", 0.0))),
-    LossConfig("epg", (("ce_weight", 0.0), ("epg_weight", 1.0))),
-    LossConfig("aepg", (("ce_weight", 0.5), ("epg_weight", 0.5), ("entropy_weight", 0.1))),  # alpha=0.5, beta=0.1
+LOSSES: Dict[str, LossVariant] = {loss.name: loss for loss in (
+    LossVariant("ce", (("ce_weight", 1.0), ("epg_weight", 0.0))),
+    LossVariant("epg", (("ce_weight", 0.0), ("epg_weight", 1.0))),
+    LossVariant("aepg", (("ce_weight", 0.5), ("epg_weight", 0.5), ("entropy_weight", 0.1))),  # alpha=0.5, beta=0.1
 )}
 
 
@@ -112,7 +112,7 @@ class Suite:
     # Cases that would start after this many seconds are skipped and recorded so (None: no limit);
     # `--max-seconds` overrides it. The cases are ordered by priority for this reason.
     budget_seconds: Optional[float] = None
-    # torch.compile only on the target shapes (`target`, docs/benchmarks.md "Targets"): each case
+    # torch.compile only on the target shapes (`target`, benchmarks/README.md "Targets"): each case
     # recompiles, which ~130 cases cannot afford. The CPU suites compile every case.
     compile_targets_only: bool = False
     # "kernels": every implementation per case (runner.py); "overhead": the drop-in rows of
@@ -145,13 +145,13 @@ def cpu_suite() -> Suite:
 
 GPU_BUDGET_SECONDS = 420.0  # cases that would start later are skipped (a GPU session lasts minutes)
 
-# The performance targets (docs/benchmarks.md "Targets"), all fwd+bwd: large C (bf16 8192x128256,
+# The performance targets (benchmarks/README.md "Targets"), all fwd+bwd: large C (bf16 8192x128256,
 # fp32 16384x32000) against Liger and torch.compile; classification (N >= 4096, C 100-21843) against
 # eager and torch.compile.
 LARGE_C_TARGETS = (("bf16", 8192, 128256), ("fp32", 16384, 32000))
 CLASSIFICATION_TARGET_MIN_N, CLASSIFICATION_TARGET_C = 4096, (100, 21843)
 COMPILE_SKIPPED = ("torch.compile is timed on the target shapes only in this suite (fwd+bwd: bf16 8192x128256, "
-                   "fp32 16384x32000, N >= 4096 with 100 <= C <= 21843): each case recompiles (10-40 s on a GPU)")
+                   "fp32 16384x32000, N >= 4096 with 100 <= C <= 21843): each case recompiles")
 
 
 def target(case: Case) -> Optional[str]:
@@ -222,26 +222,26 @@ def llm_suite() -> Suite:
 SUITES = {"quick": quick_suite, "cpu": cpu_suite, "gpu": gpu_suite, "overhead": overhead_suite, "llm": llm_suite}
 
 
-def parse_shapes(text: str) -> List[Tuple[int, int]]:
-    """'256x100,4096x1000' -> [(256, 100), (4096, 1000)]; ValueError naming --shapes otherwise."""
+def parse_dims(text: str, layout: str, example: str) -> List[Tuple[int, ...]]:
+    """'256x100,4096x1000' -> [(256, 100), (4096, 1000)] for layout 'NxC': each comma-separated item
+    has as many positive integers as `layout` names; ValueError naming --shapes otherwise."""
     shapes = []
     for item in text.split(","):
         parts = item.strip().lower().split("x")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"--shapes: expected NxC with positive integers (e.g. 4096x1000), got {item!r}")
-        shapes.append((int(parts[0]), int(parts[1])))
+        if len(parts) != len(layout.split("x")) or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--shapes: expected {layout} with positive integers (e.g. {example}), got {item!r}")
+        shapes.append(tuple(int(p) for p in parts))
     return shapes
+
+
+def parse_shapes(text: str) -> List[Tuple[int, int]]:
+    """'256x100,4096x1000' -> [(256, 100), (4096, 1000)] (N x C)."""
+    return parse_dims(text, "NxC", "4096x1000")
 
 
 def parse_head_shapes(text: str) -> List[Tuple[int, int, int]]:
     """'2048x256x128256,64x16x256' -> [(2048, 256, 128256), (64, 16, 256)] (N x H x V of --suite llm)."""
-    shapes = []
-    for item in text.split(","):
-        parts = item.strip().lower().split("x")
-        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"--shapes: expected NxHxV with positive integers (e.g. 2048x256x128256), got {item!r}")
-        shapes.append((int(parts[0]), int(parts[1]), int(parts[2])))
-    return shapes
+    return parse_dims(text, "NxHxV", "2048x256x128256")
 
 
 def check_names(kind: str, names: Sequence[str], known: Iterable[str]) -> List[str]:

@@ -5,12 +5,13 @@ time and (on a GPU) the peak memory of the step. As the trainer does, the GPU st
 bf16 autocast."""
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from typing import Dict, List, Sequence
 
 import torch
+
+from aepg_kernels import utils
 
 from .timing import synchronize
 
@@ -40,14 +41,10 @@ def build(model_name: str, num_classes: int, loss_backend: str, device: torch.de
     return model, optimizer, criterion
 
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def time_steps(model, optimizer, criterion, images, labels, device, steps: int, warmup: int) -> Dict[str, object]:
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device):
+        with utils.bf16_autocast(device):
             loss = criterion(model(images), labels)
         loss.backward()
         optimizer.step()

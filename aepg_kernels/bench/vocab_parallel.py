@@ -43,7 +43,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from . import llm, report
+from aepg_kernels import utils
+
+from . import llm, output
 from .correctness import relative_error
 
 WORLD_SIZE = 2
@@ -319,7 +321,7 @@ def worker(rank: int, world_size: int, init_file: str, case_list: Sequence[VPCas
             if rank == 0:
                 records.append(record)
                 print(progress_line(record), flush=True)
-                Path(results).write_text(json.dumps(records))
+                utils.write_json(results, records, "records")  # atomic: the parent may read it meanwhile
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -361,9 +363,9 @@ def markdown(records: Sequence[dict]) -> str:
         traffic.append([r["op"], LOSS_TITLES[r["loss"]], r["shape"], passed["collectives"], passed["bytes_per_rank"],
                         f"{passed['bytes_per_row']:g}", gathered["collectives"], gathered["bytes_per_rank"],
                         f"{gathered['bytes_per_row']:g}", errors + ("" if r["gate"]["passed"] else " FAILED")])
-    first = report.markdown_table(["op", "loss", "shape", *(f"{name} ms" for name in ROWS), "sharded / auto",
+    first = utils.markdown_table(["op", "loss", "shape", *(f"{name} ms" for name in ROWS), "sharded / auto",
                                    "sharded / eager", "barrier ms"], times)
-    second = report.markdown_table(["op", "loss", "shape", "collectives (sizes passed)", "bytes/call/rank",
+    second = utils.markdown_table(["op", "loss", "shape", "collectives (sizes passed)", "bytes/call/rank",
                                     "bytes/row", "collectives (sizes gathered)", "bytes/call/rank", "bytes/row",
                                     "gate (max relative error vs unsharded eager)"], traffic)
     return f"{first}\n\n{second}"
@@ -403,7 +405,7 @@ def settings(repeats: int) -> Dict[str, object]:
 def run_cli(parser, args, argv: Sequence[str], device: torch.device) -> int:
     """--suite vocab-parallel: the cases in one spawn of WORLD_SIZE ranks; FILE.json and FILE.md
     at the end; 1 when the sharded op fails its gate or a rank raises."""
-    from . import cli, machine
+    from . import machine
     from .sweeps import check_names
     for name in ("implementations", "modes", "no_graphs", "no_profile", "threads"):
         if getattr(args, name):
@@ -429,7 +431,7 @@ def run_cli(parser, args, argv: Sequence[str], device: torch.device) -> int:
     info = machine.describe(torch.device("cpu"))
     print(f"aepg-bench --suite vocab-parallel: {len(case_list)} cases, {WORLD_SIZE} ranks (gloo) vs 1 process, on "
           f"{machine.cpu_model()}, {repeats} rounds (median reported)")
-    json_path = cli.output_path(args.out, f"{cli.device_tag(info)}-vocab-parallel")
+    json_path = output.output_path(args.out, f"{output.device_tag(info)}-vocab-parallel")
     document = {"suite": "vocab-parallel", "argv": list(argv), "command": " ".join(["aepg-bench", *argv]),
                 "complete": False, "machine": info, "settings": settings(repeats), "records": []}
     start = time.monotonic()
@@ -447,7 +449,7 @@ def run_cli(parser, args, argv: Sequence[str], device: torch.device) -> int:
     document["complete"] = "interrupted" not in document and not failed
     text = markdown(document["records"])
     print("\n" + text + "\n")
-    cli.write_json_and_markdown(document, json_path, text)
+    output.write_json_and_markdown(document, json_path, text)
     if "interrupted" in document:
-        return cli.INTERRUPTED
+        return output.INTERRUPTED
     return int(failed or any(not r["gate"]["passed"] for r in document["records"]))

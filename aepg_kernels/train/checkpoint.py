@@ -10,13 +10,14 @@ trainer derives every seed from (run.seed, task, epoch, position), see `sampling
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
+
+import aepg_kernels as ak
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -33,20 +34,6 @@ class ResumeError(ValueError):
 
 def checkpoint_path(output_dir: str) -> Path:
     return Path(output_dir) / CHECKPOINT_FILE
-
-
-def write_atomically(path: Path, write: Callable) -> None:
-    """`write(file)` into a temporary file in the same folder, then os.replace: a reader (or a
-    concurrent run) sees either the previous file or the whole new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _flatten(values: dict, prefix: str = "") -> Dict[str, object]:
@@ -195,7 +182,7 @@ class TrainerState:
 
 def save_checkpoint(path: Path, state: TrainerState) -> None:
     """A run killed while writing leaves the previous checkpoint intact."""
-    write_atomically(path, lambda f: torch.save(state.to_dict(), f))
+    ak.utils.write_atomically(path, lambda f: torch.save(state.to_dict(), f))
 
 
 def load_checkpoint(path: Path) -> Optional[TrainerState]:

@@ -16,6 +16,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+import aepg_kernels
+
 from .config import ConfigError, config_to_yaml, list_presets, load_config
 
 
@@ -34,9 +36,9 @@ def _parsers():
                                       description="several losses x several seeds, a mean +- std table")
     _common(compare)
     # Comma lists, so that the overrides may follow them on the command line.
-    compare.add_argument("--losses", type=_comma_list(str), default=["ce", "aepg"],
+    compare.add_argument("--losses", type=aepg_kernels.utils.comma_list_argument(str), default=["ce", "aepg"],
                          help="loss.name values, comma-separated (default: ce,aepg)")
-    compare.add_argument("--seeds", type=_comma_list(int), default=[0, 1, 2],
+    compare.add_argument("--seeds", type=aepg_kernels.utils.comma_list_argument(int), default=[0, 1, 2],
                          help="run.seed values, comma-separated (default: 0,1,2)")
     sweep = argparse.ArgumentParser(prog="aepg-train sweep",
                                     description="the cartesian product of a grid x seeds, paired by seed; finished "
@@ -47,21 +49,12 @@ def _parsers():
     sweep.add_argument("--extra", action="append", default=[], metavar="section.key=value[,section.key=value]",
                        help="one more configuration outside the product (e.g. loss.schedule=sigmoid beside a grid "
                             "of fixed alphas); repeatable")
-    sweep.add_argument("--seeds", type=_comma_list(int), default=[0, 1, 2],
+    sweep.add_argument("--seeds", type=aepg_kernels.utils.comma_list_argument(int), default=[0, 1, 2],
                        help="run.seed values, comma-separated (default: 0,1,2)")
     sweep.add_argument("--baseline", action="append", default=[], metavar="section.key=value",
                        help="compare every configuration with the one having these grid values (and, if several "
                             "do, its other grid values): paired differences over seeds; repeatable")
     return run, compare, sweep
-
-
-def _comma_list(kind):
-    def parse(text: str):
-        try:
-            return [kind(item) for item in text.split(",") if item]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma list of {kind.__name__}, got {text!r}") from None
-    return parse
 
 
 def main(argv: Optional[List[str]] = None) -> int:

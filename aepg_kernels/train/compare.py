@@ -30,12 +30,14 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+import aepg_kernels
+
 from .checkpoint import config_differences
 from .config import ConfigError, TrainConfig, config_to_dict, parse_overrides, with_overrides
 from .losses import LOSS_NAMES
 from .metrics import accuracy_after_each_task
 from .report import (ACCURACY_METRICS, FINAL_EPOCH_ENTROPY, METRIC_DEFINITIONS, METRIC_LABELS, SUMMARY_FILE, UNITS,
-                     dump_json, new_figure, run_metrics, save_figure)
+                     run_metrics)
 
 COMPARE_JSON, COMPARE_TABLE, COMPARE_PLOT = "compare.json", "compare_table.md", "compare_accuracy.png"
 SWEEP_JSON, SWEEP_TABLE, SWEEP_PLOT = "sweep.json", "sweep_table.md", "sweep_accuracy.png"
@@ -152,7 +154,7 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[str]]:
     grid: Dict[str, List[str]] = {}
     for item in items:
         key, sep, text = item.partition("=")
-        values = [v.strip() for v in text.split(",") if v.strip()]
+        values = aepg_kernels.utils.comma_list(text)
         if not sep or not key or not values:
             raise ConfigError(f"sweep.grid: {item!r} is not of the form section.key=v1,v2,...")
         if key in grid:
@@ -304,23 +306,13 @@ def format_compare_table(aggregated: Mapping) -> str:
              _mean_pm_std(entry["metrics"][FINAL_EPOCH_ENTROPY], 1, 3)] for name, entry in entries.items()]
     caption = (f"{'/'.join(map(str, counts))} seed(s) per {kind} (seeds {seeds}); mean +- {STD_DEFINITION}; "
                "metrics are means over tasks")
-    return caption + "\n\n" + markdown_table(header, rows)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell."""
-    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
-
-    def line(cells):
-        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
-
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    return caption + "\n\n" + aepg_kernels.utils.markdown_table(header, rows, align=True)
 
 
 def plot_compare(aggregated: Mapping, path) -> None:
     """The accuracy after each task per loss (or configuration): mean line, mean +- std band (when
     there are several seeds)."""
-    figure, (ax,) = new_figure()
+    figure, (ax,) = aepg_kernels.utils.new_figure()
     for loss, entry in entries_of(aggregated)[1].items():
         curve = entry["accuracy_after_each_task"]
         mean = 100 * np.asarray(curve["mean"], dtype=float)
@@ -335,15 +327,15 @@ def plot_compare(aggregated: Mapping, path) -> None:
     ax.set_title("accuracy after each task (mean +- sample std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    save_figure(figure, path)
+    aepg_kernels.utils.save_figure(figure, path)
 
 
 def _write_outputs(output_dir, aggregated: Mapping, names: Tuple[str, str, str]) -> Dict[str, Path]:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / names[0], "table": out / names[1], "plot": out / names[2]}
-    paths["json"].write_text(dump_json(aggregated, "aggregated"))
-    paths["table"].write_text(format_compare_table(aggregated) + "\n")
+    aepg_kernels.utils.write_json(paths["json"], aggregated, "aggregated")
+    aepg_kernels.utils.write_text(paths["table"], format_compare_table(aggregated) + "\n")
     plot_compare(aggregated, paths["plot"])
     return paths
 

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import aepg_kernels
+
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -35,12 +37,7 @@ def is_main() -> bool:
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """"auto": this process's GPU when there is one, else the CPU; "cuda" means cuda:<local rank>."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and resolved.index is None:
-        resolved = torch.device("cuda", local_rank)
-    return resolved
+    return aepg_kernels.utils.resolve_device(device, local_rank)
 
 
 def init_from_env(device: str = "auto") -> Tuple[int, int, torch.device]:

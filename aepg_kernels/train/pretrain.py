@@ -26,7 +26,6 @@ from torch import nn
 
 import aepg_kernels as ak
 
-from .checkpoint import write_atomically
 from .config import ModelConfig, TrainConfig
 from .data import backbone_normalization, load_mnist5k, stratified_split
 from .model import create_backbone
@@ -77,8 +76,8 @@ def ensure_pretrained_backbone(cfg: TrainConfig, log: Callable[[str], None] = pr
     log(f"pretraining {cfg.model.name} on MNIST-5k at {cfg.data.img_size}x{cfg.data.img_size} (once; cached in "
         f"{path.parent})")
     state_dict, report = pretrain_backbone(cfg.model, cfg.data.img_size, log)
-    write_atomically(path.with_suffix(".json"), lambda f: f.write(json.dumps(report, indent=2).encode()))
-    write_atomically(path, lambda f: torch.save(state_dict, f))
+    ak.utils.write_json(path.with_suffix(".json"), report, "pretrain report")
+    ak.utils.write_atomically(path, lambda f: torch.save(state_dict, f))
     log(f"pretrained backbone: held-out MNIST accuracy {report['held_out_accuracy']:.4f} "
         f"in {report['seconds']:.0f} s -> {path}")
     return str(path)

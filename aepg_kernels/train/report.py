@@ -2,24 +2,17 @@
 
 The metrics are recomputed from the accuracy matrix with `metrics.py` (the one place their formulas
 live) and stored under their full names with a definition taken from each function's docstring,
-so a reader of the JSON never has to guess which "average" a number is. JSON is strict: NaN (an
-unmeasured or undefined value) is written as null.
-
-Plots use matplotlib's Agg canvas directly (no pyplot, no display, no global backend switch).
+so a reader of the JSON never has to guess which "average" a number is. Files are written with
+`aepg_kernels.utils` (atomically; strict JSON, where NaN, an unmeasured or undefined value, is
+null; figures on their own Agg canvas).
 """
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import inspect
-import json
 import math
-import platform
-import re
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
-
-import torch
 
 import aepg_kernels
 
@@ -57,7 +50,6 @@ HISTORY_FIELDS = {
     "sample_weight": "mean over the epoch's training samples of the factor of (p - e_y) in the loss gradient",
     "alpha": "mean aEPG alpha over the epoch's samples (null for other losses)",
 }
-ONE_LINE_RECORD_CHARS = 200  # JSON layout: a history epoch fits on one line; the metrics block stays one a line
 UNITS = "accuracies and accuracy metrics are fractions in [0, 1] (x100 for %); entropy in nats"
 
 
@@ -89,55 +81,6 @@ def run_metrics(summary: Mapping) -> Dict[str, float]:
     return values
 
 
-def to_jsonable(value, key: str = "summary"):
-    """Plain JSON values; NaN / inf become null (strict JSON)."""
-    if hasattr(value, "tolist"):  # tensors, numpy arrays and numpy scalars
-        value = value.tolist()
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v, f"{key}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (bool, str, int)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    raise TypeError(f"{key}: cannot be written to JSON ({type(value).__name__})")
-
-
-def _on_one_line(match: re.Match) -> str:
-    # A JSON string holds no raw newline: every newline and its indentation is layout.
-    text = re.sub(r"\s*\n\s*([\]}])", r"\1", re.sub(r"([\[{])\s*\n\s*", r"\1", match.group(0)))
-    return re.sub(r"\s*\n\s*", " ", text)
-
-
-def dump_json(value, key: str = "summary") -> str:
-    """Strict, indented JSON; each list of plain values (a matrix row, a curve) on one line, and each
-    short flat record (a history epoch) too."""
-    text = json.dumps(to_jsonable(value, key), indent=2, allow_nan=False)
-    text = re.sub(r"\[[^\[\]{}]*\]", _on_one_line, text)
-    text = re.sub(r"\{[^\[\]{}]*\}", lambda m: _on_one_line(m) if len(m.group(0)) <= ONE_LINE_RECORD_CHARS
-                  else m.group(0), text)
-    return text + "\n"
-
-
-def _package_version(name: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment_info() -> Dict[str, Optional[str]]:
-    return {
-        "aepg_kernels": aepg_kernels.__version__,
-        "torch": torch.__version__,
-        "timm": _package_version("timm"),  # not imported here: timm is slow to import
-        "python": platform.python_version(),
-    }
-
-
 def summary_record(cfg, summary: Mapping, extra_info: Mapping) -> dict:
     """Everything `summary.json` holds, as plain JSON values."""
     known = {"accuracy_matrix", "accuracy_after_each_task", *ACCURACY_METRICS}
@@ -153,11 +96,10 @@ def summary_record(cfg, summary: Mapping, extra_info: Mapping) -> dict:
         "history_fields": HISTORY_FIELDS,
         "run_info": dict(extra_info),
         "config": config_to_dict(cfg),
-        "versions": environment_info(),
+        "versions": aepg_kernels.utils.environment("timm"),  # timm looked up, not imported: it is slow to import
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    return to_jsonable(record)
-
+    return aepg_kernels.utils.to_jsonable(record, "summary")
 
 
 def write_run_outputs(output_dir, cfg, summary: Mapping, extra_info: Optional[Mapping] = None,
@@ -170,11 +112,11 @@ def write_run_outputs(output_dir, cfg, summary: Mapping, extra_info: Optional[Ma
     paths = {"summary": out / SUMMARY_FILE, "config": out / CONFIG_FILE, "accuracy_matrix": out / MATRIX_PLOT,
              "accuracy_per_task": out / PER_TASK_PLOT, "entropy": out / ENTROPY_PLOT}
     record = summary_record(cfg, summary, extra_info or {})
-    paths["summary"].write_text(dump_json(record))
-    paths["config"].write_text(config_to_yaml(cfg))
+    aepg_kernels.utils.write_json(paths["summary"], record, "summary")
+    aepg_kernels.utils.write_text(paths["config"], config_to_yaml(cfg))
     if label_noise is not None:
         paths["label_noise"] = out / NOISE_FILE
-        paths["label_noise"].write_text(dump_json(label_noise, "label_noise"))
+        aepg_kernels.utils.write_json(paths["label_noise"], label_noise, "label_noise")
     R = summary["accuracy_matrix"]
     plot_accuracy_matrix(R, paths["accuracy_matrix"])
     plot_accuracy_per_task(R, paths["accuracy_per_task"])
@@ -207,21 +149,6 @@ def format_run_summary(summary: Mapping) -> str:
 # plots
 
 
-def new_figure(width: float = 6.4, height: float = 4.8, rows: int = 1):
-    """A figure on the Agg canvas (no pyplot: no display and no global backend state) and its axes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
-    return figure, list(axes)
-
-
-def save_figure(figure, path) -> None:
-    figure.savefig(path, dpi=120)
-
-
 def _as_percent_matrix(R: Sequence[Sequence[float]]) -> List[List[float]]:
     return [[100 * R[t][i] if i <= t else math.nan for i in range(len(R))] for t in range(len(R))]
 
@@ -231,7 +158,7 @@ def plot_accuracy_matrix(R: Sequence[Sequence[float]], path) -> None:
     T = len(R)
     percent = _as_percent_matrix(R)
     size = 2.5 + 0.6 * T
-    figure, (ax,) = new_figure(size + 1, size)
+    figure, (ax,) = aepg_kernels.utils.new_figure(size + 1, size)
     image = ax.imshow(percent, vmin=0, vmax=100, cmap="viridis")
     figure.colorbar(image, ax=ax, label="accuracy (%)")
     if T <= 20:  # beyond that the numbers no longer fit in the cells
@@ -245,14 +172,14 @@ def plot_accuracy_matrix(R: Sequence[Sequence[float]], path) -> None:
     ax.set_xlabel("evaluated task i")
     ax.set_ylabel("after training task t")
     ax.set_title("accuracy matrix R[t][i]")
-    save_figure(figure, path)
+    aepg_kernels.utils.save_figure(figure, path)
 
 
 def plot_accuracy_per_task(R: Sequence[Sequence[float]], path) -> None:
     """A_t (the mean over seen tasks) after each task, bold; each task's own accuracy R[t][i], thin."""
     T = len(R)
     percent = _as_percent_matrix(R)
-    figure, (ax,) = new_figure()
+    figure, (ax,) = aepg_kernels.utils.new_figure()
     tasks = list(range(T))
     for i in range(T):
         ax.plot(tasks[i:], [percent[t][i] for t in range(i, T)], marker=".", linewidth=0.8, alpha=0.6,
@@ -265,13 +192,13 @@ def plot_accuracy_per_task(R: Sequence[Sequence[float]], path) -> None:
     ax.set_title(f"accuracy after each task (final A_T = {A[-1]:.2f}%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    save_figure(figure, path)
+    aepg_kernels.utils.save_figure(figure, path)
 
 
 def plot_entropy(history: Sequence[Mapping], path) -> None:
     """Mean entropy and mean sample weight per epoch over the whole run; task boundaries dashed,
     head-only (PEFT frozen) epochs shaded."""
-    figure, (ax_entropy, ax_weight) = new_figure(7.5, 5.5, rows=2)
+    figure, (ax_entropy, ax_weight) = aepg_kernels.utils.new_figure(7.5, 5.5, rows=2, sharex=True)
     from matplotlib.ticker import MaxNLocator
 
     epochs = list(range(len(history)))
@@ -295,4 +222,4 @@ def plot_entropy(history: Sequence[Mapping], path) -> None:
                          "shaded: PEFT frozen)", fontsize=9)
     if not history:
         ax_entropy.text(0.5, 0.5, "no training history", ha="center", va="center", transform=ax_entropy.transAxes)
-    save_figure(figure, path)
+    aepg_kernels.utils.save_figure(figure, path)

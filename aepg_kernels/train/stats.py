@@ -23,9 +23,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .compare import entries_of, grid_values, markdown_table
+import aepg_kernels
+
+from .compare import entries_of, grid_values
 from .config import ConfigError
-from .report import FINAL_EPOCH_ENTROPY, METRIC_LABELS, new_figure, save_figure
+from .report import FINAL_EPOCH_ENTROPY, METRIC_LABELS
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
@@ -178,7 +180,7 @@ def format_difference_table(comparisons: Mapping[str, Mapping], metrics: Sequenc
                          record])
     caption = ("paired over seeds: difference = configuration - baseline, per seed; accuracies in points (%), "
                f"entropy in nats; wins: better by more than {TIE_TOLERANCE:g} (higher accuracy, lower forgetting)")
-    return caption + "\n\n" + markdown_table(header, rows)
+    return caption + "\n\n" + aepg_kernels.utils.markdown_table(header, rows, align=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +215,7 @@ def plot_metric_versus(aggregated: Mapping, key: str, path, metric: str = "final
         std = stat["std"] if stat["std"] is not None and not math.isnan(stat["std"]) else 0.0
         lines.setdefault(rest, []).append((float(values[key]), stat["mean"], std))
     scale, _, unit = _scale(metric)
-    figure, (ax,) = new_figure()
+    figure, (ax,) = aepg_kernels.utils.new_figure()
     for label, points in lines.items():
         x, mean, std = (np.asarray(v, dtype=float) for v in zip(*sorted(points)))
         ax.errorbar(x, scale * mean, yerr=scale * std, marker="o", capsize=3, label=label)
@@ -225,14 +227,14 @@ def plot_metric_versus(aggregated: Mapping, key: str, path, metric: str = "final
     ax.set_title(f"{METRIC_LABELS[metric]} vs {key} (mean +- sample std over seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    save_figure(figure, path)
+    aepg_kernels.utils.save_figure(figure, path)
 
 
 def plot_entropy_per_configuration(aggregated: Mapping, path) -> None:
     """The final-epoch entropy per configuration: mean bar, sample std whisker, each seed a dot."""
     _, entries = entries_of(aggregated)
     names = list(entries)
-    figure, (ax,) = new_figure(7.5, 1.2 + 0.4 * len(names))
+    figure, (ax,) = aepg_kernels.utils.new_figure(7.5, 1.2 + 0.4 * len(names))
     for row, name in enumerate(names):
         stat = entries[name]["metrics"][FINAL_EPOCH_ENTROPY]
         std = stat["std"] if stat["std"] is not None and not math.isnan(stat["std"]) else 0.0
@@ -243,7 +245,7 @@ def plot_entropy_per_configuration(aggregated: Mapping, path) -> None:
     ax.set_xlabel("final-epoch training entropy (nats)")
     ax.set_title("final-epoch entropy per configuration (bar: mean, whisker: sample std, dots: seeds)", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
-    save_figure(figure, path)
+    aepg_kernels.utils.save_figure(figure, path)
 
 
 def write_stats_outputs(output_dir, aggregated: Mapping) -> Dict[str, Path]:
@@ -258,5 +260,5 @@ def write_stats_outputs(output_dir, aggregated: Mapping) -> Dict[str, Path]:
         plot_metric_versus(aggregated, key, paths[f"final_accuracy_vs_{key}"])
     if aggregated.get("comparisons"):
         paths["stats_table"] = out / STATS_TABLE
-        paths["stats_table"].write_text(format_difference_table(aggregated["comparisons"]) + "\n")
+        aepg_kernels.utils.write_text(paths["stats_table"], format_difference_table(aggregated["comparisons"]) + "\n")
     return paths

@@ -23,15 +23,15 @@ and the evaluation counts are summed over ranks, so every rank holds the same pa
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 import time
 import types
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+
+import aepg_kernels as ak
 
 from . import distributed
 from .checkpoint import (Position, ResumeError, TrainerState, backbone_fingerprint, checkpoint_path, load_checkpoint,
@@ -83,11 +83,6 @@ class ContinualTrainer:
 
     # -- setup ---------------------------------------------------------------------------------
 
-    def _autocast(self):
-        if self.device.type == "cuda" and self.cfg.run.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _seed(self, *parts) -> None:
         torch.manual_seed(derive_seed(self.cfg.run.seed, *parts))
 
@@ -119,9 +114,10 @@ class ContinualTrainer:
         class_range = self.scenario.class_range(task)
         frozen_epochs = cfg.optim.peft_frozen_epochs if task > 0 else 0
         show_bar = cfg.run.progress and distributed.is_main()
-        with progress_bar(show_bar, total=cfg.optim.epochs * num_batches,
-                          initial=self.position.epoch * num_batches + self.position.batch,
-                          desc=f"task {task + 1}/{self.scenario.num_tasks}") as bar:
+        with ak.utils.progress_bar(cfg.optim.epochs * num_batches, show_bar,
+                                   initial=self.position.epoch * num_batches + self.position.batch,
+                                   desc=f"task {task + 1}/{self.scenario.num_tasks}", unit="step",
+                                   leave=False) as bar:
             for epoch in range(self.position.epoch, cfg.optim.epochs):
                 peft_trainable = epoch >= frozen_epochs
                 self.model.set_peft_trainable(peft_trainable)
@@ -181,7 +177,7 @@ class ContinualTrainer:
         stats = None
         if data is not None:  # None: this rank's share of a short last batch is empty
             x, y = data[0].to(self.device, non_blocking=True), data[1].to(self.device, non_blocking=True)
-            with self._autocast():
+            with ak.utils.bf16_autocast(self.device, self.cfg.run.bf16):
                 logits = self.model(x)
             # bf16 logits go to the fused op as they are: it computes in fp32 internally.
             loss, stats = local_loss(self.criterion, logits, y, class_range, return_stats=True)
@@ -313,28 +309,3 @@ class ContinualTrainer:
         return {**self.accuracy_matrix.summary(), "scenario": self.scenario.state_dict(),
                 "trainable_parameters_per_task": self.trainable_per_task, "history": self.history,
                 "timing": self.timing}
-
-
-def progress_bar(enabled: bool, total: int, initial: int, desc: str):
-    """A tqdm bar of optimizer steps when `enabled` and stderr is a terminal, else one that does
-    nothing (and tqdm, of the train extra, is not imported)."""
-    if not (enabled and sys.stderr.isatty()):
-        return _NoBar()
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False, dynamic_ncols=True)
-
-
-class _NoBar:
-    """The progress bar's interface, doing nothing."""
-
-    def __enter__(self) -> "_NoBar":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **values) -> None:
-        pass

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import aepg_kernels as ak
-from aepg_kernels.bench import runner
+from aepg_kernels.bench import measure
 from aepg_kernels.bench.correctness import TOLERANCE, check, gate_rows, loss_and_grad, relative_error
 from aepg_kernels.bench.implementations import LEAN_EAGER, REFERENCE, Implementation, policy_loss_fn
 from aepg_kernels.bench.inputs import make_inputs
@@ -75,9 +75,9 @@ def test_gate_rows_limit_large_shapes():
 def test_runner_gives_no_time_to_an_implementation_that_fails_the_gate():
     case = Case("aepg", "fwd+bwd", "fp32", 32, 10)
     wrong = Implementation("wrong", doubled_loss)
-    settings = runner.RunSettings(CPU, memory_bytes=None)
+    settings = measure.RunSettings(CPU, memory_bytes=None)
     impls = [LEAN_EAGER, REFERENCE, wrong]
-    records = {r["implementation"]: r for r in runner.run_case(case, impls, settings, copy_gbps=10.0)}
+    records = {r["implementation"]: r for r in measure.run_case(case, impls, settings, copy_gbps=10.0)}
     assert records["wrong"]["status"] == "failed check" and "seconds" not in records["wrong"]
     assert "differs from the reference" in records["wrong"]["reason"]
     for name in ("lean-eager", "reference"):

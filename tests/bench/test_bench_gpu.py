@@ -3,7 +3,7 @@ case is measured, our fused backends do not synchronise the host and add at most
 import pytest
 import torch
 
-from aepg_kernels.bench import implementations, runner, timing
+from aepg_kernels.bench import implementations, measure, timing
 from aepg_kernels.bench.sweeps import Case
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -23,10 +23,10 @@ def test_run_case_measures_every_gpu_metric_of_a_small_case():
     impls = implementations.select(device, ["lean-eager", "reference", *implementations.FUSED_BACKENDS])
     fused = [impl.name for impl in impls if impl.fused]
     assert fused, "no fused backend available on this GPU"
-    settings = runner.RunSettings(device, torch.cuda.get_device_properties(device).total_memory)
+    settings = measure.RunSettings(device, torch.cuda.get_device_properties(device).total_memory)
     case = Case("aepg", "fwd+bwd", "fp32", 256, 100)
-    assert runner.launch_bound(case)
-    records = {r["implementation"]: r for r in runner.run_case(case, impls, settings, copy_gbps=None)}
+    assert measure.launch_bound(case)
+    records = {r["implementation"]: r for r in measure.run_case(case, impls, settings, copy_gbps=None)}
     for name in ["lean-eager", "reference", *fused]:
         r = records[name]
         assert r["status"] == "ok", (name, r.get("reason"))

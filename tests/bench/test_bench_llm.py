@@ -5,15 +5,11 @@ import json
 import pytest
 import torch
 
-from aepg_kernels.bench import cli, llm
+from aepg_kernels.bench import commands, llm
 from aepg_kernels.bench.sweeps import SUITES, parse_head_shapes
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_intra_op_threads")  # the commands set the thread count
 
 
 def test_shapes_parse_as_n_h_v():
@@ -31,7 +27,7 @@ def test_suite_is_llm_and_ce_dft_come_first():
 
 
 def test_list(capsys):
-    assert cli.main(["--suite", "llm", "--list", "--shapes", "64x16x256", "--dtypes", "fp32"]) == 0
+    assert commands.main(["--suite", "llm", "--list", "--shapes", "64x16x256", "--dtypes", "fp32"]) == 0
     assert capsys.readouterr().out.split("\n")[:3] == ["ce fp32 64x16x256", "dft fp32 64x16x256", "aepg fp32 64x16x256"]
 
 
@@ -60,7 +56,8 @@ def test_a_wrong_implementation_fails_the_gate_and_gets_no_time(monkeypatch):
 
 def test_tiny_llm_run_writes_json_and_markdown(tmp_path, capsys):
     out = tmp_path / "llm.json"
-    rc = cli.main(["--suite", "llm", "--shapes", "64x16x256", "--threads", "2", "--repeats", "2", "--out", str(out)])
+    rc = commands.main(["--suite", "llm", "--shapes", "64x16x256", "--threads", "2", "--repeats", "2",
+                        "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
     document = json.loads(out.read_text())
@@ -94,7 +91,7 @@ def test_bad_names_are_usage_errors():
     for argv in (["--losses", "epg"], ["--implementations", "liger-kernel"], ["--shapes", "64x16"],
                  ["--modes", "fwd"]):
         with pytest.raises(SystemExit) as error:
-            cli.main(["--suite", "llm", *argv])
+            commands.main(["--suite", "llm", *argv])
         assert error.value.code == 2
 
 

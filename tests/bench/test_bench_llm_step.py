@@ -9,16 +9,12 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("trl")
 
-from aepg_kernels.bench import cli, llm_step  # noqa: E402
+from aepg_kernels.bench import commands, llm_step  # noqa: E402
 
 TINY = "2x16x16x1000"
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_intra_op_threads")  # the commands set the thread count
 
 
 def test_shapes_parse_as_b_s_h_v():
@@ -31,12 +27,12 @@ def test_shapes_parse_as_b_s_h_v():
 
 
 def test_list_and_bad_options(capsys):
-    assert cli.main(["--suite", "llm-step", "--list"]) == 0
+    assert commands.main(["--suite", "llm-step", "--list"]) == 0
     assert capsys.readouterr().out.strip() == "fp32 4x512x256x128256 (2 layers)"
     for argv in (["--losses", "ce"], ["--dtypes", "bf16"], ["--modes", "fwd"], ["--implementations", "liger"],
                  ["--shapes", "64x16x256"], ["--repeats", "0"]):
         with pytest.raises(SystemExit) as error:
-            cli.main(["--suite", "llm-step", *argv])
+            commands.main(["--suite", "llm-step", *argv])
         assert error.value.code == 2
 
 
@@ -61,7 +57,7 @@ def test_a_wrong_loss_fails_the_gate_and_gets_no_time():
 
 def test_tiny_run_writes_json_and_markdown(tmp_path, capsys):
     out = tmp_path / "llm-step.json"
-    rc = cli.main(["--suite", "llm-step", "--shapes", TINY, "--threads", "2", "--repeats", "2", "--out", str(out)])
+    rc = commands.main(["--suite", "llm-step", "--shapes", TINY, "--threads", "2", "--repeats", "2", "--out", str(out)])
     capsys.readouterr()
     assert rc == 0
     document = json.loads(out.read_text())

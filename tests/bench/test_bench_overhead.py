@@ -5,17 +5,13 @@ import json
 import pytest
 import torch
 
-from aepg_kernels.bench import cli, overhead
+from aepg_kernels.bench import commands, overhead
 from aepg_kernels.bench.sweeps import OVERHEAD_SHAPES, SUITES, Case
 
 POLICY, AEPG = overhead.TARGETS
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_intra_op_threads")  # the commands set the thread count
 
 
 def test_overhead_suite_is_every_shape_in_both_modes_fp32():
@@ -28,7 +24,7 @@ def test_overhead_suite_is_every_shape_in_both_modes_fp32():
 
 
 def test_list_names_the_eval_mode(capsys):
-    assert cli.main(["--suite", "overhead", "--list"]) == 0
+    assert commands.main(["--suite", "overhead", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "fwd+bwd fp32 8x10" and lines[-1] == "eval forward fp32 4096x1000" and len(lines) == 14
 
@@ -91,14 +87,14 @@ def test_a_wrong_row_fails_the_gate_gets_no_time_and_fails_the_run(tmp_path, mon
     assert record["status"] == "failed check" and wrong["status"] == "failed check" and "us" not in wrong
     assert not wrong["check"]["passed"] and wrong["check"]["against"] == "nn.CrossEntropyLoss"
     assert record["verdicts"]["ak.PolicyLoss"] == "not measured" and record["rows"]["aEPG"]["us"] > 0
-    rc = cli.main(["--suite", "overhead", "--shapes", "8x10", "--modes", "fwd", "--repeats", "2",
+    rc = commands.main(["--suite", "overhead", "--shapes", "8x10", "--modes", "fwd", "--repeats", "2",
                    "--out", str(tmp_path / "o.json")])
     assert rc == 1
 
 
 def test_tiny_overhead_run_writes_json_and_markdown(tmp_path, capsys):
     out = tmp_path / "overhead.json"
-    rc = cli.main(["--suite", "overhead", "--shapes", "8x10,32x10", "--repeats", "3", "--out", str(out)])
+    rc = commands.main(["--suite", "overhead", "--shapes", "8x10,32x10", "--repeats", "3", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
     document = json.loads(out.read_text())

@@ -3,7 +3,7 @@ import pytest
 
 import torch
 
-from aepg_kernels.bench import metrics, runner
+from aepg_kernels.bench import bandwidth, measure
 from aepg_kernels.bench.sweeps import (CLASSIFICATION_C, DTYPES, LLM_C, LOSSES, MODES, SUITES, Case, check_names,
                                        fits, logits_bytes, memory_needed, parse_shapes, rotations, target)
 
@@ -25,7 +25,7 @@ def test_gpu_suite_starts_with_the_issue_targets():
     first = SUITES["gpu"]().cases[:4]
     assert Case("ce", "fwd+bwd", "bf16", 8192, 128256) in first
     assert Case("ce", "fwd+bwd", "fp32", 16384, 32000) in first
-    assert first[0].n == 256 and runner.launch_bound(first[0])  # us per call with and without a CUDA graph
+    assert first[0].n == 256 and measure.launch_bound(first[0])  # us per call with and without a CUDA graph
     # Every target kind within the first cases; torch.compile (seconds per case) only on those.
     suite = SUITES["gpu"]()
     assert suite.compile_targets_only
@@ -61,19 +61,19 @@ def test_cpu_suite_has_the_cpu_table_shapes():
 
 def test_bytes_floor_matches_the_worked_examples():
     # benchmarks/README.md, "How the numbers are read": bf16 8192x128256 fwd+bwd -> 4.2 GB; fp32 4096x100 -> 3.3 MB.
-    assert metrics.minimal_bytes(Case("ce", "fwd+bwd", "bf16", 8192, 128256)) == 8192 * 128256 * 2 * 2
-    assert round(metrics.minimal_bytes(Case("ce", "fwd+bwd", "bf16", 8192, 128256)) / GB, 1) == 4.2
-    assert metrics.minimal_bytes(Case("aepg", "fwd+bwd/rows", "fp32", 4096, 100)) == 4096 * 100 * 4 * 2
-    assert metrics.minimal_bytes(Case("aepg", "fwd", "fp16", 10, 7)) == 10 * 7 * 2  # one read
+    assert bandwidth.minimal_bytes(Case("ce", "fwd+bwd", "bf16", 8192, 128256)) == 8192 * 128256 * 2 * 2
+    assert round(bandwidth.minimal_bytes(Case("ce", "fwd+bwd", "bf16", 8192, 128256)) / GB, 1) == 4.2
+    assert bandwidth.minimal_bytes(Case("aepg", "fwd+bwd/rows", "fp32", 4096, 100)) == 4096 * 100 * 4 * 2
+    assert bandwidth.minimal_bytes(Case("aepg", "fwd", "fp16", 10, 7)) == 10 * 7 * 2  # one read
 
 
 def test_bandwidth_percent_and_speedup():
-    floor = metrics.minimal_bytes(Case("ce", "fwd+bwd", "bf16", 8192, 128256))
-    assert metrics.gbps(floor, 1.40e-3) == pytest.approx(3000, rel=0.01)  # benchmarks/README.md's floor at 3.0 TB/s
-    assert metrics.copy_bytes(2**30) == 2**31
-    assert metrics.percent_of(2550.0, 3000.0) == pytest.approx(85.0)
-    assert metrics.speedup(3.0, 1.5) == 2.0
-    assert metrics.gbps(floor, None) is None and metrics.speedup(None, 1.0) is None
+    floor = bandwidth.minimal_bytes(Case("ce", "fwd+bwd", "bf16", 8192, 128256))
+    assert bandwidth.gbps(floor, 1.40e-3) == pytest.approx(3000, rel=0.01)  # benchmarks/README.md's floor at 3.0 TB/s
+    assert bandwidth.copy_bytes(2**30) == 2**31
+    assert bandwidth.percent_of(2550.0, 3000.0) == pytest.approx(85.0)
+    assert bandwidth.speedup(3.0, 1.5) == 2.0
+    assert bandwidth.gbps(floor, None) is None and bandwidth.speedup(None, 1.0) is None
 
 
 def test_skip_rule_by_memory():
@@ -95,14 +95,14 @@ def test_rotations_cover_the_flush_size_within_the_cap():
 def test_cpu_rotations_cover_the_flush_bytes_down_to_16_kib_of_logits():
     """No cache flush between CPU calls: the copies must cover FLUSH_BYTES (benchmarks/README.md says
     which shapes stay cache-resident)."""
-    cap = runner.max_rotations(torch.device("cpu"))
-    assert runner.FLUSH_BYTES // cap == 16 << 10
+    cap = measure.max_rotations(torch.device("cpu"))
+    assert measure.FLUSH_BYTES // cap == 16 << 10
     for shape in ((256, 100), (256, 1000), (4096, 1000), (64, 64)):
         case = Case("aepg", "fwd+bwd", "fp32", *shape)
-        assert rotations(case, runner.FLUSH_BYTES, cap) * logits_bytes(case) >= runner.FLUSH_BYTES, shape
+        assert rotations(case, measure.FLUSH_BYTES, cap) * logits_bytes(case) >= measure.FLUSH_BYTES, shape
     resident = Case("aepg", "fwd+bwd", "fp32", 256, 10)  # 10 KiB
-    assert rotations(resident, runner.FLUSH_BYTES, cap) * logits_bytes(resident) < runner.FLUSH_BYTES
-    assert runner.max_rotations(torch.device("cuda")) == 32  # do_bench clears L2 there
+    assert rotations(resident, measure.FLUSH_BYTES, cap) * logits_bytes(resident) < measure.FLUSH_BYTES
+    assert measure.max_rotations(torch.device("cuda")) == 32  # do_bench clears L2 there
 
 
 def test_parse_shapes_and_names():

@@ -5,34 +5,29 @@ collectives), and shard_sizes passed saves the one collective that gathers them.
 import json
 
 import pytest
-import torch
 import torch.distributed as dist
 
-from aepg_kernels.bench import cli, vocab_parallel
+from aepg_kernels.bench import commands, vocab_parallel
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_intra_op_threads")  # the commands set the thread count
 
 
 def test_list_and_bad_options(capsys):
-    assert cli.main(["--suite", "vocab-parallel", "--list", "--shapes", "64x50,64x16x50", "--losses", "ce"]) == 0
+    assert commands.main(["--suite", "vocab-parallel", "--list", "--shapes", "64x50,64x16x50", "--losses", "ce"]) == 0
     assert capsys.readouterr().out.split("\n")[:2] == ["policy_loss CE fp32 64x50", "linear_policy_loss CE fp32 64x16x50"]
     for argv in (["--dtypes", "bf16"], ["--implementations", "eager"], ["--shapes", "64x1"], ["--shapes", "64"],
                  ["--losses", "dft"], ["--repeats", "0"], ["--threads", "2"]):
         with pytest.raises(SystemExit) as error:
-            cli.main(["--suite", "vocab-parallel", *argv])
+            commands.main(["--suite", "vocab-parallel", *argv])
         assert error.value.code == 2
 
 
 def test_tiny_run_gates_and_bytes_are_independent_of_c(tmp_path):
     out = tmp_path / "vp.json"
-    assert cli.main(["--suite", "vocab-parallel", "--shapes", "64x50,64x500,64x16x50", "--losses", "aepg",
+    assert commands.main(["--suite", "vocab-parallel", "--shapes", "64x50,64x500,64x16x50", "--losses", "aepg",
                      "--repeats", "2", "--out", str(out)]) == 0
     document = json.loads(out.read_text())
     assert document["complete"] and document["machine"]["cpu"] and document["settings"]["world_size"] == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aepg_kernels.bench import cli, device_check
+from aepg_kernels.bench import commands, device_check
 from aepg_kernels.bench.device_check import Step
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ def test_sweep_stops_starting_cases_before_its_budget():
 def test_refuses_without_a_gpu_and_names_the_reason(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert cli.main(["device-check", "--out", str(tmp_path)]) == device_check.REFUSED
+    assert commands.main(["device-check", "--out", str(tmp_path)]) == device_check.REFUSED
     error = capsys.readouterr().err
     if torch.version.cuda is None:
         assert "built without CUDA" in error
@@ -64,7 +64,7 @@ def test_no_gpu_reason_without_devices(monkeypatch):
 
 def test_dry_run_runs_the_cpu_steps_and_records_the_others(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.main(["device-check", "--dry-run", "--out", str(tmp_path)]) == 0
+    assert commands.main(["device-check", "--dry-run", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "1. environment" in printed and "8. other-tests" in printed
     document = json.loads((tmp_path / "device_check.json").read_text())
@@ -134,7 +134,7 @@ def test_pytest_summary_line():
 @pytest.mark.parametrize("name", ["perf-model", "device-check"])
 def test_subcommands_have_help(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main([name, "--help"])
+        commands.main([name, "--help"])
     assert exit_info.value.code == 0 and f"aepg-bench {name}" in capsys.readouterr().out
 
 

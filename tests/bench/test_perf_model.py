@@ -5,7 +5,7 @@ import json
 import pytest
 
 from aepg_kernels.backends.triton import launch
-from aepg_kernels.bench import cli, perf_model
+from aepg_kernels.bench import commands, perf_model
 from aepg_kernels.bench.sweeps import Case, gpu_suite
 
 H100, H200 = perf_model.GPUS["h100-sxm"], perf_model.GPUS["h200"]
@@ -75,7 +75,7 @@ def test_every_sweep_case_is_memory_or_launch_bound_on_both_cards():
 
 def test_document_schema_without_measurements(tmp_path, capsys):
     out = tmp_path / "model.json"
-    assert cli.main(["perf-model", "--out", str(out)]) == 0
+    assert commands.main(["perf-model", "--out", str(out)]) == 0
     document = json.loads(out.read_text())
     assert document["schema"] == "aepg-bench/1" and document["suite"] == "perf-model"
     assert set(document["gpus"]) == {"h100-sxm", "h200"} and set(document["paths"]) == {"forward", "fused", "recompute"}

@@ -11,7 +11,7 @@ from aepg_kernels.train import AccuracyMatrix, ConfigError, load_config, metrics
 from aepg_kernels.train.compare import (aggregate, format_compare_table, mean_and_std, run_compare,
                                         write_compare_outputs)
 from aepg_kernels.train.losses import LOSS_NAMES
-from aepg_kernels.train.report import new_figure, save_figure
+from aepg_kernels.utils import new_figure, save_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

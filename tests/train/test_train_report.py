@@ -5,8 +5,9 @@ import math
 import pytest
 
 from aepg_kernels.train import AccuracyMatrix, config_to_dict, load_config, metrics
-from aepg_kernels.train.report import (METRIC_DEFINITIONS, dump_json, final_epoch_entropy, format_run_summary,
-                                       new_figure, run_metrics, save_figure, to_jsonable, write_run_outputs)
+from aepg_kernels.train.report import (METRIC_DEFINITIONS, final_epoch_entropy, format_run_summary, run_metrics,
+                                       write_run_outputs)
+from aepg_kernels.utils import new_figure, save_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ACCURACIES = {  # (t, i): R[t][i], fractions
@@ -124,16 +125,3 @@ def test_format_run_summary_shows_matrix_and_metrics_in_percent():
     assert f"forgetting (max) {100 * metrics.forgetting(R):.2f}%" in text
     assert f"BWT {100 * metrics.backward_transfer(R):.2f}%" in text
     assert "nan" not in text.lower()  # the unmeasured triangle is left blank
-
-
-def test_dump_json_keeps_values_while_compacting_layout():
-    value = {"row": [1.0, None, 2], "text": "a [ b ] { c }", "nested": [[1, 2], {"k": "v"}],
-             "record": {"x": 1, "y": "z"}, "empty": [], "matrix": [[0.5, math.nan]]}
-    text = dump_json(value)
-    assert json.loads(text) == to_jsonable(value)
-    assert '"row": [1.0, null, 2]' in text and '"record": {"x": 1, "y": "z"}' in text
-
-
-def test_to_jsonable_names_the_key_it_cannot_write():
-    with pytest.raises(TypeError, match=r"summary\.timing\.device: cannot be written to JSON \(object\)"):
-        to_jsonable({"timing": {"device": object()}})

@@ -1,10 +1,9 @@
 """Test helpers: a tiny timm ViT (no download): 32x32 inputs, 8x8 patches (16 tokens), 5 blocks so the default
 PEFT blocks 0-4 exist, width 64."""
-import contextlib
-
 import torch
 
 from aepg_kernels.train import ContinualViT, ModelConfig, PeftConfig
+from aepg_kernels.utils import intra_op_threads
 
 TINY_VIT = ModelConfig(name="vit_tiny_patch16_224", pretrained=False,
                        kwargs=dict(img_size=32, patch_size=8, depth=5, embed_dim=64, num_heads=4))
@@ -49,12 +48,6 @@ def class_images(per_class, seed: int):
     return AugmentedImages(x, y), y
 
 
-@contextlib.contextmanager
 def one_intra_op_thread():
-    """As conftest's autouse fixture, for module-scoped fixtures (set up before it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    """As the one_intra_op_thread fixture, for module-scoped fixtures (set up before it)."""
+    return intra_op_threads(1)

@@ -19,32 +19,26 @@ stability-first composite as an extra row, reference (package eager); the gate c
 against the float64 reference before timing.
 
 Writes FILE.json (every number and the machine) and FILE.png (GB/s vs C per implementation); the
-overhead suite writes FILE.json and FILE.md (its markdown table). By default under bench/results/
-of the checkout when run from one, else the working directory.
+overhead suite writes FILE.json and FILE.md (its markdown table). FILE is --out, else
+<machine>-<suite>-<date>.json in the working directory.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import re
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
 
-from . import (implementations, llm, llm_step, machine, metrics, overhead, report, runner, timing, trainer_step,
+from aepg_kernels import utils
+
+from . import (bandwidth, implementations, llm, llm_step, machine, measure, output, overhead, timing, trainer_step,
                vocab_parallel)
 from .correctness import GATE_MAX_ELEMENTS, GATE_REFERENCE, TOLERANCE
 from .sweeps import (DTYPES, LOSSES, MODES, OVERHEAD_MODES, SUITES, Case, check_names, grid, overhead_cases,
                      parse_head_shapes, parse_shapes)
-
-PACKAGE_DIR = Path(__file__).resolve().parent.parent
-INTERRUPTED = 130  # the exit status of a run stopped by SIGINT (128 + 2), its numbers written
-
-
-def _csv(text: str) -> List[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -64,13 +58,13 @@ def bench_parser() -> argparse.ArgumentParser:
                              "every kernel for sm_90 (registers, spills, shared memory, vector loads, occupancy)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="overhead suite: its table is always on the CPU; cpu also skips the CUDA host time")
-    parser.add_argument("--implementations", type=_csv, default=None,
+    parser.add_argument("--implementations", type=utils.comma_list, default=None,
                         help=f"comma list among {','.join(implementations.ALL_NAMES)} ({implementations.BASELINE} "
                              "always runs; default: all available but reference-compile)")
-    parser.add_argument("--losses", type=_csv, default=None, help=f"keep these losses ({','.join(LOSSES)})")
-    parser.add_argument("--modes", type=_csv, default=None,
+    parser.add_argument("--losses", type=utils.comma_list, default=None, help=f"keep these losses ({','.join(LOSSES)})")
+    parser.add_argument("--modes", type=utils.comma_list, default=None,
                         help=f"keep these modes ({','.join(MODES)}; overhead suite: fwd+bwd, fwd = eval forward)")
-    parser.add_argument("--dtypes", type=_csv, default=None, help=f"keep these dtypes ({','.join(DTYPES)})")
+    parser.add_argument("--dtypes", type=utils.comma_list, default=None, help=f"keep these dtypes ({','.join(DTYPES)})")
     parser.add_argument("--shapes", default=None,
                         help="NxC list replacing the suite's shapes, e.g. 256x100,4096x1000 (with --losses, "
                              "--modes, --dtypes or aepg, fwd+bwd, fp32)")
@@ -96,7 +90,7 @@ def trainer_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=None,
                         help=f"images per step (default {trainer_step.GPU_BATCH} on a GPU, "
                              f"{trainer_step.CPU_BATCH} on a CPU)")
-    parser.add_argument("--classes", type=_csv, default=["100", "21843"], help="head sizes, comma list")
+    parser.add_argument("--classes", type=utils.comma_list, default=["100", "21843"], help="head sizes, comma list")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median) after the warm-up")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--model", default="vit_base_patch16_224", help="a timm model name (random weights)")
@@ -107,11 +101,10 @@ def trainer_parser() -> argparse.ArgumentParser:
 
 
 def resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """--device as a torch.device; a usage error for cuda on a machine without one."""
     if name == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return utils.resolve_device(name)
 
 
 def select_cases(parser: argparse.ArgumentParser, args) -> List[Case]:
@@ -128,33 +121,6 @@ def select_cases(parser: argparse.ArgumentParser, args) -> List[Case]:
     cases = SUITES[args.suite]().cases
     return [case for case in cases if (losses is None or case.loss in losses)
             and (modes is None or case.mode in modes) and (dtypes is None or case.dtype in dtypes)]
-
-
-def device_tag(info: dict) -> str:
-    """A file-name tag for the machine: the card ('nvidia-h100-80gb-hbm3') or 'cpu<cores>c<threads>t'
-    (runs at different thread counts on one day do not overwrite each other)."""
-    if info.get("card"):
-        return re.sub(r"[^a-z0-9]+", "-", str(info["card"]).lower()).strip("-")
-    return f"cpu{info['cores']}c{info['torch_threads']}t"
-
-
-def output_path(out: Optional[Path], stem: str) -> Path:
-    if out is not None:
-        return out
-    day = datetime.date.today().isoformat()
-    return report.default_output_dir(Path.cwd(), PACKAGE_DIR) / f"{stem}-{day}.json"
-
-
-def progress_bar(total: int):
-    """A tqdm bar on a terminal (rows print above it); plain rows into a log or pipe."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is None or not sys.stderr.isatty():
-        return None, lambda line: print(line, flush=True)
-    bar = tqdm(total=total, desc="cases", unit="case", file=sys.stderr, leave=False)
-    return bar, bar.write
 
 
 def check_implementations(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
@@ -207,11 +173,11 @@ def run_bench(argv: Sequence[str]) -> int:
     copy = announce(args.suite, cases, impls, device, info)
     suite = SUITES[args.suite]()
     budget = args.max_seconds if args.max_seconds is not None else suite.budget_seconds
-    settings = runner.RunSettings(
+    settings = measure.RunSettings(
         device, torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
         budget_seconds=budget, graphs=not args.no_graphs, profile=not args.no_profile,
         compile_targets_only=suite.compile_targets_only and not args.shapes)  # --shapes: the user's grid
-    json_path = output_path(args.out, f"{device_tag(info)}-{args.suite}")
+    json_path = output.output_path(args.out, f"{output.device_tag(info)}-{args.suite}")
     document = new_document(args.suite, argv, info, copy, settings, impls)
     try:
         run_with_progress(cases, impls, settings, copy["gbps"], document, json_path)
@@ -221,13 +187,13 @@ def run_bench(argv: Sequence[str]) -> int:
         document["interrupted"] = "KeyboardInterrupt: the cases after the last record did not run"
         print(f"\ninterrupted: writing the {len(document['records'])} records measured so far", flush=True)
     records = document["records"]
-    for line in report.summary_lines(records):
+    for line in output.summary_lines(records):
         print(line)
     document["complete"] = not interrupted
-    print(f"wrote {report.write_json(json_path, document)}")
-    png = report.write_plot(json_path.with_suffix(".png"), records, copy["gbps"], machine.title(info))
+    print(f"wrote {output.write_json(json_path, document)}")
+    png = output.write_plot(json_path.with_suffix(".png"), records, copy["gbps"], machine.title(info))
     print(f"wrote {png}" if png else "no plot (nothing timed, or matplotlib missing)")
-    return INTERRUPTED if interrupted else exit_code(records, impls)
+    return output.INTERRUPTED if interrupted else exit_code(records, impls)
 
 
 def exit_code(records: Sequence[dict], impls) -> int:
@@ -245,19 +211,19 @@ def announce(suite: str, cases, impls, device: torch.device, info: dict) -> dict
         if why:
             print(f"  not run: {name} ({why})")
     copy = timing.copy_bandwidth(device)
-    copy["gbps"] = metrics.gbps(metrics.copy_bytes(copy["buffer_bytes"]), copy["seconds"])
+    copy["gbps"] = bandwidth.gbps(bandwidth.copy_bytes(copy["buffer_bytes"]), copy["seconds"])
     print(f"device copy: {copy['gbps']:.1f} GB/s (read + write of {copy['buffer_bytes'] / 2**20:.0f} MiB)")
     if device.type != "cuda":
         print("peak memory: not measured on a CPU; kernel launches and CUDA graphs: GPU only")
     return copy
 
 
-def new_document(suite: str, argv, info: dict, copy: dict, settings: runner.RunSettings, impls) -> dict:
+def new_document(suite: str, argv, info: dict, copy: dict, settings: measure.RunSettings, impls) -> dict:
     """The JSON document before any record: the run's machine, copy bandwidth and settings."""
     timing_method = ("triton.testing.do_bench median (L2 cleared before every call)" if settings.device.type == "cuda"
                      else f"perf_counter median after up to {timing.CPU_WARMUP} warm-up calls")
     gpu_only = {
-        "back_to_back": (f"N <= {runner.GRAPH_MAX_N} or N*C <= {runner.GRAPH_MAX_ELEMENTS}: CUDA events around "
+        "back_to_back": (f"N <= {measure.GRAPH_MAX_N} or N*C <= {measure.GRAPH_MAX_ELEMENTS}: CUDA events around "
                          f"{timing.BACK_TO_BACK_CALLS} calls queued back to back, caches warm, per call "
                          f"(back_to_back_us; graph_us: replays of a CUDA graph of the call, timed alike)"),
         "host_sync": 'one call under torch.cuda.set_sync_debug_mode("error"); no graph capture when it syncs',
@@ -268,8 +234,8 @@ def new_document(suite: str, argv, info: dict, copy: dict, settings: runner.RunS
         "settings": {"gate_max_elements": GATE_MAX_ELEMENTS, "tolerance": TOLERANCE, "gate_reference": GATE_REFERENCE,
                      "speedups": {key: f"{name} seconds / this seconds"
                                   for key, name in implementations.SPEEDUP_BASELINES.items()},
-                     "flush_bytes": runner.FLUSH_BYTES, "max_rotations": runner.max_rotations(settings.device),
-                     "graph_max_n": runner.GRAPH_MAX_N, "graph_max_elements": runner.GRAPH_MAX_ELEMENTS,
+                     "flush_bytes": measure.FLUSH_BYTES, "max_rotations": measure.max_rotations(settings.device),
+                     "graph_max_n": measure.GRAPH_MAX_N, "graph_max_elements": measure.GRAPH_MAX_ELEMENTS,
                      "max_seconds": settings.budget_seconds, "timing": timing_method, **gpu_only},
         "implementations": [impl.name for impl in impls],
         "not_run": {name: why for name, why in implementations.available(settings.device).items() if why},
@@ -280,21 +246,17 @@ def new_document(suite: str, argv, info: dict, copy: dict, settings: runner.RunS
 def run_with_progress(cases, impls, settings, copy_gbps, document: dict, json_path: Path) -> List[dict]:
     """The table rows as each case finishes, and the JSON rewritten after every case (a run cut
     short still leaves its numbers)."""
-    bar, write = progress_bar(len(cases))
-    write(report.header())
+    with utils.progress_bar(len(cases), desc="cases", unit="case", leave=False) as bar:
+        bar.write(output.header())  # rows print above the bar on a terminal, plainly into a log or pipe
 
-    def case_done(rows):
-        for row in rows:
-            if row["status"] != report.NOT_APPLICABLE:
-                write(report.format_row(row))
-        document["records"] += rows
-        report.write_json(json_path, document)
+        def case_done(rows):
+            for row in rows:
+                if row["status"] != output.NOT_APPLICABLE:
+                    bar.write(output.format_row(row))
+            document["records"] += rows
+            output.write_json(json_path, document)
 
-    try:
-        return runner.run(cases, impls, settings, copy_gbps, case_done, bar)
-    finally:
-        if bar is not None:
-            bar.close()
+        return measure.run(cases, impls, settings, copy_gbps, case_done, bar)
 
 
 def run_overhead(parser: argparse.ArgumentParser, args, argv: Sequence[str], device: torch.device) -> int:
@@ -323,7 +285,7 @@ def run_overhead(parser: argparse.ArgumentParser, args, argv: Sequence[str], dev
         info["cuda_device"] = machine.gpu_info(cuda)
     print(f"aepg-bench --suite overhead: {len(cases)} cases on {machine.title(info)}")
     print("rows: " + "; ".join(row.description for row in overhead.ROWS))
-    json_path = output_path(args.out, f"{device_tag(info)}-overhead")
+    json_path = output.output_path(args.out, f"{output.device_tag(info)}-overhead")
     document = {"suite": "overhead", "argv": list(argv), "complete": False, "machine": info,
                 "settings": {**overhead.settings(), "max_seconds": args.max_seconds, "repeats": args.repeats},
                 "records": [], "cuda_host": None}
@@ -331,7 +293,7 @@ def run_overhead(parser: argparse.ArgumentParser, args, argv: Sequence[str], dev
     def case_done(record):
         print(overhead.progress_line(record), flush=True)
         document["records"].append(record)
-        report.write_json(json_path, document)
+        output.write_json(json_path, document)
 
     try:
         overhead.run(cases, args.repeats, args.max_seconds, case_done)
@@ -371,9 +333,9 @@ def finish_overhead(document: dict, json_path: Path, interrupted: bool) -> int:
     if interrupted:
         print(f"interrupted: writing the {len(records)} records measured so far", flush=True)
     document["complete"] = not interrupted
-    write_json_and_markdown(document, json_path, text)
+    output.write_json_and_markdown(document, json_path, text)
     if interrupted:
-        return INTERRUPTED
+        return output.INTERRUPTED
     ours = {row.name for row in overhead.ROWS[1:]}
     return int(any(r["status"] == "error" or r["rows"].get(name, {}).get("status") == "failed check"
                    for r in records for name in ours))
@@ -392,14 +354,6 @@ def llm_selection(parser: argparse.ArgumentParser, args, device: torch.device):
         parser.error("--modes: --suite llm times fwd+bwd only")
     wanted = [impl for impl in llm.IMPLS if names is None or impl.name in names or impl.name == llm.EAGER]
     return llm.cases(shapes, dtypes, losses), wanted
-
-
-def write_json_and_markdown(document: dict, json_path: Path, text: str) -> None:
-    """FILE.json and FILE.md (the markdown tables `text`) beside it."""
-    print(f"wrote {report.write_json(json_path, document)}")
-    md = json_path.with_suffix(".md")
-    md.write_text(text + "\n")
-    print(f"wrote {md}")
 
 
 def run_llm(parser: argparse.ArgumentParser, args, argv: Sequence[str], device: torch.device) -> int:
@@ -421,7 +375,7 @@ def run_llm(parser: argparse.ArgumentParser, args, argv: Sequence[str], device: 
     not_run = {impl.name: llm.unavailable(impl, device) for impl in wanted if llm.unavailable(impl, device)}
     for name, why in not_run.items():
         print(f"  not run: {name} ({why})")
-    json_path = output_path(args.out, f"{device_tag(info)}-llm")
+    json_path = output.output_path(args.out, f"{output.device_tag(info)}-llm")
     document = {"suite": "llm", "argv": list(argv), "command": " ".join(["aepg-bench", *argv]), "complete": False,
                 "machine": info, "settings": llm.settings(device, repeats), "implementations": [i.name for i in impls],
                 "not_run": not_run, "records": []}
@@ -429,7 +383,7 @@ def run_llm(parser: argparse.ArgumentParser, args, argv: Sequence[str], device: 
     def case_done(record):
         print(llm.progress_line(record), flush=True)
         document["records"].append(record)
-        report.write_json(json_path, document)
+        output.write_json(json_path, document)
 
     start = datetime.datetime.now()
     try:
@@ -447,9 +401,9 @@ def run_llm(parser: argparse.ArgumentParser, args, argv: Sequence[str], device: 
     print("\n" + text + "\n")
     for line in llm.summary_lines(document["targets"]):
         print(line)
-    write_json_and_markdown(document, json_path, text)
+    output.write_json_and_markdown(document, json_path, text)
     if interrupted:
-        return INTERRUPTED
+        return output.INTERRUPTED
     return int(any(r.get("status") == "error" or r["impls"].get(llm.OURS, {}).get("status") in ("failed check", "error")
                    for r in records))
 
@@ -475,27 +429,27 @@ def run_trainer_step(argv: Sequence[str]) -> int:
     print(f"aepg-bench trainer-step: {args.model} + LoRA blocks 0-4, batch {batch}, on {machine.title(info)}")
     if device.type != "cuda" and args.batch is None:
         print(f"  (CPU: batch {batch} instead of {trainer_step.GPU_BATCH}; pass --batch to change it)")
-    path = output_path(args.out, f"{device_tag(info)}-trainer-step")
+    path = output.output_path(args.out, f"{output.device_tag(info)}-trainer-step")
     document = {"benchmark": "trainer-step", "argv": list(argv), "complete": False, "machine": info, "records": []}
 
     def record_done(record):  # the JSON is rewritten after every measurement: a cut-short run keeps them
         print(trainer_step.format_record(record), flush=True)
         document["records"].append(record)
-        report.write_json(path, document)
+        output.write_json(path, document)
 
     try:
         trainer_step.run(device, batch, classes, steps=args.steps, warmup=args.warmup, model_name=args.model,
                          image_size=args.image_size, report=record_done)
     except KeyboardInterrupt:  # keep the measurements done (each was written as it finished)
         document["interrupted"] = "KeyboardInterrupt: the measurements after the last record did not run"
-        print(f"\ninterrupted: wrote {report.write_json(path, document)}", flush=True)
-        return INTERRUPTED
+        print(f"\ninterrupted: wrote {output.write_json(path, document)}", flush=True)
+        return output.INTERRUPTED
     records = document["records"]
     for record in records:
         if "speedup_vs_eager" in record:
             print(f"{record['classes']:>6} classes: fused step {record['speedup_vs_eager']:.3f}x the eager one")
     document["complete"] = True
-    print(f"wrote {report.write_json(path, document)}")
+    print(f"wrote {output.write_json(path, document)}")
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
 

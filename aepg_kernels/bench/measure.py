@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import metrics, report, timing
+from . import bandwidth, output, timing
 from .correctness import check, float64_reference, gate_rows
 from .implementations import SPEEDUP_BASELINES, Implementation
 from .inputs import make_inputs
@@ -54,7 +54,7 @@ def max_rotations(device: torch.device) -> int:
 def base_record(case: Case, impl: str, status: str, reason: str = "", label: Optional[str] = None) -> Record:
     """`label`: the table's name of the implementation when it is not `impl`."""
     record = {**dataclasses.asdict(case), "implementation": impl, "status": status, "reason": reason,
-              "minimal_bytes": metrics.minimal_bytes(case)}
+              "minimal_bytes": bandwidth.minimal_bytes(case)}
     if label and label != impl:
         record["label"] = label
     return record
@@ -65,7 +65,7 @@ def add_speedups(records: List[Record]) -> None:
     seconds = {r["implementation"]: r.get("seconds") for r in records}
     for record in records:
         for key, baseline in SPEEDUP_BASELINES.items():
-            record[key] = metrics.speedup(seconds.get(baseline), record.get("seconds"))
+            record[key] = bandwidth.speedup(seconds.get(baseline), record.get("seconds"))
 
 
 def measure(impl: Implementation, fn, inputs, case: Case, settings: RunSettings, copy_gbps: Optional[float]
@@ -76,8 +76,8 @@ def measure(impl: Implementation, fn, inputs, case: Case, settings: RunSettings,
     step = timing.make_step(fn, inputs, backward)
     seconds = timing.median_seconds(step, device)
     record = {"seconds": seconds, "ms": seconds * 1e3,
-              "gbps": metrics.gbps(metrics.minimal_bytes(case), seconds)}
-    record["percent_of_copy"] = metrics.percent_of(record["gbps"], copy_gbps)
+              "gbps": bandwidth.gbps(bandwidth.minimal_bytes(case), seconds)}
+    record["percent_of_copy"] = bandwidth.percent_of(record["gbps"], copy_gbps)
     if device.type != "cuda":
         record["peak_extra_bytes"] = None
         record["peak_extra_note"] = "not measured on a CPU (no allocator statistics)"
@@ -131,7 +131,7 @@ def run_case(case: Case, impls: Sequence[Implementation], settings: RunSettings,
     for impl in sorted(impls, key=lambda impl: impl.in_place):  # in-place ones last: they overwrite inputs
         why_not = impl.unsupported(case)
         if why_not is not None:
-            records.append(base_record(case, impl.name, report.NOT_APPLICABLE, why_not, impl.label))
+            records.append(base_record(case, impl.name, output.NOT_APPLICABLE, why_not, impl.label))
             continue
         if impl.compiled and settings.compile_targets_only and target(case) is None:
             records.append(base_record(case, impl.name, "skipped", COMPILE_SKIPPED, impl.label))
@@ -165,7 +165,7 @@ def run_case(case: Case, impls: Sequence[Implementation], settings: RunSettings,
 def run(cases: Sequence[Case], impls: Sequence[Implementation], settings: RunSettings,
         copy_gbps: Optional[float], report: Report, progress=None) -> List[Record]:
     """All cases in order; `report` gets each case's records as they finish (the terminal table);
-    `progress` (a tqdm bar or None) is advanced per case."""
+    `progress` (a bar of aepg_kernels.utils.progress_bar, or None) is advanced per case."""
     start, records = time.monotonic(), []
     for case in cases:
         if settings.budget_seconds is not None and time.monotonic() - start > settings.budget_seconds:

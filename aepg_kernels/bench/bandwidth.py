@@ -8,7 +8,7 @@ from .sweeps import MODES, Case, logits_bytes
 
 
 def minimal_bytes(case: Case) -> int:
-    """The bytes floor (docs/benchmarks.md, "How the numbers are read"): forward reads the logits
+    """The bytes floor (benchmarks/README.md, "How the numbers are read"): forward reads the logits
     once; forward + backward also writes the gradient (same dtype as the logits) once. Targets,
     per-row values and the loss are O(N) and left out."""
     passes = 2 if MODES[case.mode].backward else 1

@@ -1,9 +1,10 @@
-"""The terminal table, the default output place, the JSON document and the PNG plot."""
+"""The terminal table, where the output goes, the JSON document and the PNG plot."""
 import json
 
 import pytest
 
-from aepg_kernels.bench import report
+from aepg_kernels import utils
+from aepg_kernels.bench import output
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -15,8 +16,8 @@ def record(impl, c, gbps, status="ok", n=4096, **extra):
 
 
 def test_rows_line_up_with_the_header_and_missing_values_print_as_dash():
-    row = report.format_row(record("cpu", 1000, 12.3456))
-    assert len(row) == len(report.header())
+    row = output.format_row(record("cpu", 1000, 12.3456))
+    assert len(row) == len(output.header())
     cells = row.split()
     # 3 significant digits, fixed point
     assert cells[3] == "4096x1000" and cells[4] == "cpu" and cells[5] == "1.50" and cells[6] == "12.3"
@@ -24,53 +25,51 @@ def test_rows_line_up_with_the_header_and_missing_values_print_as_dash():
 
 
 def test_a_row_without_a_time_says_why():
-    row = report.format_row(record("liger", 1000, None, status="skipped"))
+    row = output.format_row(record("liger", 1000, None, status="skipped"))
     assert row.endswith("skipped: cross entropy only") and "liger" in row
 
 
 def test_summary_counts_what_got_no_number():
     records = [record("a", 10, 1.0), record("b", 10, None, status="skipped"),
                dict(record("c", 10, None, status="failed check"), reason="differs from eager: loss error 1")]
-    assert report.summary_lines(records) == ["1 failed check: differs from eager", "1 skipped: cross entropy only"]
+    assert output.summary_lines(records) == ["1 failed check: differs from eager", "1 skipped: cross entropy only"]
 
 
-def test_default_output_dir_is_bench_results_in_a_checkout_else_the_working_directory(tmp_path):
-    checkout = tmp_path / "repo"
-    (checkout / "bench").mkdir(parents=True)
-    (checkout / "aepg_kernels").mkdir()
-    (checkout / "pyproject.toml").write_text("")
-    assert report.default_output_dir(tmp_path, checkout / "aepg_kernels") == checkout / "bench" / "results"
-    site = tmp_path / "site-packages"
-    (site / "aepg_kernels").mkdir(parents=True)
-    assert report.default_output_dir(tmp_path / "cwd", site / "aepg_kernels") == tmp_path / "cwd"
+def test_output_goes_where_out_says_else_into_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench").mkdir()  # a checkout's layout changes nothing
+    (tmp_path / "pyproject.toml").write_text("")
+    assert output.output_path(tmp_path / "x" / "run.json", "cpu2c1t-quick") == tmp_path / "x" / "run.json"
+    default = output.output_path(None, "cpu2c1t-quick")
+    assert default.parent == tmp_path and default.name.startswith("cpu2c1t-quick-") and default.suffix == ".json"
 
 
 def test_json_carries_the_schema_and_stays_strict(tmp_path):
     failed = dict(record("wrong", 10, None, status="failed check"), check={"loss_error": float("inf")})
-    path = report.write_json(tmp_path / "sub" / "r.json", {"records": [record("cpu", 10, 1.0), failed]})
+    path = output.write_json(tmp_path / "sub" / "r.json", {"records": [record("cpu", 10, 1.0), failed]})
     document = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"non-strict JSON: {name}"))
-    assert document["schema"] == report.SCHEMA and document["records"][0]["c"] == 10
-    assert document["records"][1]["check"]["loss_error"] == "inf"
+    assert document["schema"] == output.SCHEMA and document["records"][0]["c"] == 10
+    assert document["records"][1]["check"]["loss_error"] is None  # non-finite: null (aepg_kernels.utils.to_jsonable)
 
 
 def test_plot_takes_the_largest_n_per_class_count(tmp_path):
     records = [record("cpu", 100, 5.0, n=256), record("cpu", 100, 9.0, n=65536), record("cpu", 1000, 7.0),
                record("eager", 100, 1.0), record("liger", 100, None, status="skipped")]
-    groups = report._plot_groups(records)
+    groups = output._plot_groups(records)
     assert groups == {("aepg", "fwd+bwd", "fp32"): {"cpu": {100: 9.0, 1000: 7.0}, "eager": {100: 1.0}}}
-    path = report.write_plot(tmp_path / "p.png", records, copy_gbps=20.0, title="test")
+    path = output.write_plot(tmp_path / "p.png", records, copy_gbps=20.0, title="test")
     assert path.read_bytes()[:8] == PNG_SIGNATURE
-    assert report.write_plot(tmp_path / "none.png", records[-1:], 20.0, "t") is None
+    assert output.write_plot(tmp_path / "none.png", records[-1:], 20.0, "t") is None
     assert not (tmp_path / "none.png").exists()
 
 
 def test_json_is_written_atomically(tmp_path, monkeypatch):
-    path = report.write_json(tmp_path / "r.json", {"records": [record("cpu", 10, 1.0)]})
+    path = output.write_json(tmp_path / "r.json", {"records": [record("cpu", 10, 1.0)]})
 
     def killed(*_args):
         raise KeyboardInterrupt  # killed between writing the temporary file and renaming it
 
-    monkeypatch.setattr(report.os, "replace", killed)
+    monkeypatch.setattr(utils.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        report.write_json(path, {"records": []})
+        output.write_json(path, {"records": []})
     assert len(json.loads(path.read_text())["records"]) == 1  # the previous complete file

@@ -7,25 +7,20 @@ import pytest
 import torch
 
 import aepg_kernels as ak
-from aepg_kernels.bench import cli, implementations, metrics, report, runner
+from aepg_kernels.bench import bandwidth, commands, implementations, measure, output
 from aepg_kernels.bench.sweeps import Case
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def test_cpu_run_writes_json_and_png(tmp_path, capsys):
     out = tmp_path / "run.json"
     fused = ["cpu"] if "cpu" in ak.available_backends() else []
     impls = ",".join(["lean-eager", "reference", "F.cross_entropy", "triton"] + fused)
-    rc = cli.main(["--device", "cpu", "--shapes", "8x10,16x33", "--losses", "ce,aepg",
+    rc = commands.main(["--device", "cpu", "--shapes", "8x10,16x33", "--losses", "ce,aepg",
                    "--modes", "fwd,fwd+bwd,fwd+bwd/rows", "--implementations", impls, "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
@@ -41,9 +36,9 @@ def test_cpu_run_writes_json_and_png(tmp_path, capsys):
     assert {r["implementation"] for r in timed} == {"lean-eager", "reference", "F.cross_entropy", *fused}
     for r in timed:
         case = Case(r["loss"], r["mode"], r["dtype"], r["n"], r["c"])
-        assert r["gbps"] == pytest.approx(metrics.minimal_bytes(case) / r["seconds"] / 1e9)
+        assert r["gbps"] == pytest.approx(bandwidth.minimal_bytes(case) / r["seconds"] / 1e9)
         assert r["check"]["passed"] and r["peak_extra_bytes"] is None
-    assert all(r["status"] == report.NOT_APPLICABLE for r in records
+    assert all(r["status"] == output.NOT_APPLICABLE for r in records
                if r["implementation"] == "F.cross_entropy" and r["loss"] != "ce")
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
     for r in timed:
@@ -63,7 +58,7 @@ def test_compile_runs_and_is_checked(tmp_path):
     out = tmp_path / "compile.json"
     argv = ["--device", "cpu", "--shapes", "8x10", "--modes", "fwd", "--implementations", "lean-compile",
             "--out", str(out)]
-    assert cli.main(argv) == 0
+    assert commands.main(argv) == 0
     records = {r["implementation"]: r for r in json.loads(out.read_text())["records"]}
     assert set(records) == {"lean-eager", "lean-compile"}  # lean-eager always runs: the baseline
     compiled = records["lean-compile"]
@@ -87,7 +82,7 @@ def test_compile_runs_and_is_checked(tmp_path):
 ])
 def test_argument_errors_name_the_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as error:
-        cli.main(argv)
+        commands.main(argv)
     assert error.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -97,14 +92,14 @@ def test_gpu_only_requests_fail_clearly_without_a_gpu(capsys):
     for argv, message in ((["--suite", "gpu"], "--suite gpu: the full GPU sweep needs a CUDA device"),
                           (["--device", "cuda"], "--device cuda: no CUDA device")):
         with pytest.raises(SystemExit):
-            cli.main(argv)
+            commands.main(argv)
         assert message in capsys.readouterr().err
 
 
 def test_time_budget_skips_the_remaining_cases_and_says_so():
     cases = [Case("ce", "fwd", "fp32", 8, 10), Case("ce", "fwd", "fp32", 8, 11)]
-    settings = runner.RunSettings(torch.device("cpu"), memory_bytes=None, budget_seconds=1e-9)
-    records = runner.run(cases, [implementations.LEAN_EAGER], settings, copy_gbps=None, report=lambda rows: None)
+    settings = measure.RunSettings(torch.device("cpu"), memory_bytes=None, budget_seconds=1e-9)
+    records = measure.run(cases, [implementations.LEAN_EAGER], settings, copy_gbps=None, report=lambda rows: None)
     assert records[-1]["status"] == "skipped" and "time budget" in records[-1]["reason"]
     assert records[-1]["c"] == 11
 
@@ -117,7 +112,7 @@ def test_python_dash_m_lists_the_quick_suite():
 
 def test_trainer_step_on_a_tiny_vit(tmp_path, capsys):
     out = tmp_path / "step.json"
-    rc = cli.main(["trainer-step", "--device", "cpu", "--model", "vit_tiny_patch16_224", "--image-size", "32",
+    rc = commands.main(["trainer-step", "--device", "cpu", "--model", "vit_tiny_patch16_224", "--image-size", "32",
                    "--steps", "1", "--warmup", "0", "--classes", "5,300", "--out", str(out)])
     assert rc == 0
     assert "(CPU: batch 2 instead of 256" in capsys.readouterr().out
@@ -132,20 +127,20 @@ def test_exit_code_fails_only_for_our_backends():
     # Built explicitly: select() leaves the cpu backend out where it is not available.
     impls = [implementations.LEAN_EAGER, implementations.LIGER, implementations.fused_backend("cpu")]
     baseline_failed = [{"implementation": "liger", "status": "failed check"}]
-    assert cli.exit_code(baseline_failed, impls) == 0
+    assert commands.exit_code(baseline_failed, impls) == 0
     for status in ("error", "failed check"):
-        assert cli.exit_code(baseline_failed + [{"implementation": "cpu", "status": status}], impls) == 1
+        assert commands.exit_code(baseline_failed + [{"implementation": "cpu", "status": status}], impls) == 1
 
 
 def test_default_file_names_tell_the_machine_apart():
-    assert cli.device_tag({"card": "NVIDIA H100 80GB HBM3", "cores": 16}) == "nvidia-h100-80gb-hbm3"
-    assert cli.device_tag({"card": None, "cores": 2, "torch_threads": 1}) == "cpu2c1t"
+    assert output.device_tag({"card": "NVIDIA H100 80GB HBM3", "cores": 16}) == "nvidia-h100-80gb-hbm3"
+    assert output.device_tag({"card": None, "cores": 2, "torch_threads": 1}) == "cpu2c1t"
 
 
 def test_an_interrupted_run_writes_what_it_measured_and_exits_130(tmp_path, monkeypatch, capsys):
     out = tmp_path / "cut.json"
     calls = []
-    run_case = runner.run_case
+    run_case = measure.run_case
 
     def interrupted_after_one_case(*args, **kwargs):
         calls.append(1)
@@ -153,10 +148,10 @@ def test_an_interrupted_run_writes_what_it_measured_and_exits_130(tmp_path, monk
             raise KeyboardInterrupt
         return run_case(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "run_case", interrupted_after_one_case)
-    rc = cli.main(["--device", "cpu", "--shapes", "8x10,8x11,8x12", "--implementations", "lean-eager",
+    monkeypatch.setattr(measure, "run_case", interrupted_after_one_case)
+    rc = commands.main(["--device", "cpu", "--shapes", "8x10,8x11,8x12", "--implementations", "lean-eager",
                    "--out", str(out)])
-    assert rc == cli.INTERRUPTED == 130
+    assert rc == output.INTERRUPTED == 130
     document = json.loads(out.read_text())
     assert document["complete"] is False and "KeyboardInterrupt" in document["interrupted"]
     assert [(r["c"], r["status"]) for r in document["records"]] == [(10, "ok")]
@@ -166,9 +161,9 @@ def test_an_interrupted_run_writes_what_it_measured_and_exits_130(tmp_path, monk
 
 def test_compile_runs_only_on_target_shapes_when_the_suite_says_so():
     case = Case("aepg", "fwd+bwd", "fp32", 8, 10)  # not a target: compile is not even built
-    settings = runner.RunSettings(torch.device("cpu"), memory_bytes=None, compile_targets_only=True)
+    settings = measure.RunSettings(torch.device("cpu"), memory_bytes=None, compile_targets_only=True)
     impls = [implementations.LEAN_EAGER, implementations.LEAN_COMPILE, implementations.REFERENCE_COMPILE]
-    records = {r["implementation"]: r for r in runner.run_case(case, impls, settings, copy_gbps=None)}
+    records = {r["implementation"]: r for r in measure.run_case(case, impls, settings, copy_gbps=None)}
     for name in ("lean-compile", "reference-compile"):
         assert records[name]["status"] == "skipped" and "target shapes only" in records[name]["reason"]
     assert records["lean-eager"]["status"] == "ok" and records["lean-eager"]["speedup_vs_lean_compile"] is None

@@ -1,17 +1,21 @@
-"""What a run leaves behind: the terminal table, the JSON file with every number and the machine,
-and the PNG plot (GB/s vs C per implementation, the copy bandwidth as a line)."""
+"""What a run leaves behind: the terminal table, the JSON document with every number and the
+machine, the markdown tables, and the PNG plot (GB/s vs C per implementation, the copy bandwidth as
+a line). Files go where --out says, else into the working directory."""
 from __future__ import annotations
 
-import json
+import datetime
 import math
-import os
+import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from aepg_kernels import utils
+
 SCHEMA = "aepg-bench/1"
+INTERRUPTED = 130  # the exit status of a run stopped by SIGINT (128 + 2), its numbers written
 
 # (header, record key, format, width); None values print as "-". Times and bandwidths get
-# 3-4 significant digits without exponents (`_number`).
+# 3-4 significant digits without exponents (`format_number`).
 COLUMNS = (
     ("loss", "loss", "{}", 5),
     ("mode", "mode", "{}", 12),
@@ -32,7 +36,7 @@ COLUMNS = (
 NOT_APPLICABLE = "n/a"  # the status of an implementation that does not compute this loss (hidden in the table)
 
 
-def _number(value: float) -> str:
+def format_number(value: float) -> str:
     """3-4 significant digits, fixed point: 11490, 614.3, 6.78, 0.0986."""
     magnitude = abs(value)
     if magnitude >= 1000:
@@ -42,7 +46,7 @@ def _number(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _cell(record: Dict, key: Optional[str], fmt: str) -> str:
+def _cell(record: Dict, key: Optional[str], fmt: Optional[str]) -> str:
     if key is None:
         return f"{record['n']}x{record['c']}"
     if key == "label":
@@ -50,7 +54,7 @@ def _cell(record: Dict, key: Optional[str], fmt: str) -> str:
     value = record.get(key)
     if value is None:
         return "-"
-    return _number(value) if fmt is None else fmt.format(value)
+    return format_number(value) if fmt is None else fmt.format(value)
 
 
 def header() -> str:
@@ -70,42 +74,33 @@ def format_table(records: Iterable[Dict]) -> str:
     return "\n".join([header()] + [format_row(r) for r in records if r["status"] != NOT_APPLICABLE])
 
 
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A GitHub markdown table; cells as str(), None as "-"."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join("-" if cell is None else str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+def device_tag(info: Dict) -> str:
+    """A file-name tag for the machine: the card ('nvidia-h100-80gb-hbm3') or 'cpu<cores>c<threads>t'
+    (runs at different thread counts on one day do not overwrite each other)."""
+    if info.get("card"):
+        return re.sub(r"[^a-z0-9]+", "-", str(info["card"]).lower()).strip("-")
+    return f"cpu{info['cores']}c{info['torch_threads']}t"
 
 
-def default_output_dir(cwd: Path, package_dir: Path) -> Path:
-    """bench/results of the checkout when the package runs from one (the package's parent holds
-    bench/ and pyproject.toml), else the working directory."""
-    checkout = package_dir.parent
-    if (checkout / "pyproject.toml").is_file() and (checkout / "bench").is_dir():
-        return checkout / "bench" / "results"
-    return cwd
-
-
-def _strict(value):
-    """Non-finite floats (an infinite gate error) as strings: strict JSON has no Infinity or NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _strict(v) for key, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
+def output_path(out: Optional[Path], stem: str) -> Path:
+    """`out` (--out) when given, else `<stem>-<date>.json` in the working directory."""
+    if out is not None:
+        return out
+    return Path.cwd() / f"{stem}-{datetime.date.today().isoformat()}.json"
 
 
 def write_json(path: Path, document: Dict) -> Path:
-    """Atomically (a temporary file beside it, then os.replace): a run killed while writing leaves
-    the previous complete file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_strict({"schema": SCHEMA, **document}), indent=1, default=str, allow_nan=False)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
-    return path
+    """The document with the harness's schema tag, as strict JSON written atomically
+    (aepg_kernels.utils.write_json: a run killed while writing leaves the previous complete file;
+    a non-finite number, e.g. an infinite gate error, is null)."""
+    return utils.write_json(path, {"schema": SCHEMA, **document}, "document")
+
+
+def write_json_and_markdown(document: Dict, json_path: Path, text: str) -> None:
+    """FILE.json and FILE.md (the markdown tables `text`) beside it."""
+    print(f"wrote {write_json(json_path, document)}")
+    md = utils.write_text(json_path.with_suffix(".md"), text + "\n")
+    print(f"wrote {md}")
 
 
 def _plot_groups(records: Sequence[Dict]) -> Dict[tuple, Dict[str, Dict[int, float]]]:
@@ -130,18 +125,16 @@ def write_plot(path: Path, records: Sequence[Dict], copy_gbps: Optional[float], 
     if not groups:
         return None
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib import colormaps
     except ImportError:
         return None
     keys = sorted(groups)
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+    fig, axes = utils.new_figure(5.5 * cols, 4 * rows, rows, cols)
     names = sorted({impl for impls in groups.values() for impl in impls})
-    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}  # one colour per implementation
-    for ax, key in zip(axes.flat, keys, strict=False):  # the grid may have spare panels
+    colors = {name: colormaps["tab10"](i % 10) for i, name in enumerate(names)}
+    for ax, key in zip(axes, keys, strict=False):  # the grid may have spare panels
         for impl, per_c in sorted(groups[key].items()):
             cs = sorted(per_c)
             ax.plot(cs, [per_c[c] for c in cs], marker="o", label=impl, color=colors[impl])
@@ -153,14 +146,10 @@ def write_plot(path: Path, records: Sequence[Dict], copy_gbps: Optional[float], 
         ax.set_title(" ".join(key), fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in axes[len(keys):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return utils.save_figure(fig, path, dpi=110)
 
 
 def summary_lines(records: Sequence[Dict]) -> List[str]:
