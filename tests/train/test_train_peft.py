@@ -3,7 +3,7 @@ import torch
 
 from aepg_kernels.train import LoRAQKV, PeftModule, PrefixAttention, apply_peft, count_parameters, create_backbone
 
-from tiny_vit import RANK, TINY_VIT, WIDTH, images, make_model
+from tests.train.tiny_vit import RANK, TINY_VIT, WIDTH, images, make_model
 
 KINDS = ["lora", "adapter", "prefix", "prompt"]
 
