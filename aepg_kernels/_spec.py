@@ -302,5 +302,5 @@ def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> Non
 
 
 __all__ = ["Call", "Options", "check_coefficient", "check_coefficient_devices", "check_coefficients", "check_options",
-           "check_chunk_size", "check_logit_transform", "check_real_number", "check_target_range", "is_plain_call", "prepare", "prepare_linear",
-           "widen_targets"]
+           "check_chunk_size", "check_logit_transform", "check_real_number", "check_target_range", "is_plain_call",
+           "prepare", "prepare_linear", "widen_targets"]
