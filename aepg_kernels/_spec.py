@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, Reduction, pack
+from ._torch_private import is_fake_tensor
 
 FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 INDEX_DTYPES = frozenset((torch.int64, torch.int32))
@@ -287,7 +288,7 @@ def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> Non
     costs no device sync (CPU tensors, outside tracing); on CUDA the kernels mark such rows NaN."""
     if target.device.type != "cpu" or target.numel() == 0 or torch.compiler.is_compiling():
         return
-    if isinstance(target, torch._subclasses.FakeTensor):
+    if is_fake_tensor(target):
         return
     target = widen_targets(target, ignore_index)
     low, high = torch.stack(torch.aminmax(target)).tolist()
@@ -301,5 +302,5 @@ def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> Non
 
 
 __all__ = ["Call", "Options", "check_coefficient", "check_coefficient_devices", "check_coefficients", "check_options",
-           "check_chunk_size", "check_logit_transform", "check_real_number", "check_target_range", "is_plain_call", "prepare", "prepare_linear",
-           "widen_targets"]
+           "check_chunk_size", "check_logit_transform", "check_real_number", "check_target_range", "is_plain_call",
+           "prepare", "prepare_linear", "widen_targets"]

@@ -94,7 +94,7 @@ def _prob_partials(z: Tensor, q: Tensor, weight: Optional[Tensor], n_classes: in
                         wq_smooth.sum(1), (wq * e).sum(1), wq.sum(1), (q * e).sum(1)])
 
 
-def _merge(gathered: Tensor, row_max: Tensor, names) -> dict:
+def _merge(gathered: Tensor, row_max: Tensor, names) -> tuple[dict, Tensor]:
     """The sums of all shards relative to the global row max M, from (R, K, N) per-rank sums
     relative to each rank's max (R, N): e-weighted sums scale by exp(m_r - M); sums of z' gain
     (m_r - M) times their weight sum. Summed in rank order (deterministic)."""

@@ -5,11 +5,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn import _reduction
 
 from . import _row_terms
 from ._contract import pack
 from ._spec import check_coefficient_devices, check_coefficients, check_options, is_plain_call
+from ._torch_private import legacy_reduction
 from .backends import resolve
 from .backends.native import NativeBackend
 from ._spec import check_chunk_size, check_logit_transform
@@ -32,7 +32,7 @@ class PolicyLoss(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         if size_average is not None or reduce is not None:  # the deprecated pair, as torch maps it
-            reduction = _reduction.legacy_get_string(size_average, reduce)
+            reduction = legacy_reduction(size_average, reduce)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction

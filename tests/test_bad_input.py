@@ -10,7 +10,7 @@ import aepg_kernels as ak
 from aepg_kernels.backends import native as _native
 from aepg_kernels.backends import resolve, resolve_backend
 
-from helpers import ALL_BACKENDS, DEVICE
+from tests.helpers import ALL_BACKENDS, DEVICE
 
 C = 5
 

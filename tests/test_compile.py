@@ -10,7 +10,7 @@ import aepg_kernels as ak
 from aepg_kernels._contract import Flag, LossSpec, Reduction
 from aepg_kernels.backends.triton import op as triton_op
 
-from helpers import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, class_weights, index_targets, logits, loss_and_grad, \
+from tests.helpers import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, class_weights, index_targets, logits, loss_and_grad, \
     prob_targets
 
 
@@ -126,7 +126,8 @@ def _python_calls_in_backward(backend, reduction):
 
     def profile(frame, event, arg):
         name = frame.f_code.co_filename
-        if event == "call" and ("aepg_kernels" in name or name.endswith(("autograd/function.py", "_library/autograd.py"))):
+        if event == "call" and ("aepg_kernels" in name
+                                or name.endswith(("autograd/function.py", "_library/autograd.py"))):
             calls.append(f"{name}:{frame.f_code.co_name}")
 
     sys.setprofile(profile)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import aepg_kernels as ak
 
-from helpers import ALL_BACKENDS, DEVICE, class_weights, loss_and_grad
+from tests.helpers import ALL_BACKENDS, DEVICE, class_weights, loss_and_grad
 
 SHAPES = {  # input shape -> index target shape
     "vector": ((7,), ()),

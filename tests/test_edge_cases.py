@@ -13,7 +13,7 @@ from aepg_kernels._contract import LossSpec, Reduction
 from aepg_kernels.backends.triton import TRITON
 from aepg_kernels.backends.triton import op as triton_op
 
-from helpers import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, STATS, assert_matches_reference, class_weights, \
+from tests.helpers import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, STATS, assert_matches_reference, class_weights, \
     index_targets, logits, loss_and_grad, prob_targets, reference64, tile_config
 
 HAS_TRITON = "triton" in KERNEL_BACKENDS

@@ -6,7 +6,7 @@ import torch
 
 import aepg_kernels as ak
 
-from helpers import KERNEL_BACKENDS, reference64
+from tests.helpers import KERNEL_BACKENDS, reference64
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 GPU_BACKENDS = [b for b in KERNEL_BACKENDS if b in ("triton", "cuda")]

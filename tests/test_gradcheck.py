@@ -6,7 +6,7 @@ import torch
 
 import aepg_kernels as ak
 
-from helpers import ALL_BACKENDS, FAMILY, KERNEL_BACKENDS, class_weights, index_targets, logits, prob_targets, \
+from tests.helpers import ALL_BACKENDS, FAMILY, KERNEL_BACKENDS, class_weights, index_targets, logits, prob_targets, \
     tile_config
 
 VARIANTS = ["plain", "ignore", "weight", "prob", "prob_weight"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import aepg_kernels as ak
 
-from helpers import DEVICE, FAMILY, KERNEL_BACKENDS, assert_matches_reference, class_weights, index_targets, \
+from tests.helpers import DEVICE, FAMILY, KERNEL_BACKENDS, assert_matches_reference, class_weights, index_targets, \
     logits, loss_and_grad, prob_targets, reference64, tile_config
 
 pytestmark = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend on this machine")
@@ -112,7 +112,7 @@ def test_low_precision_no_worse_than_torch(backend, dtype, n, c, coefficients):
     torch_loss = _lowp_composite(xt, y, a, b, beta)
     (torch_grad,) = torch.autograd.grad(torch_loss, xt)
     ulp = torch.finfo(dtype).eps
-    err = lambda v, r: (v.double().cpu() - r).abs().max().item()  # noqa: E731
+    err = lambda v, r: (v.double().cpu() - r).abs().max().item()
     assert loss.dtype == dtype and grad.dtype == dtype
     assert err(loss, ref_loss) <= err(torch_loss, ref_loss) + ulp * ref_loss.abs().item()
     assert err(grad, ref_grad) <= err(torch_grad, ref_grad) + ulp * ref_grad.abs().max().item()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import aepg_kernels as ak
-from helpers import DEVICE, FAMILY, KERNEL_BACKENDS
+from tests.helpers import DEVICE, FAMILY, KERNEL_BACKENDS
 
 LINEAR_BACKENDS = KERNEL_BACKENDS  # "eager" is the materialising reference itself
 FAMILY_LINEAR = {name: kw for name, kw in FAMILY.items() if name in ("ce", "epg", "aepg_0.25", "ep", "cp",

@@ -13,7 +13,7 @@ import aepg_kernels as ak
 from aepg_kernels._contract import Flag, LossSpec, Reduction
 from aepg_kernels.backends import native as _native
 
-from helpers import FAMILY, STATS, assert_matches_reference, class_weights, index_targets, loss_and_grad, \
+from tests.helpers import FAMILY, STATS, assert_matches_reference, class_weights, index_targets, loss_and_grad, \
     prob_targets, reference64
 
 HAS_CPU = _native.has_cpu_kernels()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import aepg_kernels as ak
-from helpers import ALL_BACKENDS, DEVICE, class_weights, index_targets, logits, prob_targets
+from tests.helpers import ALL_BACKENDS, DEVICE, class_weights, index_targets, logits, prob_targets
 
 REDUCTIONS = ["mean", "sum", "none"]
 

@@ -6,7 +6,7 @@ import torch
 
 import aepg_kernels as ak
 
-from helpers import DEVICE, index_targets, logits, loss_and_grad
+from tests.helpers import DEVICE, index_targets, logits, loss_and_grad
 
 FORMULAS = {
     ak.SigmoidAnneal: lambda u: 1 / (1 + math.exp(-6.0 * (1 - 2 * u))),
@@ -121,7 +121,8 @@ def test_feedback_alpha_state_round_trip_and_bad_arguments():
     restored = ak.FeedbackAlpha(8, device="cpu")
     restored.load_state_dict(schedule.state_dict())
     assert float(restored.alpha) == pytest.approx(schedule.alpha) and restored.step_count == 1 and restored.gain == 1.0
-    for kwargs, name in ((dict(gain=-1.0), "gain"), (dict(target_end=1.5), "target_end"), (dict(alpha0=True), "alpha0")):
+    for kwargs, name in ((dict(gain=-1.0), "gain"), (dict(target_end=1.5), "target_end"),
+                         (dict(alpha0=True), "alpha0")):
         with pytest.raises(ValueError, match=name):
             ak.FeedbackAlpha(8, **kwargs)
 

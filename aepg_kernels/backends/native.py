@@ -20,7 +20,7 @@ _C = None
 _IMPORT_ERROR: Optional[str] = "it is not built (pip install . builds it where a compiler is found)"
 if importlib.util.find_spec(f"{__package__.rpartition('.')[0]}._C") is not None:  # pragma: no cover - build
     try:
-        from .. import _C  # noqa: F401  (registers the aepg:: operators)
+        from .. import _C  # registers the aepg:: operators
         _IMPORT_ERROR = None
     except ImportError as error:
         _IMPORT_ERROR = f"it failed to load: {error}"

@@ -401,8 +401,8 @@ def settings(device: torch.device, repeats: int) -> Dict[str, object]:
                   "the JSON); before them a call at 1x8 (lazy initialisation) and the gated, memory-measured call",
         "memory": ("llm.peak_extra_bytes of the first call at the shape: " + (
             "torch.cuda.max_memory_allocated minus memory_allocated before it" if device.type == "cuda" else
-            f"resident set sampled every {llm.SAMPLE_SECONDS * 1e3:g} ms by a thread, minus the resident set just "
-            "before it (after gc.collect and malloc_trim)") + "; includes the step's fresh gradients (released "
+            f"resident set sampled every {llm.SAMPLE_SECONDS * 1e3:g} ms by a thread, minus the resident set "
+            "just before it (after gc.collect and malloc_trim)") + "; includes the step's fresh gradients (released "
                    "before the baseline); other rows' models and gradients are resident, not counted"),
     }
 

@@ -188,7 +188,8 @@ class CollectiveCounter:
             # all_gather_into_tensor(out, tensor), reduce_scatter_tensor(out, tensor), broadcast(tensor)
             index = 0 if name in ("all_reduce", "broadcast") else 1
             tensor = args[index] if len(args) > index else kwargs.get("tensor", kwargs.get("input"))
-            self.calls.append({"op": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).replace("torch.", ""),
+            self.calls.append({"op": name, "shape": list(tensor.shape),
+                               "dtype": str(tensor.dtype).replace("torch.", ""),
                                "bytes": tensor.numel() * tensor.element_size() * (self.world_size - 1)})
             return original(*args, **kwargs)
         return counted
@@ -291,7 +292,8 @@ def run_case(case: VPCase, rank: int, world_size: int, repeats: int) -> dict:
     record["bytes"] = every[0]["bytes"]
     record["bytes_equal_on_ranks"] = all(r["bytes"] == every[0]["bytes"] for r in every)
     record["barrier_s"] = barrier_s
-    record["idle_rank_cpu_s_per_call"] = statistics.mean(every[1]["idle"]) if world_size > 1 and every[1]["idle"] else None
+    record["idle_rank_cpu_s_per_call"] = (statistics.mean(every[1]["idle"]) if world_size > 1 and every[1]["idle"]
+                                          else None)
     for name in steps:
         if name in (SHARDED, GATHER_SIZES):  # the slower rank's time, per round
             seconds = [max(r["times"][name][i] for r in every) for i in range(repeats)]
@@ -445,7 +447,8 @@ def run_cli(parser, args, argv: Sequence[str], device: torch.device) -> int:
         document["error"] = f"{type(error).__name__}: {str(error)[-600:]}"
         print(f"error: {document['error']}")
     document["wall_seconds"] = time.monotonic() - start
-    document["load_average_1_5_15min_end"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    document["load_average_1_5_15min_end"] = ([round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg")
+                                              else None)
     document["complete"] = "interrupted" not in document and not failed
     text = markdown(document["records"])
     print("\n" + text + "\n")

@@ -77,7 +77,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     from . import distributed
     try:
-        return {"run": lambda: _run(cfg), "compare": lambda: _compare(cfg, args), "sweep": lambda: _sweep(cfg, args)}[mode]()
+        return {"run": lambda: _run(cfg), "compare": lambda: _compare(cfg, args),
+                "sweep": lambda: _sweep(cfg, args)}[mode]()
     finally:
         distributed.shutdown()
 

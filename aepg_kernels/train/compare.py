@@ -224,7 +224,8 @@ def run_sweep(base_cfg: TrainConfig, grid: Mapping[str, Sequence], seeds: Sequen
         entry["grid_values"] = grid_values(configurations[name])
     swept["runs"] = {name: {str(seed): {"output_dir": output_dirs[name][str(seed)], "reused": seed in reused[name],
                                         "metrics": run_metrics(summary),
-                                        "accuracy_after_each_task": accuracy_after_each_task(summary["accuracy_matrix"])}
+                                        "accuracy_after_each_task":
+                                            accuracy_after_each_task(summary["accuracy_matrix"])}
                             for seed, summary in by_seed.items()}
                      for name, by_seed in results.items()}
     swept["grid"] = {k: [_value_text(v) for v in values] for k, values in grid.items()}

@@ -375,7 +375,8 @@ def symmetric_label_noise(targets: torch.Tensor, fraction: float, seed: int,
     for group in groups:
         members = torch.isin(original, group)
         pick = draw[members] % max(len(group) - 1, 1)
-        new[members] = group[pick + (pick >= torch.searchsorted(group, original[members])).long()]  # skip the true class
+        # skip the true class
+        new[members] = group[pick + (pick >= torch.searchsorted(group, original[members])).long()]
     noisy = targets.clone()
     noisy[indices] = new
     record = dict(fraction=fraction, num_samples=len(targets), num_flipped=count,

@@ -39,7 +39,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     returns the summary (metrics, accuracy matrix, history, class order)."""
     _rank, _world_size, device = distributed.init_from_env(cfg.run.device)
     if not distributed.is_main():
-        log = lambda _msg: None  # noqa: E731  (one voice: rank 0)
+        log = lambda _msg: None  # one voice: rank 0
     cfg = resolve_backbone_weights(cfg, log)
     torch.manual_seed(cfg.run.seed)  # PEFT initialisation; heads are seeded by the trainer per task
     model = ContinualViT.from_config(cfg.model, cfg.peft)

@@ -171,7 +171,8 @@ def format_difference_table(comparisons: Mapping[str, Mapping], metrics: Sequenc
                 continue
             stat = comparison["metrics"][metric]
             scale, digits, unit = _scale(metric)
-            interval = lambda pair: f"[{_number(pair[0], scale, digits, True)}, {_number(pair[1], scale, digits, True)}]"  # noqa: E731
+            interval = lambda pair: (f"[{_number(pair[0], scale, digits, True)}, "
+                                     f"{_number(pair[1], scale, digits, True)}]")
             record = "-" if stat["wins"] is None else f"{stat['wins']} / {stat['ties']} / {stat['losses']}"
             p = stat["t_p_value"]
             rows.append([name, comparison["baseline"], f"{METRIC_LABELS[metric]} ({unit})", str(stat["n"]),

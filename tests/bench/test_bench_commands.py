@@ -176,7 +176,7 @@ def test_implementations_share_the_rotation_of_input_copies():
     inputs = bench_inputs.make_inputs(case, torch.device("cpu"), rotations=5)
     assert len({x.data_ptr() for x in inputs.logits}) == 5
     seen = []
-    fn = lambda x, y: seen.append(x.data_ptr()) or x.sum()  # noqa: E731
+    fn = lambda x, y: seen.append(x.data_ptr()) or x.sum()
     first, second = timing.make_step(fn, inputs, False), timing.make_step(fn, inputs, False)
     first(), first(), second(), second()
     assert seen == [x.data_ptr() for x in inputs.logits[:4]]

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("trl")
 
-from aepg_kernels.bench import commands, llm_step  # noqa: E402
+from aepg_kernels.bench import commands, llm_step
 
 TINY = "2x16x16x1000"
 

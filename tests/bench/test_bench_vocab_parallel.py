@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("restore_intra_op_threads")  # the commands
 
 def test_list_and_bad_options(capsys):
     assert commands.main(["--suite", "vocab-parallel", "--list", "--shapes", "64x50,64x16x50", "--losses", "ce"]) == 0
-    assert capsys.readouterr().out.split("\n")[:2] == ["policy_loss CE fp32 64x50", "linear_policy_loss CE fp32 64x16x50"]
+    assert capsys.readouterr().out.split("\n")[:2] == ["policy_loss CE fp32 64x50",
+                                                       "linear_policy_loss CE fp32 64x16x50"]
     for argv in (["--dtypes", "bf16"], ["--implementations", "eager"], ["--shapes", "64x1"], ["--shapes", "64"],
                  ["--losses", "dft"], ["--repeats", "0"], ["--threads", "2"]):
         with pytest.raises(SystemExit) as error:

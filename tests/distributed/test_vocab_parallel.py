@@ -18,7 +18,8 @@ TOL32 = dict(rtol=2e-6, atol=1e-7)  # fp32: a few ulps of the row sums
 LOSSES = {
     "ce": dict(),
     "epg": dict(ce_weight=0.0, epg_weight=1.0),
-    "aepg-tensor": dict(ce_weight=torch.tensor(0.3, dtype=torch.float64), epg_weight=torch.tensor(0.7, dtype=torch.float64)),
+    "aepg-tensor": dict(ce_weight=torch.tensor(0.3, dtype=torch.float64),
+                        epg_weight=torch.tensor(0.7, dtype=torch.float64)),
     "entropy": dict(ce_weight=0.5, epg_weight=0.5, entropy_weight=0.2),
     "smoothing": dict(label_smoothing=0.1, entropy_weight=-0.1),
     "focal": dict(focal_gamma=2.0, epg_weight=0.5),

@@ -9,7 +9,7 @@ peft = pytest.importorskip("peft")
 import aepg_kernels as ak  # noqa: E402
 from aepg_kernels.integrations.transformers import (AlphaScheduleCallback, ForCausalLMPolicyLoss,  # noqa: E402
                                                     get_patch, patch_causal_lm, unpatch_causal_lm)
-from tiny_lms import ARCHITECTURES, VOCAB, batch, grads, tiny_lm  # noqa: E402
+from tests.integrations.tiny_lms import ARCHITECTURES, VOCAB, batch, grads, tiny_lm  # noqa: E402
 
 # fp32 end to end: the fused op and F.cross_entropy differ by summation order only (a few ulps of
 # the loss; gradients through two transformer layers stay within 1e-5 relative of the largest entry)

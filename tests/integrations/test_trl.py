@@ -12,8 +12,8 @@ datasets = pytest.importorskip("datasets")
 import aepg_kernels as ak  # noqa: E402
 from aepg_kernels.integrations.transformers import AlphaScheduleCallback, patch_causal_lm  # noqa: E402
 from aepg_kernels.integrations.trl import PolicySFTTrainer  # noqa: E402
-from tiny_lms import VOCAB, grads, tiny_lm  # noqa: E402
-from test_transformers import RTOL, assert_grads_close  # noqa: E402
+from tests.integrations.tiny_lms import VOCAB, grads, tiny_lm  # noqa: E402
+from tests.integrations.test_transformers import RTOL, assert_grads_close  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """`aepg-train` end to end: a run and a compare from the shipped demo preset, through the command
-line, with the demo's MNIST pretraining shrunk (see test_train_pretrain.py) and few epochs; and the
+line, with the demo's MNIST pretraining shrunk (conftest.py's small_recipe) and few epochs; and the
 real embedded demo (slow): CE vs aEPG, 3 seeds, every run far above chance."""
 import json
 
@@ -7,8 +7,6 @@ import pytest
 
 from aepg_kernels.train import ConfigError, load_config
 from aepg_kernels.train.cli import main as cli_main
-
-from test_train_pretrain import small_recipe  # noqa: F401  (fixture)
 
 SHORT = ["optim.epochs=2", "optim.peft_frozen_epochs=1", "scenario.num_tasks=2", "run.progress=false"]
 METRICS = ("final_accuracy", "average_incremental_accuracy", "forgetting_max_based", "backward_transfer")
@@ -19,7 +17,7 @@ def _args(tmp_path, *extra):
             *SHORT, *extra]
 
 
-def test_run_writes_every_output(tmp_path, small_recipe, capsys):  # noqa: F811
+def test_run_writes_every_output(tmp_path, small_recipe, capsys):
     assert cli_main(_args(tmp_path, "loss.name=ce")) == 0
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} >= {"summary.json", "config.yaml", "checkpoint.pt", "accuracy_matrix.png",
@@ -37,7 +35,7 @@ def test_run_writes_every_output(tmp_path, small_recipe, capsys):  # noqa: F811
     assert "final accuracy A_T" in printed
 
 
-def test_run_resumes_instead_of_retraining(tmp_path, small_recipe, monkeypatch):  # noqa: F811
+def test_run_resumes_instead_of_retraining(tmp_path, small_recipe, monkeypatch):
     assert cli_main(_args(tmp_path)) == 0
     first = json.loads((tmp_path / "out" / "summary.json").read_text())
 
@@ -50,7 +48,7 @@ def test_run_resumes_instead_of_retraining(tmp_path, small_recipe, monkeypatch):
     assert again["accuracy_matrix"] == first["accuracy_matrix"]
 
 
-def test_compare_writes_a_table_of_every_loss(tmp_path, small_recipe, capsys):  # noqa: F811
+def test_compare_writes_a_table_of_every_loss(tmp_path, small_recipe, capsys):
     assert cli_main(["compare", *_args(tmp_path), "--losses", "ce,epg", "--seeds", "0"]) == 0
     aggregated = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert set(aggregated["losses"]) == {"ce", "epg"}
@@ -86,7 +84,7 @@ def test_embedded_demo_learns_far_above_chance(tmp_path, capsys):
         assert len(finals) == 3 and min(finals) > 0.3, (loss, finals)
 
 
-def test_sweep_runs_the_grid_with_label_noise_and_reads_finished_runs_back(tmp_path, small_recipe, capsys,  # noqa: F811
+def test_sweep_runs_the_grid_with_label_noise_and_reads_finished_runs_back(tmp_path, small_recipe, capsys,
                                                                            monkeypatch):
     argv = ["sweep", *_args(tmp_path, "loss.name=ce"), "--grid", "data.label_noise=0,0.2", "--seeds", "0"]
     assert cli_main(argv) == 0
@@ -118,7 +116,7 @@ def test_sweep_rejects_a_bad_grid_before_running(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_task_scoped_noise_flips_within_the_runs_tasks(tmp_path, small_recipe):  # noqa: F811
+def test_task_scoped_noise_flips_within_the_runs_tasks(tmp_path, small_recipe):
     assert cli_main(_args(tmp_path, "loss.name=ce", "data.label_noise=0.2", "data.label_noise_scope=task")) == 0
     out = tmp_path / "out"
     noise = json.loads((out / "noise.json").read_text())

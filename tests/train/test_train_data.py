@@ -112,7 +112,7 @@ def test_backbone_normalization_per_channel():
 
 
 def test_backbone_normalization_of_a_timm_vit():
-    from tiny_vit import TINY_VIT
+    from tests.train.tiny_vit import TINY_VIT
 
     from aepg_kernels.train import create_backbone
     backbone = create_backbone(TINY_VIT)

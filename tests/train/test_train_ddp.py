@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from aepg_kernels.train import ClassIncrementalScenario, ContinualTrainer, config_from_dict, task_subsets
 from aepg_kernels.train import distributed
 
-from tiny_vit import class_images, make_model, one_intra_op_thread
+from tests.train.tiny_vit import class_images, make_model, one_intra_op_thread
 
 # Task 0 holds 7 + 6 = 13 images (natural order): batches of 4 rows, the last one row, which rank 1
 # takes alone (rank 0's share is empty); tasks 1 and 2 hold 16.

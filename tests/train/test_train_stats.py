@@ -10,7 +10,7 @@ from aepg_kernels.train.compare import aggregate
 from aepg_kernels.train.stats import (compare_to_baseline, format_difference_table, numeric_grid_keys,
                                       paired_difference, pair_baselines, t_quantile, write_stats_outputs)
 
-from test_train_compare import PNG_SIGNATURE, two_task_summary
+from tests.train.test_train_compare import PNG_SIGNATURE, two_task_summary
 
 BASE = [0.70, 0.80, 0.90, 0.60, 0.75]
 GAIN = [0.02, 0.04, 0.06, 0.02, 0.06]  # mean 0.04, sample std 0.02
@@ -97,7 +97,8 @@ def test_each_configuration_is_paired_with_the_baseline_of_its_other_grid_values
 
 
 def test_pairing_uses_the_seeds_both_ran():
-    two = swept({"ce": ({"loss.name": "ce"}, {0: 0.5, 1: 0.6, 2: 0.7}), "aepg": ({"loss.name": "aepg"}, {1: 0.7, 2: 0.7})})
+    two = swept({"ce": ({"loss.name": "ce"}, {0: 0.5, 1: 0.6, 2: 0.7}),
+                 "aepg": ({"loss.name": "aepg"}, {1: 0.7, 2: 0.7})})
     comparison = compare_to_baseline(two, ["loss.name=ce"])["aepg"]
     assert comparison["seeds"] == [1, 2]
     assert comparison["metrics"]["final_accuracy"]["differences"] == pytest.approx([0.1, 0.0])

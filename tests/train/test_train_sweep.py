@@ -10,7 +10,7 @@ from aepg_kernels.train.compare import (format_compare_table, grid_configuration
                                         write_sweep_outputs)
 from aepg_kernels.train.report import write_run_outputs
 
-from test_train_compare import two_task_summary
+from tests.train.test_train_compare import two_task_summary
 
 
 @pytest.fixture
@@ -68,7 +68,8 @@ def test_run_sweep_runs_every_configuration_and_seed_paired_by_seed(base_cfg):
     assert entry["metrics"]["final_accuracy"]["values"] == pytest.approx([0.55, 0.58])
     run = swept["runs"][name]["3"]
     assert run["metrics"]["final_accuracy"] == pytest.approx(0.58) and run["reused"] is False
-    assert run["output_dir"] == str(base / name / "seed3") and run["accuracy_after_each_task"][-1] == pytest.approx(0.58)
+    assert (run["output_dir"] == str(base / name / "seed3")
+            and run["accuracy_after_each_task"][-1] == pytest.approx(0.58))
     assert swept["grid"] == {"loss.schedule": ["constant"], "loss.alpha": ["0.0", "0.5"]} and swept["seeds"] == [0, 3]
     assert "run 4/4: loss.schedule=constant,loss.alpha=0.5 seed=3" in logged[6]
 

@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 from aepg_kernels.train import ClassIncrementalScenario, ContinualTrainer, config_from_dict, task_subsets
 from aepg_kernels.train.cli import main as cli_main
 
-from tiny_vit import make_model
+from tests.train.tiny_vit import make_model
 
 NUM_CLASSES, PER_CLASS = 6, 8
 

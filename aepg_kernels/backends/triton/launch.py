@@ -71,8 +71,8 @@ def _common_args(logits, target, weight, spec: LossSpec, w_total):
             dummy if weight is None else weight, dummy if w_total is None else w_total,
             a_ptr, b_ptr, a_value, b_value, spec.entropy_weight, spec.label_smoothing)
     flags = dict(PROB_TARGET=spec.prob_target, HAS_WEIGHT=weight is not None,
-                 SMOOTHING=spec.label_smoothing > 0, A_FROM_PTR=a_from_ptr, B_FROM_PTR=b_from_ptr, B_ONE_MINUS_A=one_minus,
-                 MEAN=spec.reduction == Reduction.MEAN, ACC=_acc(logits.dtype))
+                 SMOOTHING=spec.label_smoothing > 0, A_FROM_PTR=a_from_ptr, B_FROM_PTR=b_from_ptr,
+                 B_ONE_MINUS_A=one_minus, MEAN=spec.reduction == Reduction.MEAN, ACC=_acc(logits.dtype))
     return args, flags
 
 

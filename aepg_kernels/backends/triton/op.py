@@ -13,9 +13,9 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from ..._contract import NUM_STATS, Flag, Reduction, accumulation_dtype, with_flag
+from ..._torch_private import graph_keeps_saved_tensors, is_tracing
 
 _NUM_CALL_ARGS = 8  # logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags
 
@@ -24,14 +24,6 @@ def launch_module():
     """The host side (launch.py), imported on first use: importing it imports triton."""
     from . import launch
     return launch
-
-
-def _tracing() -> bool:
-    """Whether a graph is being captured (Dynamo, make_fx, fake or other dispatch modes): then the
-    calls must go through the registered custom ops. (Private torch APIs, isolated here.)"""
-    return (torch.compiler.is_compiling() or get_proxy_mode() is not None
-            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
-            or bool(torch._C._len_torch_dispatch_stack()))
 
 
 def _forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight_t: Optional[Tensor],
@@ -86,13 +78,13 @@ def _scale_in_place_ok(tracing: bool) -> bool:
     retain_graph (true as well outside the autograd engine), and not while a graph is traced
     (AOTAutograd would see a backward mutating a forward output; out of place, Inductor fuses
     the product)."""
-    return not tracing and not torch._C._autograd._get_current_graph_task_keep_graph()
+    return not tracing and not graph_keeps_saved_tensors()
 
 
 def _backward(ctx, grad_loss, _grad_stats, _grad_grad, _grad_denom):
     if grad_loss is None:  # the loss took no part in what is differentiated
         return (None,) * _NUM_CALL_ARGS
-    tracing = _tracing()
+    tracing = is_tracing()  # then the calls go through the registered custom ops
     if ctx.fused:
         (grad,) = ctx.saved_tensors
         if _scale_in_place_ok(tracing):
@@ -129,6 +121,6 @@ def policy_loss(logits, target, weight, ce_weight_t, epg_weight_t, scalars, igno
     write_grad = (logits.requires_grad and torch.is_grad_enabled() and flags & Flag.REDUCTION != Reduction.NONE
                   and fits_on_chip(logits.shape[1]))
     flags = with_flag(flags, Flag.WRITE_GRAD, write_grad)
-    op = triton_forward if _tracing() else TritonPolicyLoss.apply
+    op = triton_forward if is_tracing() else TritonPolicyLoss.apply
     loss, stats, _grad, _denom = op(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags)
     return loss, stats

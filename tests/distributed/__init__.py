@@ -1,0 +1,1 @@
+"""Tests of the vocabulary-parallel loss over several processes."""

@@ -1,0 +1,1 @@
+"""Tests of the Hugging Face integrations, aepg_kernels.integrations."""

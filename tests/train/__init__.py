@@ -1,0 +1,1 @@
+"""Tests of the ViT-PEFT continual trainer, aepg_kernels.train."""
