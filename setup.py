@@ -7,6 +7,7 @@ the package still installs and `aepg_kernels.available_backends()` says what is 
 Environment: AEPG_NO_NATIVE=1 skips the extension, AEPG_NO_CUDA=1 / AEPG_FORCE_CUDA=1 decide on
 the CUDA sources, TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "9.0").
 """
+
 import os
 import platform
 import warnings
@@ -35,8 +36,7 @@ def read_sources():
 
 
 def _warn(message):
-    warnings.warn(f"aepg_kernels: {message}; installing the pure Python package (backends triton/eager)",
-                  stacklevel=2)
+    warnings.warn(f"aepg_kernels: {message}; installing the pure Python package (backends triton/eager)", stacklevel=2)
     print(f"WARNING: aepg_kernels: {message}")
 
 
@@ -48,15 +48,18 @@ def native_build():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        _warn("torch is not importable in the build environment (pip install --no-build-isolation . builds "
-              "the native kernels against the installed torch)")
+        _warn(
+            "torch is not importable in the build environment (pip install --no-build-isolation . builds "
+            "the native kernels against the installed torch)"
+        )
         return [], {}
 
     groups = read_sources()
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     isa_builds = {group: groups[group] for group in ISA_GROUPS if x86 and groups.get(group)}
     want_cuda = os.environ.get("AEPG_FORCE_CUDA", "0") == "1" or (
-        torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None)
+        torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    )
     if os.environ.get("AEPG_NO_CUDA", "0") == "1" or not groups.get("cuda"):
         want_cuda = False
 
@@ -71,8 +74,13 @@ def native_build():
             cxx.append("-DAEPG_WITH_CUDA")
             make = cpp_extension.CUDAExtension
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-DAEPG_WITH_CUDA"]
-        ext = make("aepg_kernels._C", sources, include_dirs=[str(ROOT / "csrc")],
-                   extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
+        ext = make(
+            "aepg_kernels._C",
+            sources,
+            include_dirs=[str(ROOT / "csrc")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
+        )
         ext.aepg_with_cuda = with_cuda
         return ext
 
@@ -108,8 +116,12 @@ def native_build():
                 flags = dict(ext.extra_compile_args)
                 flags["cxx"] = flags["cxx"] + ISA_GROUPS[group][0]
                 ext.extra_objects = list(ext.extra_objects) + self.compiler.compile(
-                    sources, output_dir=self.build_temp, include_dirs=ext.include_dirs, extra_postargs=flags,
-                    depends=ext.depends)
+                    sources,
+                    output_dir=self.build_temp,
+                    include_dirs=ext.include_dirs,
+                    extra_postargs=flags,
+                    depends=ext.depends,
+                )
             super().build_extension(ext)
 
     return [make_extension(want_cuda)], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}

@@ -12,6 +12,7 @@ the 0-d "mean" denominator. The C++ operators mirror these enums in csrc/contrac
 are exported by aepg_kernels._C and compared in the tests), so a new hyperparameter is one `Scalar`
 row here, one there, and the line of the math that reads it.
 """
+
 from __future__ import annotations
 
 import enum
@@ -34,34 +35,34 @@ class Reduction(enum.IntEnum):
 class Scalar(enum.IntEnum):
     """Positions in the `scalars` list of a call."""
 
-    CE_WEIGHT = 0        # a, when not given as a 0-d tensor
-    EPG_WEIGHT = 1       # b, when not given as a 0-d tensor
-    ENTROPY_WEIGHT = 2   # beta
+    CE_WEIGHT = 0  # a, when not given as a 0-d tensor
+    EPG_WEIGHT = 1  # b, when not given as a 0-d tensor
+    ENTROPY_WEIGHT = 2  # beta
     LABEL_SMOOTHING = 3  # eps
-    FOCAL_GAMMA = 4      # gamma
+    FOCAL_GAMMA = 4  # gamma
 
 
 class Flag(enum.IntFlag):
     """Bits of the `flags` word of a call (above the reduction's two bits)."""
 
-    REDUCTION = 3         # mask of the Reduction value
-    PROB_TARGET = 4       # target holds class probabilities
-    NEED_ENTROPY = 8      # compute H(p) even without an entropy term (for the returned stats)
-    WRITE_GRAD = 16       # the forward writes the gradient (set by the backend, never by the caller)
+    REDUCTION = 3  # mask of the Reduction value
+    PROB_TARGET = 4  # target holds class probabilities
+    NEED_ENTROPY = 8  # compute H(p) even without an entropy term (for the returned stats)
+    WRITE_GRAD = 16  # the forward writes the gradient (set by the backend, never by the caller)
     EPG_ONE_MINUS_CE = 32  # the EPG weight is 1 - the CE weight tensor (aEPG: no `1 - alpha` op per call)
 
 
 class Stat(enum.IntEnum):
     """Rows of the per-row statistics tensor of shape (NUM_STATS, n_rows) the kernels write."""
 
-    LSE = 0            # log-sum-exp of the row
-    ENTROPY = 1        # H(p) (NaN when the caller did not ask for it)
-    P_TARGET = 2       # p_y (index targets) or sum_k q_k p_k (probability targets)
+    LSE = 0  # log-sum-exp of the row
+    ENTROPY = 1  # H(p) (NaN when the caller did not ask for it)
+    P_TARGET = 2  # p_y (index targets) or sum_k q_k p_k (probability targets)
     SAMPLE_WEIGHT = 3  # per-row factor of (p - e_y) in the gradient
-    ROW_WEIGHT = 4     # w_y for a counted row, 0 when ignored; sum_k w_k q_k for probability targets
-    AUX = 5            # 1 - p_y, accurate near p_y = 1 (index); sum_k w_k q_k p_k (probability)
-    ROW_MAX = 6        # the row max m (0 for a row of -inf), so that log p = (z - m) - log S
-    LOG_SUM = 7        # log S = log sum_k exp(z_k - m): backward recomputes p without cancellation
+    ROW_WEIGHT = 4  # w_y for a counted row, 0 when ignored; sum_k w_k q_k for probability targets
+    AUX = 5  # 1 - p_y, accurate near p_y = 1 (index); sum_k w_k q_k p_k (probability)
+    ROW_MAX = 6  # the row max m (0 for a row of -inf), so that log p = (z - m) - log S
+    LOG_SUM = 7  # log S = log sum_k exp(z_k - m): backward recomputes p without cancellation
 
 
 NUM_SCALARS = len(Scalar)
@@ -105,34 +106,73 @@ class LossSpec:
         return self.entropy_weight != 0.0
 
     @classmethod
-    def unpack(cls, ce_weight_t: Optional[torch.Tensor], epg_weight_t: Optional[torch.Tensor],
-               scalars: List[float], ignore_index: int, flags: int) -> "LossSpec":
+    def unpack(
+        cls,
+        ce_weight_t: Optional[torch.Tensor],
+        epg_weight_t: Optional[torch.Tensor],
+        scalars: List[float],
+        ignore_index: int,
+        flags: int,
+    ) -> "LossSpec":
         """The inverse of `pack` (mirrored by `unpack` in csrc/ops.cpp)."""
         return cls(
             ce_weight=scalars[Scalar.CE_WEIGHT] if ce_weight_t is None else ce_weight_t,
-            epg_weight=(ONE_MINUS_CE_WEIGHT if flags & Flag.EPG_ONE_MINUS_CE
-                        else scalars[Scalar.EPG_WEIGHT] if epg_weight_t is None else epg_weight_t),
-            entropy_weight=scalars[Scalar.ENTROPY_WEIGHT], label_smoothing=scalars[Scalar.LABEL_SMOOTHING],
-            focal_gamma=scalars[Scalar.FOCAL_GAMMA], ignore_index=ignore_index,
-            reduction=Reduction(flags & Flag.REDUCTION), prob_target=bool(flags & Flag.PROB_TARGET))
+            epg_weight=(
+                ONE_MINUS_CE_WEIGHT
+                if flags & Flag.EPG_ONE_MINUS_CE
+                else scalars[Scalar.EPG_WEIGHT]
+                if epg_weight_t is None
+                else epg_weight_t
+            ),
+            entropy_weight=scalars[Scalar.ENTROPY_WEIGHT],
+            label_smoothing=scalars[Scalar.LABEL_SMOOTHING],
+            focal_gamma=scalars[Scalar.FOCAL_GAMMA],
+            ignore_index=ignore_index,
+            reduction=Reduction(flags & Flag.REDUCTION),
+            prob_target=bool(flags & Flag.PROB_TARGET),
+        )
 
-    def pack(self, need_entropy: bool = False
-             ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], List[float], int, int]:
+    def pack(
+        self, need_entropy: bool = False
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], List[float], int, int]:
         """(ce_weight_t, epg_weight_t, scalars, ignore_index, flags): the op's arguments after
         the tensors; a coefficient given as a tensor travels as a tensor, its scalar slot 0."""
-        return pack(self.ce_weight, self.epg_weight, self.entropy_weight, self.label_smoothing,
-                    self.focal_gamma, self.ignore_index, self.reduction, self.prob_target, need_entropy)
+        return pack(
+            self.ce_weight,
+            self.epg_weight,
+            self.entropy_weight,
+            self.label_smoothing,
+            self.focal_gamma,
+            self.ignore_index,
+            self.reduction,
+            self.prob_target,
+            need_entropy,
+        )
 
 
-def pack(ce_weight: Coefficient, epg_weight: Coefficient, entropy_weight: float, label_smoothing: float,
-         focal_gamma: float, ignore_index: int, reduction: int, prob_target: bool, need_entropy: bool):
+def pack(
+    ce_weight: Coefficient,
+    epg_weight: Coefficient,
+    entropy_weight: float,
+    label_smoothing: float,
+    focal_gamma: float,
+    ignore_index: int,
+    reduction: int,
+    prob_target: bool,
+    need_entropy: bool,
+):
     """The op's hyperparameter arguments from validated values (see `LossSpec.pack`), in plain
     ints and floats (enum arithmetic would cost microseconds on every call)."""
     a_t = ce_weight if isinstance(ce_weight, torch.Tensor) else None
     one_minus = epg_weight is ONE_MINUS_CE_WEIGHT
     b_t = epg_weight if isinstance(epg_weight, torch.Tensor) else None
-    scalars = [0.0 if a_t is not None else ce_weight, 0.0 if b_t is not None or one_minus else epg_weight,
-               entropy_weight, label_smoothing, focal_gamma]  # in the order of Scalar
+    scalars = [
+        0.0 if a_t is not None else ce_weight,
+        0.0 if b_t is not None or one_minus else epg_weight,
+        entropy_weight,
+        label_smoothing,
+        focal_gamma,
+    ]  # in the order of Scalar
     flags = int(reduction)
     if one_minus:
         flags |= _EPG_ONE_MINUS_CE

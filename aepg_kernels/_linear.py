@@ -12,6 +12,7 @@ dX_c = dlogits @ W; dW += dlogits^T @ x_c into an fp32 accumulator; db += the co
 CPU low-precision inputs are computed in fp32 (ATen has no fast bf16/fp16 matmul there), on CUDA in
 their dtype with fp32 accumulation of dW.
 """
+
 from __future__ import annotations
 
 import enum
@@ -118,21 +119,30 @@ def _summed(flags: int) -> int:
     return (flags & ~int(Flag.REDUCTION)) | int(Reduction.SUM)
 
 
-def _row_grad(backend: KernelBackend, logits: Tensor, target: Tensor, rest: tuple, fused: bool, out: Tensor,
-              token_weight: Optional[Tensor]):
+def _row_grad(
+    backend: KernelBackend,
+    logits: Tensor,
+    target: Tensor,
+    rest: tuple,
+    fused: bool,
+    out: Tensor,
+    token_weight: Optional[Tensor],
+):
     """(loss, stats, dlogits into `out`) of one chunk of a summed loss for an upstream gradient of 1
     (times the rows' token weights)."""
     weight, a_t, b_t, scalars, ignore_index, flags = rest
     if fused and token_weight is None:
-        loss, stats, grad, _ = backend.forward(logits, target, weight, a_t, b_t, scalars, ignore_index,
-                                               with_flag(flags, Flag.WRITE_GRAD, True), out=out)
+        loss, stats, grad, _ = backend.forward(
+            logits, target, weight, a_t, b_t, scalars, ignore_index, with_flag(flags, Flag.WRITE_GRAD, True), out=out
+        )
         return loss, stats, grad
     if token_weight is not None:
         flags = _per_row(flags)
     loss, stats, _, denom = backend.forward(logits, target, weight, a_t, b_t, scalars, ignore_index, flags)
     upstream = torch.ones((), dtype=stats.dtype, device=logits.device) if token_weight is None else token_weight
-    grad = backend.backward(upstream, logits, target, weight, a_t, b_t, scalars, ignore_index, flags, stats, denom,
-                            out=out)
+    grad = backend.backward(
+        upstream, logits, target, weight, a_t, b_t, scalars, ignore_index, flags, stats, denom, out=out
+    )
     return _weighted(loss, token_weight, stats.dtype), stats, grad
 
 
@@ -177,11 +187,24 @@ def _is_placeholder(grad: Tensor) -> bool:
 
 
 @torch.library.custom_op("aepg::linear_forward", mutates_args=())
-def linear_forward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
-                   weight: Optional[Tensor], ce_weight_t: Optional[Tensor], epg_weight_t: Optional[Tensor],
-                   scalars: List[float], ignore_index: int, flags: int, chunk_size: int, needs: int,
-                   backend: str, token_weight: Optional[Tensor], logit_scale: float, softcap: float
-                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def linear_forward(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    ce_weight_t: Optional[Tensor],
+    epg_weight_t: Optional[Tensor],
+    scalars: List[float],
+    ignore_index: int,
+    flags: int,
+    chunk_size: int,
+    needs: int,
+    backend: str,
+    token_weight: Optional[Tensor],
+    logit_scale: float,
+    softcap: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, stats, grad_input, grad_weight, grad_bias, denominator) of input (N, H), linear_weight
     (V, H), target (N,); the gradients (of the loss as returned, for an upstream gradient of 1)
     only for a reduced loss and where `needs` asks, else empty. token_weight (N,) in the
@@ -191,8 +214,11 @@ def linear_forward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[T
     n_rows, n_classes = input.shape[0], linear_weight.shape[0]
     acc = accumulation_dtype(input.dtype)
     reduction = Reduction(flags & Flag.REDUCTION)
-    denom = (counted_row_weight(target, weight, ignore_index, acc).sum() if reduction == Reduction.MEAN
-             else torch.ones((), dtype=acc, device=input.device))
+    denom = (
+        counted_row_weight(target, weight, ignore_index, acc).sum()
+        if reduction == Reduction.MEAN
+        else torch.ones((), dtype=acc, device=input.device)
+    )
     grads = _grad_buffers(input, linear_weight, linear_bias, needs if reduction != Reduction.NONE else 0)
     chunks = _Chunks(input, linear_weight, linear_bias, chunk_size, logit_scale, softcap)
     keep_stats = _keeps_stats(input, flags, needs)
@@ -204,25 +230,30 @@ def linear_forward(input: Tensor, linear_weight: Tensor, linear_bias: Optional[T
     stats = torch.zeros((NUM_STATS, n_rows if keep_stats else 0), dtype=acc, device=input.device)
     losses = []
     fused = kernels.fits_on_chip(n_classes)
-    rest = (weight, ce_weight_t, epg_weight_t, scalars, ignore_index,
-            flags if reduction == Reduction.NONE else _summed(flags))
+    rest = (
+        weight,
+        ce_weight_t,
+        epg_weight_t,
+        scalars,
+        ignore_index,
+        flags if reduction == Reduction.NONE else _summed(flags),
+    )
     for start, end in chunks.bounds(x.shape[0]):
         logits = chunks.logits(x[start:end])
         tw_c = None if tw is None else tw[start:end]
         if grads:
-            loss, chunk_stats, grad = _row_grad(kernels, logits, y[start:end], rest, fused,
-                                                chunks.grad_out(end - start), tw_c)
+            loss, chunk_stats, grad = _row_grad(
+                kernels, logits, y[start:end], rest, fused, chunks.grad_out(end - start), tw_c
+            )
             grad = chunks.through_softcap_(grad)
-            _add_chunk_grads(chunks, grad, x[start:end], grads,
-                             slice(start, end) if rows is None else rows[start:end])
+            _add_chunk_grads(chunks, grad, x[start:end], grads, slice(start, end) if rows is None else rows[start:end])
         else:
             loss, chunk_stats = _chunk_loss(kernels, logits, y[start:end], rest, tw_c)
         losses.append(loss.to(acc).reshape(-1))
         if keep_stats:
             stats[:, start:end] = chunk_stats
     loss = _reduce(losses, denom, reduction, input)
-    return (loss, stats, *_finish_grads(grads, denom, reduction, input, linear_weight, linear_bias, logit_scale),
-            denom)
+    return (loss, stats, *_finish_grads(grads, denom, reduction, input, linear_weight, linear_bias, logit_scale), denom)
 
 
 def _grad_buffers(input, linear_weight, linear_bias, needs: int) -> dict:
@@ -258,8 +289,9 @@ def _reduce(losses: List[Tensor], denom: Tensor, reduction: Reduction, input: Te
     return (total / denom if reduction == Reduction.MEAN else total).to(input.dtype)
 
 
-def _finish_grads(grads: dict, denom: Tensor, reduction: Reduction, input, linear_weight, linear_bias,
-                  logit_scale: float):
+def _finish_grads(
+    grads: dict, denom: Tensor, reduction: Reduction, input, linear_weight, linear_bias, logit_scale: float
+):
     """The summed-loss gradients times the logit scale, divided by the "mean" denominator, in the
     parameters' dtypes. With no counted row they are 0 (not 0 / 0), as nn.CrossEntropyLoss's."""
     if reduction == Reduction.MEAN:
@@ -277,26 +309,59 @@ def _finish_grads(grads: dict, denom: Tensor, reduction: Reduction, input, linea
 
 
 @linear_forward.register_fake
-def _linear_forward_fake(input, linear_weight, linear_bias, target, weight, ce_weight_t, epg_weight_t, scalars,
-                         ignore_index, flags, chunk_size, needs, backend, token_weight, logit_scale, softcap):
+def _linear_forward_fake(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    ce_weight_t,
+    epg_weight_t,
+    scalars,
+    ignore_index,
+    flags,
+    chunk_size,
+    needs,
+    backend,
+    token_weight,
+    logit_scale,
+    softcap,
+):
     reduced = flags & Flag.REDUCTION != Reduction.NONE
     acc = accumulation_dtype(input.dtype)
     n_rows = input.shape[0]
     keep_stats = _keeps_stats(input, flags, needs)
     grad_shapes = [(Need.GRAD_INPUT, input), (Need.GRAD_WEIGHT, linear_weight), (Need.GRAD_BIAS, linear_bias)]
-    grads = [like.new_empty(like.shape) if reduced and needs & need and like is not None else _empty(input)
-             for need, like in grad_shapes]
+    grads = [
+        like.new_empty(like.shape) if reduced and needs & need and like is not None else _empty(input)
+        for need, like in grad_shapes
+    ]
     loss = input.new_empty(() if reduced else (n_rows,))
     stats = input.new_empty((NUM_STATS, n_rows if keep_stats else 0), dtype=acc)
     return (loss, stats, *grads, input.new_empty((), dtype=acc))
 
 
 @torch.library.custom_op("aepg::linear_backward", mutates_args=())
-def linear_backward(grad_loss: Tensor, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
-                    target: Tensor, weight: Optional[Tensor], ce_weight_t: Optional[Tensor],
-                    epg_weight_t: Optional[Tensor], scalars: List[float], ignore_index: int, flags: int,
-                    chunk_size: int, needs: int, backend: str, stats: Tensor, denom: Tensor, logit_scale: float,
-                    softcap: float) -> Tuple[Tensor, Tensor, Tensor]:
+def linear_backward(
+    grad_loss: Tensor,
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    ce_weight_t: Optional[Tensor],
+    epg_weight_t: Optional[Tensor],
+    scalars: List[float],
+    ignore_index: int,
+    flags: int,
+    chunk_size: int,
+    needs: int,
+    backend: str,
+    stats: Tensor,
+    denom: Tensor,
+    logit_scale: float,
+    softcap: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of a per-row loss for the per-row upstream gradient
     grad_loss (N,), recomputing each chunk's logits; empty where `needs` does not ask."""
     kernels: KernelBackend = REGISTRY[backend]
@@ -304,25 +369,70 @@ def linear_backward(grad_loss: Tensor, input: Tensor, linear_weight: Tensor, lin
     chunks = _Chunks(input, linear_weight, linear_bias, chunk_size, logit_scale, softcap)
     for start, end in chunks.bounds(input.shape[0]):
         x_c = chunks.x[start:end]
-        grad = kernels.backward(grad_loss[start:end], chunks.logits(x_c), target[start:end], weight, ce_weight_t,
-                                epg_weight_t, scalars, ignore_index, flags, stats[:, start:end].contiguous(), denom,
-                                out=chunks.grad_out(end - start))
+        grad = kernels.backward(
+            grad_loss[start:end],
+            chunks.logits(x_c),
+            target[start:end],
+            weight,
+            ce_weight_t,
+            epg_weight_t,
+            scalars,
+            ignore_index,
+            flags,
+            stats[:, start:end].contiguous(),
+            denom,
+            out=chunks.grad_out(end - start),
+        )
         _add_chunk_grads(chunks, chunks.through_softcap_(grad), x_c, grads, slice(start, end))
     return tuple(_finish_grads(grads, denom, Reduction.NONE, input, linear_weight, linear_bias, logit_scale))
 
 
 @linear_backward.register_fake
-def _linear_backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight, ce_weight_t, epg_weight_t,
-                          scalars, ignore_index, flags, chunk_size, needs, backend, stats, denom, logit_scale,
-                          softcap):
+def _linear_backward_fake(
+    grad_loss,
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    ce_weight_t,
+    epg_weight_t,
+    scalars,
+    ignore_index,
+    flags,
+    chunk_size,
+    needs,
+    backend,
+    stats,
+    denom,
+    logit_scale,
+    softcap,
+):
     shapes = [(Need.GRAD_INPUT, input), (Need.GRAD_WEIGHT, linear_weight), (Need.GRAD_BIAS, linear_bias)]
-    return tuple(like.new_empty(like.shape) if needs & need and like is not None else _empty(input)
-                 for need, like in shapes)
+    return tuple(
+        like.new_empty(like.shape) if needs & need and like is not None else _empty(input) for need, like in shapes
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    (input, linear_weight, linear_bias, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags,
-     chunk_size, needs, backend, token_weight, logit_scale, softcap) = inputs
+    (
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        ce_weight_t,
+        epg_weight_t,
+        scalars,
+        ignore_index,
+        flags,
+        chunk_size,
+        needs,
+        backend,
+        token_weight,
+        logit_scale,
+        softcap,
+    ) = inputs
     loss, stats, grad_input, grad_weight, grad_bias, denom = output
     ctx.reduced = flags & Flag.REDUCTION != Reduction.NONE
     ctx.has_bias = linear_bias is not None
@@ -349,8 +459,26 @@ def _backward(ctx, grad_loss, grad_stats, *unused):
     else:
         input, linear_weight, linear_bias, target, weight, a_t, b_t, stats, denom = ctx.saved_tensors
         scalars, ignore_index, flags, chunk_size, needs, backend, logit_scale, softcap = ctx.options
-        grads = linear_backward(grad_loss, input, linear_weight, linear_bias, target, weight, a_t, b_t, scalars,
-                                ignore_index, flags, chunk_size, needs, backend, stats, denom, logit_scale, softcap)
+        grads = linear_backward(
+            grad_loss,
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            weight,
+            a_t,
+            b_t,
+            scalars,
+            ignore_index,
+            flags,
+            chunk_size,
+            needs,
+            backend,
+            stats,
+            denom,
+            logit_scale,
+            softcap,
+        )
         grads = [None if _is_placeholder(g) else g for g in grads]
     grad_input, grad_weight, grad_bias = grads
     return (grad_input, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 13

@@ -2,6 +2,7 @@
 DFT's value convention. Every backend gains them at once, since they need only the per-row loss
 and the stats the op returns.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -39,8 +40,9 @@ def token_weight_rows(token_weight: Optional[Tensor], row_shape, device: torch.d
     if token_weight is None:
         return None
     if token_weight.shape != row_shape:
-        raise ValueError(f"token_weight must have the per-row loss's shape {tuple(row_shape)}, got "
-                         f"{tuple(token_weight.shape)}")
+        raise ValueError(
+            f"token_weight must have the per-row loss's shape {tuple(row_shape)}, got {tuple(token_weight.shape)}"
+        )
     if token_weight.device != device:
         raise ValueError(f"token_weight must be on the input's device ({device}), got {token_weight.device}")
     return token_weight.reshape(-1)
@@ -79,8 +81,12 @@ def dft_correction(stats: Tensor, b) -> Tensor:
 def _epg_only(call) -> bool:
     """Whether the op's value is its EPG term alone (no CE term, no entropy term)."""
     ce_weight_t, scalars, flags = call[3], call[5], call[7]
-    return (ce_weight_t is None and not flags & Flag.EPG_ONE_MINUS_CE and scalars[Scalar.CE_WEIGHT] == 0.0
-            and scalars[Scalar.ENTROPY_WEIGHT] == 0.0)
+    return (
+        ce_weight_t is None
+        and not flags & Flag.EPG_ONE_MINUS_CE
+        and scalars[Scalar.CE_WEIGHT] == 0.0
+        and scalars[Scalar.ENTROPY_WEIGHT] == 0.0
+    )
 
 
 class _ValueWithGradOf(torch.autograd.Function):
@@ -111,8 +117,15 @@ def _weighted(rows: Tensor, token_weight: Optional[Tensor]) -> Tensor:
     return rows if token_weight is None else rows * token_weight.to(rows.dtype)
 
 
-def apply(rows: Tensor, stats: Tensor, call, terms: RowTerms, token_weight: Optional[Tensor], reduction: int,
-          prob_target: bool) -> Tensor:
+def apply(
+    rows: Tensor,
+    stats: Tensor,
+    call,
+    terms: RowTerms,
+    token_weight: Optional[Tensor],
+    reduction: int,
+    prob_target: bool,
+) -> Tensor:
     """The loss from the op's per-row losses `rows`: the DFT value, the token weights, the
     reduction, in the accumulation dtype; returned in the rows' dtype."""
     dtype, rows = rows.dtype, rows.to(stats.dtype)
@@ -121,8 +134,9 @@ def apply(rows: Tensor, stats: Tensor, call, terms: RowTerms, token_weight: Opti
     return reduce(_weighted(rows, token_weight), stats, reduction, prob_target).to(dtype)
 
 
-def apply_to_reduced(loss: Tensor, stats: Tensor, call, terms: RowTerms, token_weight: Optional[Tensor],
-                     reduction: int) -> Tensor:
+def apply_to_reduced(
+    loss: Tensor, stats: Tensor, call, terms: RowTerms, token_weight: Optional[Tensor], reduction: int
+) -> Tensor:
     """`apply` for an op that weighted and reduced its rows itself (the linear op, index targets):
     the reduced loss plus the DFT value's correction, weighted and reduced the same way."""
     if not terms.dft_value:
@@ -131,7 +145,8 @@ def apply_to_reduced(loss: Tensor, stats: Tensor, call, terms: RowTerms, token_w
     if _epg_only(call):
         # DFT alone: loss + correction would be the difference of two near-equal sums (about the
         # number of rows each) for a value that can be 1e-4 of it; the stats give it whole
-        return _ValueWithGradOf.apply(loss, reduce(_weighted(dft_rows(stats, b), token_weight), stats, reduction,
-                                                   False))
+        return _ValueWithGradOf.apply(
+            loss, reduce(_weighted(dft_rows(stats, b), token_weight), stats, reduction, False)
+        )
     correction = _weighted(dft_correction(stats, b), token_weight)
     return loss + reduce(correction, stats, reduction, False).to(loss.dtype)

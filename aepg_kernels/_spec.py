@@ -7,6 +7,7 @@ input, since at classification shapes host time is the whole cost of a call. Wha
 (a class index out of range) is checked by the backends: in C++ on the CPU, by
 `check_target_range` in the Python backends, as NaN rows on the GPU (no host synchronisation).
 """
+
 from __future__ import annotations
 
 import math
@@ -86,16 +87,20 @@ def _check_target(input: Tensor, target, device: torch.device) -> bool:
             return False
         shape = input.shape
         expected = shape[:1] + shape[2:] if len(shape) >= 2 else torch.Size([])
-        raise ValueError(f"target of class indices must have shape {tuple(expected)} for input of shape "
-                         f"{tuple(shape)}, got {tuple(target.shape)}")
+        raise ValueError(
+            f"target of class indices must have shape {tuple(expected)} for input of shape "
+            f"{tuple(shape)}, got {tuple(target.shape)}"
+        )
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"target must hold int64/int32 class indices or float class probabilities, got {dtype}")
     if target.shape != input.shape:
-        raise ValueError("target of class probabilities must have the input's shape "
-                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+        raise ValueError(
+            f"target of class probabilities must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
+        )
     if target.requires_grad and torch.is_grad_enabled():
-        raise ValueError("target: gradients with respect to probability targets are not supported; "
-                         "pass target.detach()")
+        raise ValueError(
+            "target: gradients with respect to probability targets are not supported; pass target.detach()"
+        )
     return True
 
 
@@ -111,8 +116,10 @@ def _check_weight(weight, n_classes: int, device: torch.device) -> Optional[Tens
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
     if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("weight: gradients with respect to class weights are not supported "
-                         "(nor in nn.CrossEntropyLoss); pass weight.detach()")
+        raise ValueError(
+            "weight: gradients with respect to class weights are not supported "
+            "(nor in nn.CrossEntropyLoss); pass weight.detach()"
+        )
     return weight
 
 
@@ -124,8 +131,11 @@ def _rows(input: Tensor, target: Tensor, prob_target: bool):
     input = input.movedim(1, -1)
     target = target.movedim(1, -1) if prob_target else target
     n_classes = input.shape[-1]
-    return (input.reshape(-1, n_classes), target.reshape(-1, n_classes) if prob_target else target.reshape(-1),
-            row_shape)
+    return (
+        input.reshape(-1, n_classes),
+        target.reshape(-1, n_classes) if prob_target else target.reshape(-1),
+        row_shape,
+    )
 
 
 # Validated options of a call: (entropy_weight, label_smoothing, focal_gamma, ignore_index, reduction),
@@ -138,9 +148,13 @@ def check_options(entropy_weight, label_smoothing, focal_gamma, ignore_index, re
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         ignore_index = int(ignore_index)
-    return (check_real_number("entropy_weight", entropy_weight),
-            check_real_number("label_smoothing", label_smoothing, low=0.0, high=1.0),
-            check_real_number("focal_gamma", focal_gamma, low=0.0), ignore_index, int(_check_reduction(reduction)))
+    return (
+        check_real_number("entropy_weight", entropy_weight),
+        check_real_number("label_smoothing", label_smoothing, low=0.0, high=1.0),
+        check_real_number("focal_gamma", focal_gamma, low=0.0),
+        ignore_index,
+        int(_check_reduction(reduction)),
+    )
 
 
 def check_coefficients(ce_weight, epg_weight) -> Tuple[Coefficient, Coefficient]:
@@ -164,15 +178,20 @@ def _check_coefficients(ce_weight, epg_weight, device: torch.device):
 def is_plain_call(input, target) -> bool:
     """Whether a call is the common one: (N, C) float logits with C >= 1 and (N,) class indices
     on the same device (checked without building a Size)."""
-    if (input.__class__ is not Tensor or target.__class__ is not Tensor or input.dtype not in FLOAT_DTYPES
-            or target.dtype not in INDEX_DTYPES):
+    if (
+        input.__class__ is not Tensor
+        or target.__class__ is not Tensor
+        or input.dtype not in FLOAT_DTYPES
+        or target.dtype not in INDEX_DTYPES
+    ):
         return False
     shape = input.shape
     return len(shape) == 2 and shape[1] > 0 and target.shape == shape[:1] and target.device == input.device
 
 
-def prepare(input, target, weight, ce_weight, epg_weight, options: Options,
-            need_entropy: bool) -> Tuple[Call, Optional[torch.Size]]:
+def prepare(
+    input, target, weight, ce_weight, epg_weight, options: Options, need_entropy: bool
+) -> Tuple[Call, Optional[torch.Size]]:
     """Validates the tensors and coefficients of a call and packs it with validated `options`
     (see the module docstring). Returns the call and the shape of a per-row result (None when
     the input is (N, C) already)."""
@@ -212,8 +231,10 @@ def _check_linear_operands(input, linear_weight, linear_bias) -> None:
         shape = tuple(linear_weight.shape) if isinstance(linear_weight, Tensor) else type(linear_weight).__name__
         raise ValueError(f"linear_weight must be a 2-d tensor (V, H), got {shape}")
     if linear_weight.shape[1] != input.shape[-1]:
-        raise ValueError(f"linear_weight must be (V, H) with H = input.shape[-1] = {input.shape[-1]}, got "
-                         f"{tuple(linear_weight.shape)}")
+        raise ValueError(
+            f"linear_weight must be (V, H) with H = input.shape[-1] = {input.shape[-1]}, got "
+            f"{tuple(linear_weight.shape)}"
+        )
     if linear_weight.shape[0] == 0:
         raise ValueError("linear_weight must have at least one class (V >= 1), got V=0")
     for name, other in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
@@ -226,8 +247,9 @@ def _check_linear_operands(input, linear_weight, linear_bias) -> None:
         if other.device != input.device:
             raise ValueError(f"{name} must be on the input's device ({input.device}), got {other.device}")
     if linear_bias is not None and tuple(linear_bias.shape) != (linear_weight.shape[0],):
-        raise ValueError(f"linear_bias must have shape (V,) = ({linear_weight.shape[0]},), got "
-                         f"{tuple(linear_bias.shape)}")
+        raise ValueError(
+            f"linear_bias must have shape (V,) = ({linear_weight.shape[0]},), got {tuple(linear_bias.shape)}"
+        )
 
 
 def check_chunk_size(chunk_size) -> Optional[int]:
@@ -253,8 +275,9 @@ def check_logit_transform(logit_scale, softcap) -> Tuple[float, float]:
     return scale, cap
 
 
-def prepare_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options: Options,
-                   need_entropy: bool):
+def prepare_linear(
+    input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options: Options, need_entropy: bool
+):
     """Validates a call of the linear op (see the module docstring) and returns its rows: input
     (N, H), target (N,), the class weights, the packed hyperparameters (ce_weight_t, epg_weight_t,
     scalars, ignore_index, flags) and the shape of a per-row result."""
@@ -264,8 +287,9 @@ def prepare_linear(input, linear_weight, linear_bias, target, weight, ce_weight,
     if target.dtype not in INDEX_DTYPES:
         raise TypeError(f"target must hold int64/int32 class indices, got {target.dtype}")
     if target.shape != input.shape[:-1]:
-        raise ValueError(f"target must have shape input.shape[:-1] = {tuple(input.shape[:-1])}, got "
-                         f"{tuple(target.shape)}")
+        raise ValueError(
+            f"target must have shape input.shape[:-1] = {tuple(input.shape[:-1])}, got {tuple(target.shape)}"
+        )
     if target.device != input.device:
         raise ValueError(f"target must be on the input's device ({input.device}), got {target.device}")
     hidden, n_classes = input.shape[-1], linear_weight.shape[0]
@@ -278,7 +302,7 @@ def prepare_linear(input, linear_weight, linear_bias, target, weight, ce_weight,
 def widen_targets(target: Tensor, ignore_index: int) -> Tensor:
     """int32 class indices as int64 when ignore_index does not fit in int32 (a comparison in
     int32 would wrap it around), for the Python backends."""
-    if target.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
+    if target.dtype == torch.int32 and not -(2**31) <= ignore_index < 2**31:
         return target.long()
     return target
 
@@ -297,10 +321,25 @@ def check_target_range(target: Tensor, n_classes: int, ignore_index: int) -> Non
     counted = target[target != ignore_index]
     bad = counted[(counted < 0) | (counted >= n_classes)]
     if bad.numel():
-        raise IndexError(f"target: class index {int(bad[0])} is out of bounds for C={n_classes} "
-                         f"(and is not ignore_index={ignore_index})")
+        raise IndexError(
+            f"target: class index {int(bad[0])} is out of bounds for C={n_classes} "
+            f"(and is not ignore_index={ignore_index})"
+        )
 
 
-__all__ = ["Call", "Options", "check_coefficient", "check_coefficient_devices", "check_coefficients", "check_options",
-           "check_chunk_size", "check_logit_transform", "check_real_number", "check_target_range", "is_plain_call",
-           "prepare", "prepare_linear", "widen_targets"]
+__all__ = [
+    "Call",
+    "Options",
+    "check_coefficient",
+    "check_coefficient_devices",
+    "check_coefficients",
+    "check_options",
+    "check_chunk_size",
+    "check_logit_transform",
+    "check_real_number",
+    "check_target_range",
+    "is_plain_call",
+    "prepare",
+    "prepare_linear",
+    "widen_targets",
+]

@@ -17,6 +17,7 @@ upgrade of torch should start by running the tests named below.
 - `legacy_reduction(size_average, reduce)`: the string reduction of the deprecated
   `size_average`/`reduce` arguments, as torch.nn's own losses map them (modules.py).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -31,9 +32,12 @@ __all__ = ["graph_keeps_saved_tensors", "is_fake_tensor", "is_tracing", "legacy_
 def is_tracing() -> bool:
     """True while a graph is captured: Dynamo, a proxy (make_fx) mode, a fake mode, or any other
     torch dispatch mode on the stack."""
-    return (torch.compiler.is_compiling() or get_proxy_mode() is not None
-            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
-            or bool(torch._C._len_torch_dispatch_stack()))
+    return (
+        torch.compiler.is_compiling()
+        or get_proxy_mode() is not None
+        or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+        or bool(torch._C._len_torch_dispatch_stack())
+    )
 
 
 def graph_keeps_saved_tensors() -> bool:
@@ -48,6 +52,6 @@ def is_fake_tensor(tensor: torch.Tensor) -> bool:
 
 
 def legacy_reduction(size_average: Optional[bool], reduce: Optional[bool]) -> str:
-    """"mean", "sum" or "none" for the deprecated size_average/reduce pair, as torch.nn maps it
+    """ "mean", "sum" or "none" for the deprecated size_average/reduce pair, as torch.nn maps it
     (with its deprecation warning)."""
     return torch.nn._reduction.legacy_get_string(size_average, reduce)

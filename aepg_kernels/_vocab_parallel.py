@@ -10,6 +10,7 @@ local sums only: the all-gather's backward keeps this rank's slice of the gradie
 back-propagates its own copy of the replicated loss), so the logits' gradient stays local and
 backward needs no collective.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -20,8 +21,14 @@ from torch import Tensor
 
 from ._contract import LossSpec, Reduction, Stat, accumulation_dtype
 from ._spec import widen_targets
-from .backends.eager import (assemble_stats, coefficients, index_rows_from_sums, prob_rows_from_sums, reduce_rows,
-                             stable_log_p_target)
+from .backends.eager import (
+    assemble_stats,
+    coefficients,
+    index_rows_from_sums,
+    prob_rows_from_sums,
+    reduce_rows,
+    stable_log_p_target,
+)
 
 # Per-row sums of a shard, relative to its row max m_r (e = exp(z - m_r), z' = z - m_r, w the class
 # weights, 1 without; q the probability targets, q' = (1 - eps) q + eps / C):
@@ -45,10 +52,14 @@ def gathered_shard_sizes(local_classes: int, group, device: torch.device) -> Lis
 
 
 def check_shard_sizes(shard_sizes, world_size: int) -> List[int]:
-    if (not isinstance(shard_sizes, (list, tuple)) or len(shard_sizes) != world_size
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shard_sizes)):
-        raise ValueError(f"shard_sizes must list every rank's number of classes ({world_size} ints >= 1), got "
-                         f"{shard_sizes!r}")
+    if (
+        not isinstance(shard_sizes, (list, tuple))
+        or len(shard_sizes) != world_size
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shard_sizes)
+    ):
+        raise ValueError(
+            f"shard_sizes must list every rank's number of classes ({world_size} ints >= 1), got {shard_sizes!r}"
+        )
     return list(shard_sizes)
 
 
@@ -78,9 +89,18 @@ def _index_partials(z: Tensor, target: Tensor, weight: Optional[Tensor], offset:
     is_y = torch.zeros_like(owner.unsqueeze(1).expand_as(z)).scatter_(1, y, owner.unsqueeze(1))
     w = torch.ones(n_local, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
     own = owner.to(z.dtype)
-    return torch.stack([e.sum(1), (e * finite_z).sum(1), torch.where(is_y, 0.0, e).sum(1),
-                        z.gather(1, y).squeeze(1) * own, own, w.sum().expand(z.shape[0]),
-                        torch.where(w != 0, w * finite_z, 0.0).sum(1), w[y.squeeze(1)] * own])
+    return torch.stack(
+        [
+            e.sum(1),
+            (e * finite_z).sum(1),
+            torch.where(is_y, 0.0, e).sum(1),
+            z.gather(1, y).squeeze(1) * own,
+            own,
+            w.sum().expand(z.shape[0]),
+            torch.where(w != 0, w * finite_z, 0.0).sum(1),
+            w[y.squeeze(1)] * own,
+        ]
+    )
 
 
 def _prob_partials(z: Tensor, q: Tensor, weight: Optional[Tensor], n_classes: int, spec: LossSpec) -> Tensor:
@@ -90,8 +110,17 @@ def _prob_partials(z: Tensor, q: Tensor, weight: Optional[Tensor], n_classes: in
     finite_z = torch.where(e > 0, z, 0.0)
     wq = q if weight is None else q * weight.to(z.dtype)
     wq_smooth = (1 - eps) * wq + eps / n_classes * (1 if weight is None else weight.to(z.dtype))
-    return torch.stack([e.sum(1), (e * finite_z).sum(1), torch.where(wq_smooth != 0, wq_smooth * finite_z, 0.0).sum(1),
-                        wq_smooth.sum(1), (wq * e).sum(1), wq.sum(1), (q * e).sum(1)])
+    return torch.stack(
+        [
+            e.sum(1),
+            (e * finite_z).sum(1),
+            torch.where(wq_smooth != 0, wq_smooth * finite_z, 0.0).sum(1),
+            wq_smooth.sum(1),
+            (wq * e).sum(1),
+            wq.sum(1),
+            (q * e).sum(1),
+        ]
+    )
 
 
 def _merge(gathered: Tensor, row_max: Tensor, names) -> tuple[dict, Tensor]:
@@ -106,17 +135,26 @@ def _merge(gathered: Tensor, row_max: Tensor, names) -> tuple[dict, Tensor]:
     part = dict(zip(names, gathered.unbind(1)))
     merged = {"S": (scale * part["S"]).sum(0), "T": (scale * (part["T"] + shift * part["S"])).sum(0)}
     if "X" in part:
-        merged.update(X=(scale * part["X"]).sum(0), Y=(part["Y"] + shift * part["OWN"]).sum(0),
-                      OWN=part["OWN"].sum(0), W=part["W"].sum(0), Z=(part["Z"] + shift * part["W"]).sum(0),
-                      WY=part["WY"].sum(0))
+        merged.update(
+            X=(scale * part["X"]).sum(0),
+            Y=(part["Y"] + shift * part["OWN"]).sum(0),
+            OWN=part["OWN"].sum(0),
+            W=part["W"].sum(0),
+            Z=(part["Z"] + shift * part["W"]).sum(0),
+            WY=part["WY"].sum(0),
+        )
     else:
-        merged.update(A=(part["A"] + shift * part["B"]).sum(0), B=part["B"].sum(0),
-                      WQE=(scale * part["WQE"]).sum(0), WQ=part["WQ"].sum(0), QE=(scale * part["QE"]).sum(0))
+        merged.update(
+            A=(part["A"] + shift * part["B"]).sum(0),
+            B=part["B"].sum(0),
+            WQE=(scale * part["WQE"]).sum(0),
+            WQ=part["WQ"].sum(0),
+            QE=(scale * part["QE"]).sum(0),
+        )
     return merged, top
 
 
-def rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, group,
-         shard_sizes: List[int]):
+def rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpec, group, shard_sizes: List[int]):
     """(per-row loss in the accumulation dtype, stats (NUM_STATS, N)) of a shard (N, C_local)."""
     acc = accumulation_dtype(logits.dtype)
     rank, n_classes = dist.get_rank(group), sum(shard_sizes)
@@ -136,8 +174,9 @@ def rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpe
     a, b = coefficients(spec, acc)
     if spec.prob_target:
         ce = log_s * sums["B"] - sums["A"]
-        loss, named = prob_rows_from_sums(ce, sums["WQE"] / sums["S"], sums["WQ"], sums["QE"] / sums["S"], entropy,
-                                          spec, a, b)
+        loss, named = prob_rows_from_sums(
+            ce, sums["WQE"] / sums["S"], sums["WQ"], sums["QE"] / sums["S"], entropy, spec, a, b
+        )
     else:
         counted = target != spec.ignore_index
         bad = counted & (sums["OWN"] != 1)
@@ -145,8 +184,7 @@ def rows(logits: Tensor, target: Tensor, weight: Optional[Tensor], spec: LossSpe
         om = sums["X"] / sums["S"]
         logp_y = stable_log_p_target(om, sums["Y"] - log_s)
         smooth = log_s * sums["W"] - sums["Z"] if spec.label_smoothing > 0 else None
-        loss, named = index_rows_from_sums(logp_y, om, entropy, sums["WY"], smooth, counted, bad, n_classes, spec, a,
-                                           b)
+        loss, named = index_rows_from_sums(logp_y, om, entropy, sums["WY"], smooth, counted, bad, n_classes, spec, a, b)
         loss = torch.where(bad, float("nan"), loss)
     return loss, assemble_stats(named, log_s, top, entropy)
 
@@ -177,14 +215,17 @@ def is_class_sharded(input) -> bool:
     if not isinstance(input, DTensor):
         return False
     if input.dim() != 2 or input.device_mesh.ndim != 1 or input.placements[0] not in (Shard(1), Shard(-1)):
-        raise ValueError(f"a DTensor input must be (N, C) sharded on C over a 1-d mesh, got shape "
-                         f"{tuple(input.shape)} placements {input.placements} on a {input.device_mesh.ndim}-d mesh")
+        raise ValueError(
+            f"a DTensor input must be (N, C) sharded on C over a 1-d mesh, got shape "
+            f"{tuple(input.shape)} placements {input.placements} on a {input.device_mesh.ndim}-d mesh"
+        )
     return True
 
 
 def local_shards(input, target, weight):
     """(input, target, weight, group) of a class-sharded DTensor call, as local tensors."""
     from torch.distributed.tensor import DTensor
+
     local = [t.to_local() if isinstance(t, DTensor) else t for t in (input, target, weight)]
     return (*local, input.device_mesh.get_group())
 
@@ -213,8 +254,10 @@ class VocabParallel:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("process_group needs torch.distributed initialised (init_process_group)")
         if backend not in ("auto", "eager"):
-            raise ValueError(f'process_group runs the eager composite over merged row sums: backend must be "auto" '
-                             f'or "eager", got {backend!r}')
+            raise ValueError(
+                f'process_group runs the eager composite over merged row sums: backend must be "auto" '
+                f'or "eager", got {backend!r}'
+            )
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.shard_sizes = None if shard_sizes is None else check_shard_sizes(shard_sizes, self.world_size)

@@ -5,6 +5,7 @@ Per row, with index targets (docs/math.md):
              + a eps / C * sum_k w_k (-log p_k)
 "mean" divides the sum over counted rows by the sum of their w_y, as nn.CrossEntropyLoss.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence, Tuple
@@ -14,19 +15,26 @@ from torch import Tensor
 
 from . import _linear, _row_terms, _vocab_parallel
 from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, Reduction, Stat, accumulation_dtype
-from ._spec import (Options, check_chunk_size, check_logit_transform, check_options, check_target_range, prepare,
-                    prepare_linear)
+from ._spec import (
+    Options,
+    check_chunk_size,
+    check_logit_transform,
+    check_options,
+    check_target_range,
+    prepare,
+    prepare_linear,
+)
 from .backends import KernelBackend, resolve
 
 
 class LossStats(NamedTuple):
     """Per-row statistics (no gradient), shaped like a reduction="none" loss."""
 
-    entropy: Tensor        # H(p)
-    p_target: Tensor       # p_y, or sum_k q_k p_k for probability targets; 0 for ignored rows
+    entropy: Tensor  # H(p)
+    p_target: Tensor  # p_y, or sum_k q_k p_k for probability targets; 0 for ignored rows
     sample_weight: Tensor  # the factor of (p - e_y) in the gradient: a(1-eps) w_focal + b p_y
-    lse: Tensor            # log sum_k exp(z_k)
-    p_max: Tensor          # max_k p_k = 1 / sum_k exp(z_k - max z): the target is the argmax where p_target is it
+    lse: Tensor  # log sum_k exp(z_k)
+    p_max: Tensor  # max_k p_k = 1 / sum_k exp(z_k - max z): the target is the argmax where p_target is it
 
     def target_is_argmax(self, rtol: float = 1e-5) -> Tensor:
         """Per row, whether the target has the largest probability (token accuracy): p_target
@@ -43,11 +51,25 @@ def _loss_stats(stats: Tensor) -> LossStats:
     return LossStats(*(stats[key] for key in _STAT_ROWS), torch.exp(-stats[Stat.LOG_SUM]))
 
 
-def policy_loss(input: Tensor, target: Tensor, *, ce_weight: Coefficient = 1.0, epg_weight: Coefficient = 0.0,
-                entropy_weight: float = 0.0, label_smoothing: float = 0.0, focal_gamma: float = 0.0,
-                weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                token_weight: Optional[Tensor] = None, loss_value: str = "policy", backend: str = "auto",
-                return_stats: bool = False, process_group=None, shard_sizes: Optional[Sequence[int]] = None):
+def policy_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    ce_weight: Coefficient = 1.0,
+    epg_weight: Coefficient = 0.0,
+    entropy_weight: float = 0.0,
+    label_smoothing: float = 0.0,
+    focal_gamma: float = 0.0,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    token_weight: Optional[Tensor] = None,
+    loss_value: str = "policy",
+    backend: str = "auto",
+    return_stats: bool = False,
+    process_group=None,
+    shard_sizes: Optional[Sequence[int]] = None,
+):
     """The fused EPG-family loss. With the defaults it is exactly ``F.cross_entropy``.
 
     Args:
@@ -85,14 +107,32 @@ def policy_loss(input: Tensor, target: Tensor, *, ce_weight: Coefficient = 1.0, 
     return run(input, target, weight, ce_weight, epg_weight, options, backend, return_stats, terms)
 
 
-def run(input: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight, epg_weight, options: Options,
-        backend: str, return_stats: bool, terms: Optional[_row_terms.RowTerms] = None):
+def run(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ce_weight,
+    epg_weight,
+    options: Options,
+    backend: str,
+    return_stats: bool,
+    terms: Optional[_row_terms.RowTerms] = None,
+):
     """`policy_loss` with its options validated already (the modules keep theirs)."""
     return run_op(backend, input, target, weight, ce_weight, epg_weight, options, return_stats, terms)
 
 
-def run_op(op, input: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight, epg_weight, options: Options,
-           return_stats: bool, terms: Optional[_row_terms.RowTerms] = None):
+def run_op(
+    op,
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ce_weight,
+    epg_weight,
+    options: Options,
+    return_stats: bool,
+    terms: Optional[_row_terms.RowTerms] = None,
+):
     """`run` through `op`: a backend name (resolved for the input's device once the call is
     checked), a backend, or the vocab-parallel op, whose `loss(*call)` gives (loss, stats)."""
     if terms is not None:
@@ -112,13 +152,13 @@ def _resolved(op, input: Tensor):
 
 def _run_with_terms(op, input, target, weight, ce_weight, epg_weight, options, return_stats, terms):
     """The op per row, then the DFT value and the token weights on the rows, then the reduction."""
-    call, row_shape = prepare(input, target, weight, ce_weight, epg_weight, _row_terms.per_row(options),
-                              return_stats)
+    call, row_shape = prepare(input, target, weight, ce_weight, epg_weight, _row_terms.per_row(options), return_stats)
     prob_target = call[1].dim() == 2
     if terms.dft_value and prob_target:
         raise ValueError('loss_value="dft" is defined for class-index targets only, got class-probability targets')
     token_weight = _row_terms.token_weight_rows(
-        terms.token_weight, row_shape if row_shape is not None else call[1].shape[:1], input.device)
+        terms.token_weight, row_shape if row_shape is not None else call[1].shape[:1], input.device
+    )
     rows, stats = _resolved(op, input).loss(*call)
     loss = _row_terms.apply(rows, stats, call, terms, token_weight, options[4], prob_target)
     return _with_stats(loss, stats, return_stats, row_shape)
@@ -135,13 +175,30 @@ def _with_stats(loss: Tensor, stats: Tensor, return_stats: bool, row_shape: Opti
     return loss, LossStats(*(field.reshape(row_shape) for field in loss_stats))
 
 
-def linear_policy_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
-                       ce_weight: Coefficient = 1.0, epg_weight: Coefficient = 0.0, entropy_weight: float = 0.0,
-                       label_smoothing: float = 0.0, focal_gamma: float = 0.0, weight: Optional[Tensor] = None,
-                       ignore_index: int = -100, reduction: str = "mean", token_weight: Optional[Tensor] = None,
-                       loss_value: str = "policy", logit_scale: float = 1.0, softcap: Optional[float] = None,
-                       chunk_size: Optional[int] = None, backend: str = "auto", return_stats: bool = False,
-                       process_group=None, shard_sizes: Optional[Sequence[int]] = None):
+def linear_policy_loss(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    ce_weight: Coefficient = 1.0,
+    epg_weight: Coefficient = 0.0,
+    entropy_weight: float = 0.0,
+    label_smoothing: float = 0.0,
+    focal_gamma: float = 0.0,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    token_weight: Optional[Tensor] = None,
+    loss_value: str = "policy",
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    return_stats: bool = False,
+    process_group=None,
+    shard_sizes: Optional[Sequence[int]] = None,
+):
     """``policy_loss(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits:
     they are computed chunk by chunk (docs/math.md section 6), so an LM head over 32k-256k tokens
     costs a few chunks of memory, not (N, V).
@@ -170,48 +227,114 @@ def linear_policy_loss(input: Tensor, linear_weight: Tensor, target: Tensor, *, 
         if chunk_size is not None:
             raise ValueError("chunk_size applies to the fused (single-device) path, not to process_group")
         op = _vocab_parallel.VocabParallel(process_group, shard_sizes, backend)
-        return run_linear_materialised(op, input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight,
-                                       options, return_stats, terms, transform)
-    return run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options,
-                      check_chunk_size(chunk_size), backend, return_stats, terms, transform)
+        return run_linear_materialised(
+            op,
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            weight,
+            ce_weight,
+            epg_weight,
+            options,
+            return_stats,
+            terms,
+            transform,
+        )
+    return run_linear(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        ce_weight,
+        epg_weight,
+        options,
+        check_chunk_size(chunk_size),
+        backend,
+        return_stats,
+        terms,
+        transform,
+    )
 
 
-def run_linear(input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options: Options,
-               chunk_size: Optional[int], backend: str, return_stats: bool,
-               terms: Optional[_row_terms.RowTerms] = None, transform: Tuple[float, float] = (1.0, 0.0)):
+def run_linear(
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    ce_weight,
+    epg_weight,
+    options: Options,
+    chunk_size: Optional[int],
+    backend: str,
+    return_stats: bool,
+    terms: Optional[_row_terms.RowTerms] = None,
+    transform: Tuple[float, float] = (1.0, 0.0),
+):
     """`linear_policy_loss` with its options validated already (the module keeps them)."""
-    x, y, weight, packed, row_shape = prepare_linear(input, linear_weight, linear_bias, target, weight, ce_weight,
-                                                     epg_weight, options, return_stats)
-    token_weight = None if terms is None else _row_terms.token_weight_rows(terms.token_weight, row_shape,
-                                                                           input.device)
+    x, y, weight, packed, row_shape = prepare_linear(
+        input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options, return_stats
+    )
+    token_weight = None if terms is None else _row_terms.token_weight_rows(terms.token_weight, row_shape, input.device)
     kernels = resolve(backend, input.device)
     if not isinstance(kernels, KernelBackend):  # the reference: the logits, materialised
-        return run_linear_materialised(kernels, input, linear_weight, linear_bias, target, weight, ce_weight,
-                                       epg_weight, options, return_stats, terms, transform)
+        return run_linear_materialised(
+            kernels,
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            weight,
+            ce_weight,
+            epg_weight,
+            options,
+            return_stats,
+            terms,
+            transform,
+        )
     check_target_range(y, linear_weight.shape[0], packed[3])
     if chunk_size is None:
-        chunk_size = _linear.default_chunk_rows(x.shape[0], linear_weight.shape[0], x.shape[1],
-                                                torch.finfo(_linear.compute_dtype(x)).bits // 8)
+        chunk_size = _linear.default_chunk_rows(
+            x.shape[0], linear_weight.shape[0], x.shape[1], torch.finfo(_linear.compute_dtype(x)).bits // 8
+        )
     reduced = options[4] != Reduction.NONE
     dft_value = terms is not None and terms.dft_value
     needs = _linear.needs_of(x, linear_weight, linear_bias, compact=not (return_stats or dft_value))
     op_weight = token_weight.to(accumulation_dtype(x.dtype)) if reduced and token_weight is not None else None
-    loss, stats, *_ = torch.ops.aepg.linear_forward(x, linear_weight, linear_bias, y, weight, *packed, chunk_size,
-                                                    needs, kernels.name, op_weight, *transform)
+    loss, stats, *_ = torch.ops.aepg.linear_forward(
+        x, linear_weight, linear_bias, y, weight, *packed, chunk_size, needs, kernels.name, op_weight, *transform
+    )
     if terms is not None:
         call = (x, y, weight, *packed)
-        loss = (_row_terms.apply_to_reduced(loss, stats, call, terms, token_weight, options[4]) if reduced
-                else _row_terms.apply(loss, stats, call, terms, token_weight, options[4], False))
+        loss = (
+            _row_terms.apply_to_reduced(loss, stats, call, terms, token_weight, options[4])
+            if reduced
+            else _row_terms.apply(loss, stats, call, terms, token_weight, options[4], False)
+        )
     return _with_stats(loss, stats, return_stats, row_shape)
 
 
-def run_linear_materialised(op, input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight,
-                            options: Options, return_stats: bool, terms: Optional[_row_terms.RowTerms],
-                            transform: Tuple[float, float]):
+def run_linear_materialised(
+    op,
+    input,
+    linear_weight,
+    linear_bias,
+    target,
+    weight,
+    ce_weight,
+    epg_weight,
+    options: Options,
+    return_stats: bool,
+    terms: Optional[_row_terms.RowTerms],
+    transform: Tuple[float, float],
+):
     """The linear loss through the logits, materialised: the eager reference, or this rank's shard
     of them for the vocab-parallel op (whose input's gradient is summed over the ranks)."""
-    x, y, weight, _, row_shape = prepare_linear(input, linear_weight, linear_bias, target, weight, ce_weight,
-                                                epg_weight, options, return_stats)
+    x, y, weight, _, row_shape = prepare_linear(
+        input, linear_weight, linear_bias, target, weight, ce_weight, epg_weight, options, return_stats
+    )
     if terms is not None:
         terms = terms._replace(token_weight=_row_terms.token_weight_rows(terms.token_weight, row_shape, input.device))
     if isinstance(op, _vocab_parallel.VocabParallel):
@@ -247,8 +370,7 @@ def linear_epg_loss(input: Tensor, linear_weight: Tensor, target: Tensor, **kwar
 
 def linear_dft_loss(input: Tensor, linear_weight: Tensor, target: Tensor, **kwargs):
     """DFT of a linear layer's logits: TRL's value -sg(p_y) log p_y, EPG's gradient."""
-    return linear_policy_loss(input, linear_weight, target, ce_weight=0.0, epg_weight=1.0, loss_value="dft",
-                              **kwargs)
+    return linear_policy_loss(input, linear_weight, target, ce_weight=0.0, epg_weight=1.0, loss_value="dft", **kwargs)
 
 
 def linear_aepg_loss(input: Tensor, linear_weight: Tensor, target: Tensor, alpha: Coefficient, **kwargs):

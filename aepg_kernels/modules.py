@@ -1,4 +1,5 @@
 """nn.Module wrappers of the functional API."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -8,11 +9,17 @@ from torch import Tensor, nn
 
 from . import _row_terms
 from ._contract import pack
-from ._spec import check_coefficient_devices, check_coefficients, check_options, is_plain_call
+from ._spec import (
+    check_chunk_size,
+    check_coefficient_devices,
+    check_coefficients,
+    check_logit_transform,
+    check_options,
+    is_plain_call,
+)
 from ._torch_private import legacy_reduction
 from .backends import resolve
 from .backends.native import NativeBackend
-from ._spec import check_chunk_size, check_logit_transform
 from .functional import aepg_coefficients, run, run_linear
 from .schedules import AlphaSchedule
 
@@ -26,10 +33,22 @@ class PolicyLoss(nn.Module):
     _OPTION_ORDER = ("entropy_weight", "label_smoothing", "focal_gamma", "ignore_index", "reduction")
     _OPTIONS = frozenset(_OPTION_ORDER)
 
-    def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100, reduce=None,
-                 reduction: str = "mean", label_smoothing: float = 0.0, *, ce_weight=1.0, epg_weight=0.0,
-                 entropy_weight: float = 0.0, focal_gamma: float = 0.0, loss_value: str = "policy",
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        weight: Optional[Tensor] = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        ce_weight=1.0,
+        epg_weight=0.0,
+        entropy_weight: float = 0.0,
+        focal_gamma: float = 0.0,
+        loss_value: str = "policy",
+        backend: str = "auto",
+    ):
         super().__init__()
         if size_average is not None or reduce is not None:  # the deprecated pair, as torch maps it
             reduction = legacy_reduction(size_average, reduce)
@@ -83,16 +102,22 @@ class PolicyLoss(nn.Module):
         self.__dict__["_eager"] = (a, b, device, call)
         return call
 
-    def forward(self, input: Tensor, target: Tensor, return_stats: bool = False,
-                token_weight: Optional[Tensor] = None):
+    def forward(self, input: Tensor, target: Tensor, return_stats: bool = False, token_weight: Optional[Tensor] = None):
         """The loss of logits `input` for `target`; `token_weight` as in ``policy_loss``."""
         if token_weight is not None or self.loss_value != "policy":
             terms = _row_terms.check(token_weight, self.loss_value)
             ce_weight, epg_weight = self._coefficients()
-            return run(input, target, self.weight, ce_weight, epg_weight, self._options, self.backend, return_stats,
-                       terms)
-        if (not return_stats and self._buffers["weight"] is None and input.__class__ is Tensor
-                and target.__class__ is Tensor and input.dim() == 2 and target.dim() == 1):
+            return run(
+                input, target, self.weight, ce_weight, epg_weight, self._options, self.backend, return_stats, terms
+            )
+        if (
+            not return_stats
+            and self._buffers["weight"] is None
+            and input.__class__ is Tensor
+            and target.__class__ is Tensor
+            and input.dim() == 2
+            and target.dim() == 1
+        ):
             # The common call in as few Python steps as possible: at classification shapes host
             # time is most of its cost (benchmarks/README.md, "CPU, per call, as a drop-in").
             if not torch.compiler.is_compiling():
@@ -112,10 +137,12 @@ class PolicyLoss(nn.Module):
         return run(input, target, self.weight, ce_weight, epg_weight, self._options, self.backend, return_stats)
 
     def extra_repr(self) -> str:
-        return (f"ce_weight={self.ce_weight}, epg_weight={self.epg_weight}, entropy_weight={self.entropy_weight}, "
-                f"label_smoothing={self.label_smoothing}, focal_gamma={self.focal_gamma}, "
-                f"loss_value={self.loss_value!r}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+        return (
+            f"ce_weight={self.ce_weight}, epg_weight={self.epg_weight}, entropy_weight={self.entropy_weight}, "
+            f"label_smoothing={self.label_smoothing}, focal_gamma={self.focal_gamma}, "
+            f"loss_value={self.loss_value!r}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )
 
 
 def _same(cached, value) -> bool:
@@ -133,8 +160,10 @@ class AEPGLoss(PolicyLoss):
             raise TypeError(f"schedule must be an AlphaSchedule (e.g. SigmoidAnneal), got {type(schedule).__name__}")
         fixed = sorted({"ce_weight", "epg_weight"} & kwargs.keys())
         if fixed:
-            raise TypeError(f"AEPGLoss sets ce_weight = alpha and epg_weight = 1 - alpha from the schedule; "
-                            f"do not pass {', '.join(fixed)}")
+            raise TypeError(
+                f"AEPGLoss sets ce_weight = alpha and epg_weight = 1 - alpha from the schedule; "
+                f"do not pass {', '.join(fixed)}"
+            )
         super().__init__(**kwargs)
         self.schedule = schedule
 
@@ -151,23 +180,53 @@ class LinearPolicyLoss(PolicyLoss):
     embeddings, optimizers and sharding see it as usual). Options as ``PolicyLoss``, plus
     `chunk_size`."""
 
-    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, *, chunk_size: Optional[int] = None, logit_scale: float = 1.0,
-                 softcap: Optional[float] = None, **kwargs):
-        super().__init__(weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                         **kwargs)
+    def __init__(
+        self,
+        weight: Optional[Tensor] = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        chunk_size: Optional[int] = None,
+        logit_scale: float = 1.0,
+        softcap: Optional[float] = None,
+        **kwargs,
+    ):
+        super().__init__(
+            weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, **kwargs
+        )
         self.chunk_size = check_chunk_size(chunk_size)
         check_logit_transform(logit_scale, softcap)
         self.logit_scale, self.softcap = logit_scale, softcap
 
-    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor] = None,
-                return_stats: bool = False, token_weight: Optional[Tensor] = None):
+    def forward(
+        self,
+        input: Tensor,
+        linear_weight: Tensor,
+        target: Tensor,
+        linear_bias: Optional[Tensor] = None,
+        return_stats: bool = False,
+        token_weight: Optional[Tensor] = None,
+    ):
         ce_weight, epg_weight = self._coefficients()
-        return run_linear(input, linear_weight, linear_bias, target, self.weight, ce_weight, epg_weight,
-                          self._options, check_chunk_size(self.chunk_size), self.backend, return_stats,
-                          _row_terms.check(token_weight, self.loss_value),
-                          check_logit_transform(self.logit_scale, self.softcap))
+        return run_linear(
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            self.weight,
+            ce_weight,
+            epg_weight,
+            self._options,
+            check_chunk_size(self.chunk_size),
+            self.backend,
+            return_stats,
+            _row_terms.check(token_weight, self.loss_value),
+            check_logit_transform(self.logit_scale, self.softcap),
+        )
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", chunk_size={self.chunk_size}, logit_scale={self.logit_scale}, "
-                f"softcap={self.softcap}")
+        return (
+            super().extra_repr() + f", chunk_size={self.chunk_size}, logit_scale={self.logit_scale}, "
+            f"softcap={self.softcap}"
+        )

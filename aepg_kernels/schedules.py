@@ -8,6 +8,7 @@ place by `.step()` / `.reset()`: `.alpha` is always the same tensor, so reading 
 per loss call, and a compiled or CUDA-graph-captured training step sees each new value without
 recompiling or re-capturing.
 """
+
 from __future__ import annotations
 
 import math
@@ -166,8 +167,16 @@ class FeedbackAlpha(AlphaSchedule):
     task at alpha0.
     """
 
-    def __init__(self, total_steps: int, *, target_start: float = 0.5, target_end: float = 0.95, gain: float = 0.5,
-                 alpha0: float = 1.0, device=None):
+    def __init__(
+        self,
+        total_steps: int,
+        *,
+        target_start: float = 0.5,
+        target_end: float = 0.95,
+        gain: float = 0.5,
+        alpha0: float = 1.0,
+        device=None,
+    ):
         self.target_start = _check_unit("target_start", target_start)
         self.target_end = _check_unit("target_end", target_end)
         self.alpha0 = _check_unit("alpha0", alpha0)
@@ -209,8 +218,14 @@ class FeedbackAlpha(AlphaSchedule):
         super().reset(total_steps)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "alpha": float(self._value), "target_start": self.target_start,
-                "target_end": self.target_end, "gain": self.gain, "alpha0": self.alpha0}
+        return {
+            **super().state_dict(),
+            "alpha": float(self._value),
+            "target_start": self.target_start,
+            "target_end": self.target_end,
+            "gain": self.gain,
+            "alpha0": self.alpha0,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("target_start", "target_end", "gain", "alpha0"):

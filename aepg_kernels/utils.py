@@ -5,6 +5,7 @@ progress bars, device and autocast choice, intra-op thread counts, and comma lis
 matplotlib and tqdm are imported inside the functions that use them, so importing this module
 costs no more than importing torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,22 @@ import re
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import (IO, TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Mapping, Optional,
-                    Sequence, Tuple, Union)
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 
@@ -93,8 +108,9 @@ def json_text(value: Any, key: str = "value") -> str:
     ONE_LINE_RECORD_CHARS characters too; ends with a newline."""
     text = json.dumps(to_jsonable(value, key), indent=2, allow_nan=False)
     text = re.sub(r"\[[^\[\]{}]*\]", _on_one_line, text)
-    text = re.sub(r"\{[^\[\]{}]*\}", lambda m: _on_one_line(m) if len(m.group(0)) <= ONE_LINE_RECORD_CHARS
-                  else m.group(0), text)
+    text = re.sub(
+        r"\{[^\[\]{}]*\}", lambda m: _on_one_line(m) if len(m.group(0)) <= ONE_LINE_RECORD_CHARS else m.group(0), text
+    )
     return text + "\n"
 
 
@@ -120,8 +136,11 @@ def environment(*packages: str) -> Dict[str, Optional[str]]:
     (looked up, not imported; keyed with "-" as "_", e.g. "liger_kernel")."""
     import aepg_kernels  # here, not at the top: the package imports this module
 
-    versions: Dict[str, Optional[str]] = {"aepg_kernels": aepg_kernels.__version__, "torch": torch.__version__,
-                                          "python": platform.python_version()}
+    versions: Dict[str, Optional[str]] = {
+        "aepg_kernels": aepg_kernels.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     versions.update({name.replace("-", "_"): package_version(name) for name in packages})
     return versions
 
@@ -130,8 +149,9 @@ def environment(*packages: str) -> Dict[str, Optional[str]]:
 # figures
 
 
-def new_figure(width: float = 6.4, height: float = 4.8, rows: int = 1, cols: int = 1,
-               sharex: bool = False) -> Tuple["Figure", List["Axes"]]:
+def new_figure(
+    width: float = 6.4, height: float = 4.8, rows: int = 1, cols: int = 1, sharex: bool = False
+) -> Tuple["Figure", List["Axes"]]:
     """A matplotlib figure on its own Agg canvas and its axes, row by row in a list. No pyplot: no
     display is opened and matplotlib's global backend stays as it was. ImportError without
     matplotlib."""
@@ -196,7 +216,7 @@ def progress_bar(total: int, enabled: bool = True, **options: Any) -> Any:
 
 
 def resolve_device(name: str = "auto", index: Optional[int] = None) -> torch.device:
-    """"auto": the GPU when CUDA is available, else the CPU; any other name as torch.device reads
+    """ "auto": the GPU when CUDA is available, else the CPU; any other name as torch.device reads
     it. A CUDA device without an index gets `index` when one is given (a process's local rank)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -239,12 +259,14 @@ def comma_list(text: str, kind: Callable[[str], Any] = str) -> List[Any]:
 
 def comma_list_argument(kind: Callable[[str], Any] = str) -> Callable[[str], List[Any]]:
     """An argparse `type=` for `comma_list(text, kind)`; a bad item is a usage error naming the list."""
+
     def parse(text: str) -> List[Any]:
         try:
             return comma_list(text, kind)
         except ValueError:
             name = getattr(kind, "__name__", "values")
             raise argparse.ArgumentTypeError(f"expected a comma list of {name}, got {text!r}") from None
+
     return parse
 
 

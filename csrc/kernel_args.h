@@ -72,8 +72,8 @@ struct RowTarget {
 
 AEPG_HD RowTarget row_target(const KernelArgs& args, int64_t i) {
   if (args.prob_target) return {-1, true, false};
-  const int64_t y = args.target_int32 ? static_cast<const int32_t*>(args.target)[i]
-                                      : static_cast<const int64_t*>(args.target)[i];
+  const int64_t y =
+      args.target_int32 ? static_cast<const int32_t*>(args.target)[i] : static_cast<const int64_t*>(args.target)[i];
   const bool counted = y != args.ignore_index;
   const bool in_range = y >= 0 && y < args.n_cols;
   return {counted && in_range ? y : -1, counted, counted && !in_range};
@@ -91,8 +91,15 @@ template <class T, class V, class M>
 AEPG_HD RowStats<V> row_stats(M counted, M bad, V m, const RowResults<V>& r) {
   const V nan(nan_of<T>()), zero(T(0));
   auto masked = [&](V value) { return select(bad, nan, select(counted, value, zero)); };
-  return {masked(r.loss), m + r.log_s, r.entropy, masked(r.p_target), masked(r.sample_weight),
-          select(counted, r.row_weight, zero), select(counted, r.aux, zero), m, r.log_s};
+  return {masked(r.loss),
+          m + r.log_s,
+          r.entropy,
+          masked(r.p_target),
+          masked(r.sample_weight),
+          select(counted, r.row_weight, zero),
+          select(counted, r.aux, zero),
+          m,
+          r.log_s};
 }
 
 // Calls store(stat, value) for each of the (kNumStats, n_rows) statistics (not the loss).

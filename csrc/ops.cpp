@@ -32,13 +32,13 @@
 #endif
 
 // The arguments of a call, in the order of the schemas below.
-#define AEPG_CALL_PARAMS                                                                            \
-  const Tensor &logits, const Tensor &target, const std::optional<Tensor>&weight,                 \
-      const std::optional<Tensor>&ce_weight_t, const std::optional<Tensor>&epg_weight_t,          \
+#define AEPG_CALL_PARAMS                                                                 \
+  const Tensor &logits, const Tensor &target, const std::optional<Tensor>&weight,        \
+      const std::optional<Tensor>&ce_weight_t, const std::optional<Tensor>&epg_weight_t, \
       c10::ArrayRef<double> scalars, int64_t ignore_index, int64_t flags
 #define AEPG_CALL_ARGS logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags
-#define AEPG_CALL_SCHEMA                                                                            \
-  "Tensor logits, Tensor target, Tensor? weight, Tensor? ce_weight_t, Tensor? epg_weight_t, "     \
+#define AEPG_CALL_SCHEMA                                                                      \
+  "Tensor logits, Tensor target, Tensor? weight, Tensor? ce_weight_t, Tensor? epg_weight_t, " \
   "float[] scalars, int ignore_index, int flags"
 
 namespace aepg {
@@ -47,9 +47,7 @@ namespace {
 using at::Tensor;
 using Forward = std::tuple<Tensor, Tensor, Tensor, Tensor>;  // loss, stats, grad, denominator
 
-c10::ScalarType accumulation_dtype(c10::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+c10::ScalarType accumulation_dtype(c10::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 int64_t reduction_of(int64_t flags) { return flags & kReductionMask; }
 
@@ -140,8 +138,8 @@ double cpu_denominator(const KernelArgs& args, const Index* target) {
   for (int64_t i = 0; i < args.n_rows; ++i) {
     const int64_t y = target[i];
     if (y == args.ignore_index) continue;
-    TORCH_CHECK_INDEX(y >= 0 && y < args.n_cols, "target: class index ", y, " is out of bounds for C=",
-                      args.n_cols, " (and is not ignore_index=", args.ignore_index, ")");
+    TORCH_CHECK_INDEX(y >= 0 && y < args.n_cols, "target: class index ", y, " is out of bounds for C=", args.n_cols,
+                      " (and is not ignore_index=", args.ignore_index, ")");
     if (weight) {
       total += static_cast<double>(weight[y]);
     } else {
@@ -271,8 +269,8 @@ void check_fused_grad(const Tensor& logits, int64_t flags) {
 void check_grad_out(const Tensor& grad, const Tensor& logits) {
   TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
                   grad.device() == logits.device() && grad.is_contiguous(),
-              "aepg: grad must be a contiguous tensor of the logits' shape, dtype and device, got ", grad.sizes(),
-              " ", grad.scalar_type(), " on ", grad.device());
+              "aepg: grad must be a contiguous tensor of the logits' shape, dtype and device, got ", grad.sizes(), " ",
+              grad.scalar_type(), " on ", grad.device());
 }
 
 Forward native_forward(AEPG_CALL_PARAMS) {
@@ -288,8 +286,8 @@ Forward native_forward(AEPG_CALL_PARAMS) {
 std::tuple<Tensor, Tensor, Tensor> native_forward_out(Tensor& grad, AEPG_CALL_PARAMS) {
   check_fused_grad(logits, flags);
   check_grad_out(grad, logits);
-  auto [loss, stats, unused, denom] = run_forward(logits, target, weight, ce_weight_t, epg_weight_t, scalars,
-                                                  ignore_index, flags | kWriteGrad, grad);
+  auto [loss, stats, unused, denom] =
+      run_forward(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags | kWriteGrad, grad);
   return {loss, stats, denom};
 }
 
@@ -318,8 +316,8 @@ void run_backward(Tensor& grad, const Tensor& grad_loss, AEPG_CALL_PARAMS, const
   if (args.n_rows == 0) return;
   TORCH_CHECK(grad_loss.dim() == 0 || (grad_loss.dim() == 1 && grad_loss.size(0) == args.n_rows),
               "aepg: grad_loss must be 0-d or (rows,)");
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kNumStats && stats.size(1) == args.n_rows,
-              "aepg: stats must be (", int(kNumStats), ", rows)");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kNumStats && stats.size(1) == args.n_rows, "aepg: stats must be (",
+              int(kNumStats), ", rows)");
   const auto acc = accumulation_dtype(logits.scalar_type());
   keep.push_back(grad_loss.to(acc));  // keeps its stride (0-d: stride 0)
   args.grad_loss = keep.back().data_ptr();
@@ -380,14 +378,14 @@ void native_scale_meta(Tensor& grad, const Tensor& grad_loss) {}
 // ---- aepg::policy_loss: the autograd node in C++ ------------------------------------------------
 
 const c10::TypedOperatorHandle<Forward(AEPG_CALL_PARAMS)>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aepg::native_forward", "")
-                             .typed<Forward(AEPG_CALL_PARAMS)>();
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("aepg::native_forward", "").typed<Forward(AEPG_CALL_PARAMS)>();
   return op;
 }
 
-const c10::TypedOperatorHandle<Tensor(const Tensor&, AEPG_CALL_PARAMS, const Tensor&, const Tensor&)>&
-backward_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aepg::native_backward", "")
+const c10::TypedOperatorHandle<Tensor(const Tensor&, AEPG_CALL_PARAMS, const Tensor&, const Tensor&)>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("aepg::native_backward", "")
                              .typed<Tensor(const Tensor&, AEPG_CALL_PARAMS, const Tensor&, const Tensor&)>();
   return op;
 }
@@ -419,8 +417,8 @@ class PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction> 
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, AEPG_CALL_PARAMS) {
     const int64_t call_flags = fuses_grad(logits, flags) ? (flags | kWriteGrad) : flags;
-    auto [loss, stats, grad, denom] = forward_op().call(logits, target, weight, ce_weight_t, epg_weight_t, scalars,
-                                                        ignore_index, call_flags);
+    auto [loss, stats, grad, denom] =
+        forward_op().call(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, call_flags);
     ctx->saved_data["scalars"] = scalars.vec();
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["flags"] = call_flags;
@@ -467,7 +465,8 @@ std::tuple<Tensor, Tensor> policy_loss_autograd(AEPG_CALL_PARAMS) {
 
 // aepg::policy_loss as the dispatcher sees it (its Autograd kernel, or the one below).
 std::tuple<Tensor, Tensor> call_policy_loss(AEPG_CALL_PARAMS) {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("aepg::policy_loss", "")
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("aepg::policy_loss", "")
                              .typed<std::tuple<Tensor, Tensor>(AEPG_CALL_PARAMS)>();
   return op.call(AEPG_CALL_ARGS);
 }
@@ -534,31 +533,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("CUDA_MAX_ON_CHIP_COLS") = aepg::cuda::kMaxOnChipCols;
   m.def("cpu_capability", &aepg::cpu::capability, "the instruction set the CPU kernels use");
   // aepg::policy_loss through the dispatcher, without the boxed argument parsing of torch.ops.
-  m.def("policy_loss",
-        [](const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-           const std::optional<at::Tensor>& ce_weight_t, const std::optional<at::Tensor>& epg_weight_t,
-           const std::vector<double>& scalars, int64_t ignore_index, int64_t flags) {
-          return aepg::call_policy_loss(AEPG_CALL_ARGS);
-        });
+  m.def("policy_loss", [](const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& ce_weight_t, const std::optional<at::Tensor>& epg_weight_t,
+                          const std::vector<double>& scalars, int64_t ignore_index,
+                          int64_t flags) { return aepg::call_policy_loss(AEPG_CALL_ARGS); });
   // The contract's enums (csrc/contract.h), compared with aepg_kernels/_contract.py by the tests.
   py::dict contract;
-  contract["Stat"] = py::dict(py::arg("LSE") = int(aepg::kLse), py::arg("ENTROPY") = int(aepg::kEntropy),
-                              py::arg("P_TARGET") = int(aepg::kPTarget),
-                              py::arg("SAMPLE_WEIGHT") = int(aepg::kSampleWeight),
-                              py::arg("ROW_WEIGHT") = int(aepg::kRowWeight), py::arg("AUX") = int(aepg::kAux),
-                              py::arg("ROW_MAX") = int(aepg::kRowMax), py::arg("LOG_SUM") = int(aepg::kLogSum));
-  contract["Scalar"] = py::dict(py::arg("CE_WEIGHT") = int(aepg::kCeWeight),
-                                py::arg("EPG_WEIGHT") = int(aepg::kEpgWeight),
-                                py::arg("ENTROPY_WEIGHT") = int(aepg::kEntropyWeight),
-                                py::arg("LABEL_SMOOTHING") = int(aepg::kLabelSmoothing),
-                                py::arg("FOCAL_GAMMA") = int(aepg::kFocalGamma));
-  contract["Flag"] = py::dict(py::arg("REDUCTION") = int(aepg::kReductionMask),
-                              py::arg("PROB_TARGET") = int(aepg::kProbTarget),
-                              py::arg("NEED_ENTROPY") = int(aepg::kNeedEntropy),
-                              py::arg("WRITE_GRAD") = int(aepg::kWriteGrad),
-                              py::arg("EPG_ONE_MINUS_CE") = int(aepg::kEpgOneMinusCe));
-  contract["Reduction"] = py::dict(py::arg("NONE") = int(aepg::kReductionNone),
-                                   py::arg("MEAN") = int(aepg::kReductionMean),
-                                   py::arg("SUM") = int(aepg::kReductionSum));
+  contract["Stat"] =
+      py::dict(py::arg("LSE") = int(aepg::kLse), py::arg("ENTROPY") = int(aepg::kEntropy),
+               py::arg("P_TARGET") = int(aepg::kPTarget), py::arg("SAMPLE_WEIGHT") = int(aepg::kSampleWeight),
+               py::arg("ROW_WEIGHT") = int(aepg::kRowWeight), py::arg("AUX") = int(aepg::kAux),
+               py::arg("ROW_MAX") = int(aepg::kRowMax), py::arg("LOG_SUM") = int(aepg::kLogSum));
+  contract["Scalar"] = py::dict(
+      py::arg("CE_WEIGHT") = int(aepg::kCeWeight), py::arg("EPG_WEIGHT") = int(aepg::kEpgWeight),
+      py::arg("ENTROPY_WEIGHT") = int(aepg::kEntropyWeight), py::arg("LABEL_SMOOTHING") = int(aepg::kLabelSmoothing),
+      py::arg("FOCAL_GAMMA") = int(aepg::kFocalGamma));
+  contract["Flag"] =
+      py::dict(py::arg("REDUCTION") = int(aepg::kReductionMask), py::arg("PROB_TARGET") = int(aepg::kProbTarget),
+               py::arg("NEED_ENTROPY") = int(aepg::kNeedEntropy), py::arg("WRITE_GRAD") = int(aepg::kWriteGrad),
+               py::arg("EPG_ONE_MINUS_CE") = int(aepg::kEpgOneMinusCe));
+  contract["Reduction"] =
+      py::dict(py::arg("NONE") = int(aepg::kReductionNone), py::arg("MEAN") = int(aepg::kReductionMean),
+               py::arg("SUM") = int(aepg::kReductionSum));
   m.attr("CONTRACT") = contract;
 }

@@ -180,8 +180,7 @@ struct RowSums {
 // probability, wq = w q, wq_smooth = w q' (q' = (1 - eps) q + eps / C; w for index targets with
 // smoothing). Masked classes (z = -inf, e = 0) add 0. `other` is false for the target column y.
 template <class T, class V>
-AEPG_HD void add_element(RowSums<V>& acc, V zm, V e, V q, V wq, V wq_smooth, bool other,
-                         const LossParams<T>& p) {
+AEPG_HD void add_element(RowSums<V>& acc, V zm, V e, V q, V wq, V wq_smooth, bool other, const LossParams<T>& p) {
   const V zero(T(0));
   acc.s += e;
   if (other) acc.s_other += e;
@@ -305,8 +304,8 @@ struct GradCoefficients {
 
 // From the saved statistics: entropy, p_target, sample_weight, aux, row_weight (see RowResults).
 template <class T, class V>
-AEPG_HD GradCoefficients<V> grad_coefficients(V g_row, V entropy, V p_y, V logp_y, V aux, V sample_weight,
-                                              V row_weight, const LossParams<T>& p) {
+AEPG_HD GradCoefficients<V> grad_coefficients(V g_row, V entropy, V p_y, V logp_y, V aux, V sample_weight, V row_weight,
+                                              const LossParams<T>& p) {
   GradCoefficients<V> c;
   c.entropy = entropy;
   c.a = g_row * V(p.a);
@@ -334,8 +333,7 @@ AEPG_HD GradCoefficients<V> grad_coefficients(V g_row, V entropy, V p_y, V logp_
 // g_row * dL/dz_k for k != y (the caller writes g_y at the target column), from p_k, log p_k,
 // the class weight w_k and, for probability targets, w_k q_k and w_k q'_k.
 template <class T, class V>
-AEPG_HD V grad_element(V prob, V logp, V w, V wq, V wq_smooth, const GradCoefficients<T>& c,
-                       const LossParams<T>& p) {
+AEPG_HD V grad_element(V prob, V logp, V w, V wq, V wq_smooth, const GradCoefficients<T>& c, const LossParams<T>& p) {
   const V zero(T(0));
   V grad = V(c.c_p) * prob;
   if (p.entropy_term) grad = grad - V(c.c_e) * select(prob > zero, prob * (logp + V(c.entropy)), zero);

@@ -1,4 +1,5 @@
 """Shared test utilities: which kernel backends run here, random cases, the float64 reference."""
+
 from __future__ import annotations
 
 import contextlib
@@ -86,6 +87,7 @@ def assert_matches_reference(x, y, backend, grad_output=None, rtol=1e-5, atol=1e
 def tile_config(**overrides):
     """Temporarily shrink the Triton tiling (e.g. to reach the chunked path with small C)."""
     from aepg_kernels.backends.triton.launch import CONFIG
+
     saved = {k: getattr(CONFIG, k) for k in overrides}
     for k, v in overrides.items():
         setattr(CONFIG, k, v)

@@ -8,6 +8,7 @@
 - The spec layer imports only the contract; the contract and _torch_private import nothing of
   the package.
 """
+
 import ast
 import pathlib
 from typing import Iterator, NamedTuple
@@ -18,8 +19,13 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1] / "aepg_kernels"  # th
 ROOT = "aepg_kernels"
 USER_SUBPACKAGES = ("train", "integrations", "bench")
 PUBLIC_SUBPACKAGES = ("aepg_kernels.train", "aepg_kernels.integrations", "aepg_kernels.bench", "aepg_kernels.utils")
-KERNEL_LAYER = ("aepg_kernels._contract", "aepg_kernels._spec", "aepg_kernels._torch_private", "aepg_kernels._C",
-                "aepg_kernels.backends")
+KERNEL_LAYER = (
+    "aepg_kernels._contract",
+    "aepg_kernels._spec",
+    "aepg_kernels._torch_private",
+    "aepg_kernels._C",
+    "aepg_kernels.backends",
+)
 LOWER_LAYERS = {
     "aepg_kernels._spec": ("aepg_kernels._contract", "aepg_kernels._torch_private"),
     "aepg_kernels._contract": (),
@@ -29,16 +35,26 @@ LOWER_LAYERS = {
 # module, the imported module (or package) and why. A new one needs a reason here; a stale one
 # fails a test.
 BENCH_EXCEPTIONS = {
-    ("aepg_kernels.bench.resources", "aepg_kernels.backends.triton"):
-        "compiles the Triton kernels for sm_90 to report their registers and shared memory",
-    ("aepg_kernels.bench.implementations", "aepg_kernels.backends"):
-        "triton_interpreter(): the Triton rows run only where the interpreter or a GPU is",
-    ("aepg_kernels.bench.machine", "aepg_kernels.backends"):
-        "triton_interpreter(): the machine description records whether the interpreter is on",
-    ("aepg_kernels.bench.perf_model", "aepg_kernels.backends.native"):
-        "the CUDA backend's on-chip column limit decides which kernel path the model bounds",
-    ("aepg_kernels.bench.device_check", "aepg_kernels.backends.native"):
-        "the device session records whether the native kernels were built, and the build error",
+    (
+        "aepg_kernels.bench.resources",
+        "aepg_kernels.backends.triton",
+    ): "compiles the Triton kernels for sm_90 to report their registers and shared memory",
+    (
+        "aepg_kernels.bench.implementations",
+        "aepg_kernels.backends",
+    ): "triton_interpreter(): the Triton rows run only where the interpreter or a GPU is",
+    (
+        "aepg_kernels.bench.machine",
+        "aepg_kernels.backends",
+    ): "triton_interpreter(): the machine description records whether the interpreter is on",
+    (
+        "aepg_kernels.bench.perf_model",
+        "aepg_kernels.backends.native",
+    ): "the CUDA backend's on-chip column limit decides which kernel path the model bounds",
+    (
+        "aepg_kernels.bench.device_check",
+        "aepg_kernels.backends.native",
+    ): "the device session records whether the native kernels were built, and the build error",
 }
 
 
@@ -62,7 +78,7 @@ def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     if node.level == 0:
         return node.module or ""
     base = module.split(".") if is_package else module.split(".")[:-1]
-    base = base[:len(base) - (node.level - 1)]
+    base = base[: len(base) - (node.level - 1)]
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -125,41 +141,63 @@ def test_the_scan_finds_the_package_imports():
     """Guards the rules below against a scan that silently finds nothing."""
     imports = [imp for imp in package_imports() if _of_package(imp)]
     modules = {imp.module for imp in imports}
-    assert len(imports) > 50 and {"aepg_kernels.functional", "aepg_kernels.train.trainer",
-                                  "aepg_kernels.backends.triton.launch"} <= modules
+    assert (
+        len(imports) > 50
+        and {"aepg_kernels.functional", "aepg_kernels.train.trainer", "aepg_kernels.backends.triton.launch"} <= modules
+    )
 
 
 @pytest.mark.parametrize("subpackage", USER_SUBPACKAGES)
 def test_train_integrations_and_bench_use_only_the_public_api(subpackage):
     public_names = _public_names()
-    offending = [str(imp) for imp in package_imports()
-                 if _in_subpackage(imp.module, [subpackage]) and _of_package(imp)
-                 and not _is_public(imp, public_names)
-                 and not _excepted(imp)]
-    assert not offending, (f"aepg_kernels.{subpackage} may import only the public API of aepg_kernels "
-                           "(its __all__, the subpackages train, integrations, bench, utils); these import "
-                           "private modules:\n" + "\n".join(offending))
+    offending = [
+        str(imp)
+        for imp in package_imports()
+        if _in_subpackage(imp.module, [subpackage])
+        and _of_package(imp)
+        and not _is_public(imp, public_names)
+        and not _excepted(imp)
+    ]
+    assert not offending, (
+        f"aepg_kernels.{subpackage} may import only the public API of aepg_kernels "
+        "(its __all__, the subpackages train, integrations, bench, utils); these import "
+        "private modules:\n" + "\n".join(offending)
+    )
 
 
 def test_every_bench_exception_is_still_used():
     imports = list(package_imports())
-    stale = [f"{module} -> {target}" for module, target in BENCH_EXCEPTIONS
-             if not any(imp.module == module and _within(imp.target, [target]) for imp in imports)]
+    stale = [
+        f"{module} -> {target}"
+        for module, target in BENCH_EXCEPTIONS
+        if not any(imp.module == module and _within(imp.target, [target]) for imp in imports)
+    ]
     assert not stale, "BENCH_EXCEPTIONS lists imports that no longer exist:\n" + "\n".join(stale)
 
 
 def test_kernels_import_nothing_above_the_spec():
-    offending = [str(imp) for imp in package_imports()
-                 if _in_subpackage(imp.module, ["backends"]) and _of_package(imp)
-                 and not _within(imp.target, KERNEL_LAYER)]
-    assert not offending, ("aepg_kernels.backends may import only " + ", ".join(KERNEL_LAYER)
-                           + " from the package; these import a higher layer:\n" + "\n".join(offending))
+    offending = [
+        str(imp)
+        for imp in package_imports()
+        if _in_subpackage(imp.module, ["backends"]) and _of_package(imp) and not _within(imp.target, KERNEL_LAYER)
+    ]
+    assert not offending, (
+        "aepg_kernels.backends may import only "
+        + ", ".join(KERNEL_LAYER)
+        + " from the package; these import a higher layer:\n"
+        + "\n".join(offending)
+    )
 
 
 @pytest.mark.parametrize("module", sorted(LOWER_LAYERS))
 def test_contract_and_spec_import_only_below_them(module):
     allowed = LOWER_LAYERS[module]
-    offending = [str(imp) for imp in package_imports()
-                 if imp.module == module and _of_package(imp) and not _within(imp.target, allowed)]
-    assert not offending, (f"{module} may import from the package only {', '.join(allowed) or 'nothing'}; "
-                           "these import a higher layer:\n" + "\n".join(offending))
+    offending = [
+        str(imp)
+        for imp in package_imports()
+        if imp.module == module and _of_package(imp) and not _within(imp.target, allowed)
+    ]
+    assert not offending, (
+        f"{module} may import from the package only {', '.join(allowed) or 'nothing'}; "
+        "these import a higher layer:\n" + "\n".join(offending)
+    )

@@ -1,15 +1,14 @@
 """Bad input gives a clear error: the right exception type (ValueError, TypeError, IndexError or
 RuntimeError) and a message naming the argument at fault. Validation runs before any kernel,
 so these tests are cheap on every backend."""
+
 import math
 
 import pytest
 import torch
 
 import aepg_kernels as ak
-from aepg_kernels.backends import native as _native
-from aepg_kernels.backends import resolve, resolve_backend
-
+from aepg_kernels.backends import native as _native, resolve, resolve_backend
 from tests.helpers import ALL_BACKENDS, DEVICE
 
 C = 5
@@ -42,15 +41,16 @@ CALL_CASES = {
     "prob_target_shape": (lambda: (_x(), _q(4, C + 1), {}), ValueError, "target"),
     "prob_target_rank": (lambda: (_x(), _q(4, C)[:, 0], {}), ValueError, "target"),
     "prob_target_spatial": (lambda: (_x(2, C, 3), _q(2, 3, C), {}), ValueError, "target"),
-    "target_other_device": (lambda: (_x(), torch.zeros(4, dtype=torch.long, device="meta"), {}), ValueError,
-                            "target"),
+    "target_other_device": (lambda: (_x(), torch.zeros(4, dtype=torch.long, device="meta"), {}), ValueError, "target"),
     # dtypes
     "input_int64": (lambda: (torch.randint(0, 3, (4, C), device=DEVICE), _y(), {}), TypeError, "input"),
-    "input_int32": (lambda: (torch.randint(0, 3, (4, C), device=DEVICE, dtype=torch.int32), _y(), {}), TypeError,
-                    "input"),
+    "input_int32": (
+        lambda: (torch.randint(0, 3, (4, C), device=DEVICE, dtype=torch.int32), _y(), {}),
+        TypeError,
+        "input",
+    ),
     "input_bool": (lambda: (torch.ones(4, C, dtype=torch.bool, device=DEVICE), _y(), {}), TypeError, "input"),
-    "input_complex": (lambda: (torch.randn(4, C, dtype=torch.complex64, device=DEVICE), _y(), {}), TypeError,
-                      "input"),
+    "input_complex": (lambda: (torch.randn(4, C, dtype=torch.complex64, device=DEVICE), _y(), {}), TypeError, "input"),
     "target_uint8": (lambda: (_x(), _y().to(torch.uint8), {}), TypeError, "target"),
     "target_int16": (lambda: (_x(), _y().to(torch.int16), {}), TypeError, "target"),
     "target_bool": (lambda: (_x(), _y() > 2, {}), TypeError, "target"),
@@ -69,12 +69,18 @@ CALL_CASES = {
     "weight_long": (lambda: (_x(), _y(), dict(weight=torch.ones(C + 1, device=DEVICE))), ValueError, "weight"),
     "weight_2d": (lambda: (_x(), _y(), dict(weight=torch.ones(C, 1, device=DEVICE))), ValueError, "weight"),
     "weight_0d": (lambda: (_x(), _y(), dict(weight=torch.tensor(1.0, device=DEVICE))), ValueError, "weight"),
-    "weight_int": (lambda: (_x(), _y(), dict(weight=torch.ones(C, dtype=torch.long, device=DEVICE))), TypeError,
-                   "weight"),
+    "weight_int": (
+        lambda: (_x(), _y(), dict(weight=torch.ones(C, dtype=torch.long, device=DEVICE))),
+        TypeError,
+        "weight",
+    ),
     "weight_list": (lambda: (_x(), _y(), dict(weight=[1.0] * C)), TypeError, "weight"),
     "weight_meta_device": (lambda: (_x(), _y(), dict(weight=torch.ones(C, device="meta"))), ValueError, "weight"),
-    "weight_requires_grad": (lambda: (_x(), _y(), dict(weight=torch.ones(C, device=DEVICE, requires_grad=True))),
-                             ValueError, "weight"),
+    "weight_requires_grad": (
+        lambda: (_x(), _y(), dict(weight=torch.ones(C, device=DEVICE, requires_grad=True))),
+        ValueError,
+        "weight",
+    ),
     # scalar hyper-parameters
     "label_smoothing_negative": (lambda: (_x(), _y(), dict(label_smoothing=-0.1)), ValueError, "label_smoothing"),
     "label_smoothing_above_1": (lambda: (_x(), _y(), dict(label_smoothing=1.1)), ValueError, "label_smoothing"),
@@ -88,20 +94,27 @@ CALL_CASES = {
     "entropy_weight_inf": (lambda: (_x(), _y(), dict(entropy_weight=math.inf)), ValueError, "entropy_weight"),
     "entropy_weight_neg_inf": (lambda: (_x(), _y(), dict(entropy_weight=-math.inf)), ValueError, "entropy_weight"),
     "entropy_weight_bool": (lambda: (_x(), _y(), dict(entropy_weight=True)), TypeError, "entropy_weight"),
-    "ce_weight_1d": (lambda: (_x(), _y(), dict(ce_weight=torch.tensor([0.5], device=DEVICE))), ValueError,
-                     "ce_weight"),
-    "ce_weight_meta_device": (lambda: (_x(), _y(), dict(ce_weight=torch.tensor(0.5, device="meta"))), ValueError,
-                              "ce_weight"),
-    "ce_weight_int_tensor": (lambda: (_x(), _y(), dict(ce_weight=torch.tensor(1, device=DEVICE))), TypeError,
-                             "ce_weight"),
+    "ce_weight_1d": (lambda: (_x(), _y(), dict(ce_weight=torch.tensor([0.5], device=DEVICE))), ValueError, "ce_weight"),
+    "ce_weight_meta_device": (
+        lambda: (_x(), _y(), dict(ce_weight=torch.tensor(0.5, device="meta"))),
+        ValueError,
+        "ce_weight",
+    ),
+    "ce_weight_int_tensor": (
+        lambda: (_x(), _y(), dict(ce_weight=torch.tensor(1, device=DEVICE))),
+        TypeError,
+        "ce_weight",
+    ),
     "ce_weight_nan": (lambda: (_x(), _y(), dict(ce_weight=math.nan)), ValueError, "ce_weight"),
-    "epg_weight_1d": (lambda: (_x(), _y(), dict(epg_weight=torch.tensor([0.5], device=DEVICE))), ValueError,
-                      "epg_weight"),
+    "epg_weight_1d": (
+        lambda: (_x(), _y(), dict(epg_weight=torch.tensor([0.5], device=DEVICE))),
+        ValueError,
+        "epg_weight",
+    ),
     "epg_weight_str": (lambda: (_x(), _y(), dict(epg_weight="1")), TypeError, "epg_weight"),
     "ignore_index_float": (lambda: (_x(), _y(), dict(ignore_index=1.5)), TypeError, "ignore_index"),
     "ignore_index_bool": (lambda: (_x(), _y(), dict(ignore_index=True)), TypeError, "ignore_index"),
-    "ignore_index_tensor": (lambda: (_x(), _y(), dict(ignore_index=torch.tensor(-100))), TypeError,
-                            "ignore_index"),
+    "ignore_index_tensor": (lambda: (_x(), _y(), dict(ignore_index=torch.tensor(-100))), TypeError, "ignore_index"),
 }
 
 
@@ -159,6 +172,7 @@ def test_detached_weight_and_target_are_accepted_under_no_grad():
 
 # --- aepg_loss and the modules ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, math.nan, math.inf, True, "0.5", None])
 def test_aepg_alpha_out_of_range(alpha):
     """aepg_loss: alpha must be a number in [0, 1] (or a 0-d tensor)."""
@@ -186,9 +200,14 @@ def test_aepg_module_rejects_fixed_weights(name):
         ak.AEPGLoss(ak.SigmoidAnneal(10), **{name: 0.5})
 
 
-@pytest.mark.parametrize("kw,pattern", [(dict(reduction="avg"), "reduction"), (dict(label_smoothing=2.0),
-                                                                                "label_smoothing"),
-                                        (dict(backend="gpu"), "backend")])
+@pytest.mark.parametrize(
+    "kw,pattern",
+    [
+        (dict(reduction="avg"), "reduction"),
+        (dict(label_smoothing=2.0), "label_smoothing"),
+        (dict(backend="gpu"), "backend"),
+    ],
+)
 def test_policy_loss_module_rejects(kw, pattern):
     """PolicyLoss rejects bad options when it is made (the backend on the first call)."""
     with pytest.raises(ValueError, match=pattern):
@@ -226,6 +245,7 @@ def test_constant_alpha_range(alpha):
 
 
 # --- backends -----------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def uncached_resolve():
@@ -302,14 +322,18 @@ def test_module_refuses_a_coefficient_on_another_device():
         criterion(_x(), _y())
 
 
-@pytest.mark.parametrize("x,y", [
-    (_x(), _y().float()),                          # float class indices
-    (_x(), _y().to(torch.int16)),                  # an index dtype the op does not take
-    (_x().to(torch.int32), _y()),                  # integer logits
-    (_x(4, 0), _y(4, high=1)),                    # no classes
-    (_x(), _y()[:-1]),                             # one target short
-    (_x(), _y() + C),                              # a class index out of range
-], ids=["float-target", "int16-target", "int-logits", "no-classes", "short-target", "out-of-range"])
+@pytest.mark.parametrize(
+    "x,y",
+    [
+        (_x(), _y().float()),  # float class indices
+        (_x(), _y().to(torch.int16)),  # an index dtype the op does not take
+        (_x().to(torch.int32), _y()),  # integer logits
+        (_x(4, 0), _y(4, high=1)),  # no classes
+        (_x(), _y()[:-1]),  # one target short
+        (_x(), _y() + C),  # a class index out of range
+    ],
+    ids=["float-target", "int16-target", "int-logits", "no-classes", "short-target", "out-of-range"],
+)
 def test_module_raises_the_typed_errors_of_a_call_its_operator_refuses(x, y):
     """The module's eager call leaves dtypes, shapes and devices to the native operator; a call it
     refuses gets the error that policy_loss raises for it, not the operator's."""

@@ -1,5 +1,6 @@
 """The custom ops under torch.library's own checks and under torch.compile(fullgraph=True):
 no graph break forward or backward, and a tensor alpha that changes without recompiling."""
+
 import sys
 
 import pytest
@@ -9,15 +10,23 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import aepg_kernels as ak
 from aepg_kernels._contract import Flag, LossSpec, Reduction
 from aepg_kernels.backends.triton import op as triton_op
-
-from tests.helpers import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, class_weights, index_targets, logits, loss_and_grad, \
-    prob_targets
-
+from tests.helpers import (
+    ALL_BACKENDS,
+    DEVICE,
+    KERNEL_BACKENDS,
+    class_weights,
+    index_targets,
+    logits,
+    loss_and_grad,
+    prob_targets,
+)
 
 # The registered forward and backward operators of each kernel backend.
-OPS = {"cpu": (torch.ops.aepg.native_forward.default, torch.ops.aepg.native_backward.default),
-       "cuda": (torch.ops.aepg.native_forward.default, torch.ops.aepg.native_backward.default),
-       "triton": (triton_op.triton_forward, triton_op.triton_backward)}
+OPS = {
+    "cpu": (torch.ops.aepg.native_forward.default, torch.ops.aepg.native_backward.default),
+    "cuda": (torch.ops.aepg.native_forward.default, torch.ops.aepg.native_backward.default),
+    "triton": (triton_op.triton_forward, triton_op.triton_backward),
+}
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -28,8 +37,14 @@ def test_opcheck(backend, reduction, prob):
     forward, backward = OPS[backend]
     x = logits(5, 7)
     y = prob_targets(5, 7) if prob else index_targets(5, 7, ignore_index=-100)
-    spec = LossSpec(ce_weight=torch.tensor(0.5, dtype=x.dtype, device=DEVICE), epg_weight=0.5, entropy_weight=0.25,
-                    label_smoothing=0.1, reduction=reduction, prob_target=prob)
+    spec = LossSpec(
+        ce_weight=torch.tensor(0.5, dtype=x.dtype, device=DEVICE),
+        epg_weight=0.5,
+        entropy_weight=0.25,
+        label_smoothing=0.1,
+        reduction=reduction,
+        prob_target=prob,
+    )
     call = spec.pack(need_entropy=True)
     fused = reduction != Reduction.NONE
     write_grad = call[:-1] + (call[-1] | Flag.WRITE_GRAD if fused else call[-1],)
@@ -38,8 +53,9 @@ def test_opcheck(backend, reduction, prob):
     if backend != "triton":
         torch.library.opcheck(torch.ops.aepg.policy_loss.default, (x, y, class_weights(7), *call))
     _, stats, _, denom = forward(x.detach(), y, class_weights(7), *call)
-    grad_loss = torch.rand(5, dtype=x.dtype, device=DEVICE) if not fused else torch.rand((), dtype=x.dtype,
-                                                                                        device=DEVICE)
+    grad_loss = (
+        torch.rand(5, dtype=x.dtype, device=DEVICE) if not fused else torch.rand((), dtype=x.dtype, device=DEVICE)
+    )
     torch.library.opcheck(backward, (grad_loss, x.detach(), y, class_weights(7), *call, stats, denom))
 
 
@@ -61,8 +77,9 @@ def test_compile_fullgraph_forward_and_backward(backend, reduction):
         x = logits(6, 9, dtype=torch.float32)
         loss = compiled(x, y, torch.tensor(alpha, device=DEVICE))
         loss.sum().backward()
-        expected, expected_grad = loss_and_grad(x, y, grad_output=torch.ones_like(loss), backend="eager",
-                                                ce_weight=alpha, epg_weight=1 - alpha, **options)
+        expected, expected_grad = loss_and_grad(
+            x, y, grad_output=torch.ones_like(loss), backend="eager", ce_weight=alpha, epg_weight=1 - alpha, **options
+        )
         torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x.grad, expected_grad, rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1, "a new alpha tensor value must not recompile"
@@ -82,8 +99,9 @@ def test_compile_inductor_with_schedule_module(backend):
         loss = compiled(x, y)
         loss.backward()
         alpha = float(schedule.alpha)
-        expected, expected_grad = loss_and_grad(x, y, backend="eager", ce_weight=alpha, epg_weight=1 - alpha,
-                                                entropy_weight=0.1)
+        expected, expected_grad = loss_and_grad(
+            x, y, backend="eager", ce_weight=alpha, epg_weight=1 - alpha, entropy_weight=0.1
+        )
         torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x.grad, expected_grad, rtol=1e-5, atol=1e-6)
         schedule.step()
@@ -119,15 +137,17 @@ def _python_calls_in_backward(backend, reduction):
     """The Python functions of the package (and of torch.autograd.Function) that run while autograd
     computes the gradient of an eager call."""
     x, y = logits(8, 10, dtype=torch.float32), index_targets(8, 10)
-    loss = ak.aepg_loss(x, y, torch.tensor(0.3, device=DEVICE), entropy_weight=0.1, reduction=reduction,
-                        backend=backend)
+    loss = ak.aepg_loss(
+        x, y, torch.tensor(0.3, device=DEVICE), entropy_weight=0.1, reduction=reduction, backend=backend
+    )
     loss = loss.sum() if reduction == "none" else loss
     calls = []
 
     def profile(frame, event, arg):
         name = frame.f_code.co_filename
-        if event == "call" and ("aepg_kernels" in name
-                                or name.endswith(("autograd/function.py", "_library/autograd.py"))):
+        if event == "call" and (
+            "aepg_kernels" in name or name.endswith(("autograd/function.py", "_library/autograd.py"))
+        ):
             calls.append(f"{name}:{frame.f_code.co_name}")
 
     sys.setprofile(profile)

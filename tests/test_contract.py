@@ -1,5 +1,6 @@
 """The op contract (aepg_kernels/_contract.py) and the backend registry: Python and C++ agree on
 every enum, pack and unpack are inverses, and every name list derives from the registry."""
+
 import typing
 
 import pytest
@@ -8,8 +9,7 @@ import torch
 import aepg_kernels as ak
 from aepg_kernels import _contract
 from aepg_kernels._contract import Flag, LossSpec, Reduction, Scalar, Stat
-from aepg_kernels.backends import BACKEND_NAMES, KERNEL_BACKENDS, REGISTRY, Backend, KernelBackend
-from aepg_kernels.backends import native
+from aepg_kernels.backends import BACKEND_NAMES, KERNEL_BACKENDS, REGISTRY, Backend, KernelBackend, native
 
 ENUMS = {"Stat": Stat, "Scalar": Scalar, "Flag": Flag, "Reduction": Reduction}
 
@@ -30,8 +30,15 @@ def test_scalar_positions_are_the_list_positions():
 
 SPECS = [
     LossSpec(),
-    LossSpec(ce_weight=0.25, epg_weight=0.75, entropy_weight=-0.5, label_smoothing=0.1, focal_gamma=2.0,
-             ignore_index=7, reduction=Reduction.SUM),
+    LossSpec(
+        ce_weight=0.25,
+        epg_weight=0.75,
+        entropy_weight=-0.5,
+        label_smoothing=0.1,
+        focal_gamma=2.0,
+        ignore_index=7,
+        reduction=Reduction.SUM,
+    ),
     LossSpec(ce_weight=torch.tensor(0.3), epg_weight=torch.tensor(0.7), reduction=Reduction.NONE, prob_target=True),
     LossSpec(ce_weight=torch.tensor(0.3), epg_weight=_contract.ONE_MINUS_CE_WEIGHT, entropy_weight=0.1),
 ]
@@ -62,11 +69,11 @@ def test_tensor_alpha_takes_the_epg_weight_from_alpha(backend, reduction):
     x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 9, (6,))
     alpha = torch.tensor(0.3, dtype=torch.float64)
-    loss, stats = ak.aepg_loss(x, y, alpha, entropy_weight=0.1, reduction=reduction, backend=backend,
-                               return_stats=True)
+    loss, stats = ak.aepg_loss(x, y, alpha, entropy_weight=0.1, reduction=reduction, backend=backend, return_stats=True)
     (grad,) = torch.autograd.grad(loss.sum(), x)
-    ref, ref_stats = ak.policy_loss(x, y, ce_weight=0.3, epg_weight=0.7, entropy_weight=0.1, reduction=reduction,
-                                    backend="eager", return_stats=True)
+    ref, ref_stats = ak.policy_loss(
+        x, y, ce_weight=0.3, epg_weight=0.7, entropy_weight=0.1, reduction=reduction, backend="eager", return_stats=True
+    )
     (ref_grad,) = torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-13)
@@ -85,6 +92,7 @@ def test_registry_is_the_one_list_of_backends():
     assert set(ak.available_backends()) <= set(REGISTRY)
     pytest.importorskip("timm")
     from aepg_kernels.train.config import LossConfig
+
     assert typing.get_args(typing.get_type_hints(LossConfig)["backend"]) == BACKEND_NAMES
 
 
@@ -96,5 +104,6 @@ def test_each_backend_owns_its_on_chip_rule():
     assert not REGISTRY["cuda"].fits_on_chip(native.CUDA_MAX_ON_CHIP_COLS + 1)
     pytest.importorskip("triton")
     from aepg_kernels.backends.triton.launch import CONFIG
+
     assert REGISTRY["triton"].fits_on_chip(CONFIG.max_one_tile_cols)
     assert not REGISTRY["triton"].fits_on_chip(CONFIG.max_one_tile_cols + 1)

@@ -1,5 +1,6 @@
 """CE mode (the defaults) is exactly F.cross_entropy / nn.CrossEntropyLoss, on every backend,
 for every combination of weight, ignore_index, reduction, label_smoothing and input shape."""
+
 import itertools
 
 import pytest
@@ -7,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 import aepg_kernels as ak
-
 from tests.helpers import ALL_BACKENDS, DEVICE, class_weights, loss_and_grad
 
 SHAPES = {  # input shape -> index target shape
@@ -104,8 +104,11 @@ def test_all_ignored_gives_nan_loss_and_zero_gradient(backend):
 @pytest.mark.parametrize("prob", [False, True])
 def test_empty_batch_matches_torch(backend, reduction, prob):
     x = torch.randn(0, 5, dtype=torch.float64, device=DEVICE)
-    y = torch.zeros(0, 5, dtype=torch.float64, device=DEVICE) if prob else torch.zeros(0, dtype=torch.long,
-                                                                                         device=DEVICE)
+    y = (
+        torch.zeros(0, 5, dtype=torch.float64, device=DEVICE)
+        if prob
+        else torch.zeros(0, dtype=torch.long, device=DEVICE)
+    )
     expected = F.cross_entropy(x, y, reduction=reduction)
     loss, grad = loss_and_grad(x, y, grad_output=torch.ones_like(expected), backend=backend, reduction=reduction)
     assert loss.shape == expected.shape and grad.shape == x.shape

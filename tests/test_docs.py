@@ -1,6 +1,7 @@
 """The documentation resolves: every relative link of the top-level pages, benchmarks/README.md and
 docs/ points to a file of the repository (and, with a #fragment, to a heading of that page), and
 no file cites a document that is not in the repository (CONTRIBUTING.md, "Conventions")."""
+
 from __future__ import annotations
 
 import re
@@ -10,14 +11,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = sorted([ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md",
-                ROOT / "benchmarks" / "README.md", ROOT / "aepg_kernels" / "train" / "README.md",
-                *(ROOT / "docs").glob("*.md")])
+PAGES = sorted(
+    [
+        ROOT / "README.md",
+        ROOT / "CONTRIBUTING.md",
+        ROOT / "CHANGELOG.md",
+        ROOT / "benchmarks" / "README.md",
+        ROOT / "aepg_kernels" / "train" / "README.md",
+        *(ROOT / "docs").glob("*.md"),
+    ]
+)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 # Documents that live outside the repository, and references to the issue tracker instead of a doc.
 # A quoted name ("llm.md") is an output file the harness writes, not a citation.
-FOREIGN_CITATION = re.compile(r"(?<![\"'/])\b(?:method|kernels|llm|machines|style-review)\.md\b|shared/docs|\bissue \d+")
+FOREIGN_CITATION = re.compile(
+    r"(?<![\"'/])\b(?:method|kernels|llm|machines|style-review)\.md\b|shared/docs|\bissue \d+"
+)
 SCANNED_SUFFIXES = {".py", ".h", ".cu", ".cpp", ".sh", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg"}
 
 
@@ -41,8 +51,13 @@ def relative_links(page: Path):
 
 def repository_files():
     """The files git tracks or would add (untracked, not ignored), relative to the root."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     return [ROOT / name for name in listed if (ROOT / name).is_file()]
 
 

@@ -2,6 +2,7 @@
 reference or F.cross_entropy: confident, uniform and shifted rows, masked (-inf) classes, NaN
 logits, all-ignored batches, degenerate shapes, non-contiguous inputs, ignore_index values,
 out-of-range targets, poisoned output buffers, per-row statistics and tensor coefficients."""
+
 import math
 
 import pytest
@@ -10,11 +11,21 @@ import torch.nn.functional as F
 
 import aepg_kernels as ak
 from aepg_kernels._contract import LossSpec, Reduction
-from aepg_kernels.backends.triton import TRITON
-from aepg_kernels.backends.triton import op as triton_op
-
-from tests.helpers import ALL_BACKENDS, DEVICE, KERNEL_BACKENDS, STATS, assert_matches_reference, class_weights, \
-    index_targets, logits, loss_and_grad, prob_targets, reference64, tile_config
+from aepg_kernels.backends.triton import TRITON, op as triton_op
+from tests.helpers import (
+    ALL_BACKENDS,
+    DEVICE,
+    KERNEL_BACKENDS,
+    STATS,
+    assert_matches_reference,
+    class_weights,
+    index_targets,
+    logits,
+    loss_and_grad,
+    prob_targets,
+    reference64,
+    tile_config,
+)
 
 HAS_TRITON = "triton" in KERNEL_BACKENDS
 CHUNKED = dict(max_one_tile_cols=8, chunk_cols=4)  # rows of C > 8 stream in chunks of 4 classes
@@ -67,8 +78,9 @@ def test_confident_rows(backend, chunked, margin, member):
     x[torch.arange(8, device=DEVICE), y] = x.amax(-1) + margin
     # log p_y comes from 1 - p_y on confident rows, so even the focal factor
     # (1-p_y)^0.5 (1 - 0.5 p_y log p_y / (1-p_y)) keeps fp32 accuracy at p_y ~ 0.9999.
-    loss, stats, grad = _assert_close_to_reference(x, y, backend, chunked, reduction="none",
-                                                   **CONFIDENT_MEMBERS[member])
+    loss, stats, grad = _assert_close_to_reference(
+        x, y, backend, chunked, reduction="none", **CONFIDENT_MEMBERS[member]
+    )
     _assert_finite(loss, grad, *stats)
     assert (stats.p_target > 0.999).all()
     if margin == 100.0:
@@ -114,7 +126,6 @@ def test_shifted_rows(backend, chunked, member):
     torch.testing.assert_close(s_stats.lse, stats.lse + 1e4, rtol=1e-6, atol=0.0)
 
 
-
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("shape", [(4, 4099), (6, 33)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -132,6 +143,7 @@ def test_epg_gradient_of_unlikely_targets(backend, shape, reduction, weighted):
     _, ref_grad = reference64(x, y, **kw)
     error = (grad.double().cpu() - ref_grad).abs().max() / ref_grad.abs().max()
     assert error < 1e-5, f"gradient error {error:.2e} of the largest entry"
+
 
 # --- masked classes, NaN logits, ignored batches ------------------------------------------------
 
@@ -251,6 +263,7 @@ def test_all_rows_ignored(backend, chunked, reduction, member, weighted):
 
 # --- shapes, layouts and target dtypes ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("member", ["ce", "aepg", "focal_2"])
 def test_single_class(backend, member):
@@ -310,9 +323,9 @@ def test_spatial_input(backend, prob):
 
 
 VIEWS = {
-    "column_slice": lambda base: base[:, ::2],        # stride (2C, 2): copied to contiguous rows
-    "row_slice": lambda base: base[::2],              # stride (2C, 1): rows read in place with a row stride
-    "transpose": lambda base: base.t(),               # (C, N) transposed: stride (1, N)
+    "column_slice": lambda base: base[:, ::2],  # stride (2C, 2): copied to contiguous rows
+    "row_slice": lambda base: base[::2],  # stride (2C, 1): rows read in place with a row stride
+    "transpose": lambda base: base.t(),  # (C, N) transposed: stride (1, N)
     "expanded": lambda base: base[:1].expand(6, -1),  # stride (0, 1): every row the same memory
 }
 BASE_SHAPES = {"column_slice": (6, 22), "row_slice": (12, 11), "transpose": (11, 6), "expanded": (6, 11)}
@@ -331,9 +344,13 @@ def test_non_contiguous_input(backend, view, reduction):
     kw = dict(ce_weight=0.5, epg_weight=0.5, entropy_weight=0.25, reduction=reduction, backend=backend)
     loss, stats = ak.policy_loss(x, y, return_stats=True, **kw)
     (grad_base,) = torch.autograd.grad(loss.sum(), base)
-    (ref_loss, ref_stats), ref_grad = loss_and_grad(x.detach().contiguous(), y,
-                                                    torch.ones(6, device=DEVICE) if reduction == "none" else None,
-                                                    return_stats=True, **kw)
+    (ref_loss, ref_stats), ref_grad = loss_and_grad(
+        x.detach().contiguous(),
+        y,
+        torch.ones(6, device=DEVICE) if reduction == "none" else None,
+        return_stats=True,
+        **kw,
+    )
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
     for name in STATS:
         torch.testing.assert_close(getattr(stats, name), getattr(ref_stats, name), rtol=1e-6, atol=1e-7)
@@ -352,8 +369,13 @@ def test_int32_targets_equal_int64(backend, ignore_index):
     """int32 class indices give exactly the int64 result (loss, gradient, stats)."""
     x = logits(9, 7, dtype=torch.float32, requires_grad=False)
     y = index_targets(9, 7, ignore_index=ignore_index)
-    kw = dict(ce_weight=0.5, epg_weight=0.5, label_smoothing=0.1, weight=class_weights(7, dtype=torch.float32),
-              ignore_index=ignore_index)
+    kw = dict(
+        ce_weight=0.5,
+        epg_weight=0.5,
+        label_smoothing=0.1,
+        weight=class_weights(7, dtype=torch.float32),
+        ignore_index=ignore_index,
+    )
     (loss, stats), grad = _run(x, y, backend, **kw)
     (loss32, stats32), grad32 = _run(x, y.int(), backend, **kw)
     assert torch.equal(loss32, loss) and torch.equal(grad32, grad)
@@ -390,6 +412,7 @@ def test_non_contiguous_weight(backend, smoothing):
 
 # --- ignore_index and out-of-range targets ------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("ignore_index", [-1, -7, 0, 1, 4, 10, 2**40])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -401,14 +424,16 @@ def test_ignore_index_values(backend, ignore_index, reduction):
     y[5] = ignore_index
     ignored = y == ignore_index
     (loss, stats), grad = _run(x, y, backend, reduction=reduction, ignore_index=ignore_index)
-    (ref_loss, _), ref_grad = loss_and_grad(x, y, reduction=reduction, ignore_index=ignore_index, return_stats=True,
-                                            backend="eager")
+    (ref_loss, _), ref_grad = loss_and_grad(
+        x, y, reduction=reduction, ignore_index=ignore_index, return_stats=True, backend="eager"
+    )
     expected = F.cross_entropy(x, y, reduction=reduction, ignore_index=ignore_index)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
     assert (grad[ignored] == 0).all() and (stats.p_target[ignored] == 0).all() and (stats.p_target[~ignored] > 0).all()
-    _assert_close_to_reference(x, y, backend, reduction=reduction, ignore_index=ignore_index,
-                               ce_weight=0.0, epg_weight=1.0)
+    _assert_close_to_reference(
+        x, y, backend, reduction=reduction, ignore_index=ignore_index, ce_weight=0.0, epg_weight=1.0
+    )
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -449,6 +474,7 @@ def test_out_of_range_target_in_kernel_gives_nan_rows(chunked, reduction):
 
 # --- poisoned output buffers --------------------------------------------------------------------
 
+
 class _PoisonedTorch:
     """Stands in for the `torch` module of triton/launch.py: `empty` float buffers start as NaN,
     so that any element a kernel forgets to write shows up; everything else is torch."""
@@ -468,9 +494,9 @@ class _PoisonedTorch:
 
 
 POISON_PATHS = {
-    "fused": ("mean", {}),                                   # gradient written by the forward
-    "recomputed": ("none", {}),                              # gradient from the backward kernel
-    "chunked": ("mean", CHUNKED),                            # streamed rows, recomputed gradient
+    "fused": ("mean", {}),  # gradient written by the forward
+    "recomputed": ("none", {}),  # gradient from the backward kernel
+    "chunked": ("mean", CHUNKED),  # streamed rows, recomputed gradient
 }
 
 
@@ -481,6 +507,7 @@ def test_poisoned_outputs_are_all_written(monkeypatch, path, member):
     """With NaN-filled output buffers, loss, stats and gradient still equal the reference: every
     output slot is written (ignored rows too; N = 13 is not a multiple of the 4 rows per program)."""
     from aepg_kernels.backends.triton import launch
+
     poisoned = _PoisonedTorch()
     monkeypatch.setattr(launch, "torch", poisoned)
     reduction, tiles = POISON_PATHS[path]
@@ -503,11 +530,17 @@ def test_poisoned_outputs_are_all_written(monkeypatch, path, member):
     torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-5, atol=1e-6)
     for name in STATS:
-        torch.testing.assert_close(getattr(stats, name).double().cpu(), getattr(ref_stats, name), rtol=1e-5,
-                                   atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            getattr(stats, name).double().cpu(),
+            getattr(ref_stats, name),
+            rtol=1e-5,
+            atol=1e-6,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
 
 
 # --- statistics and coefficients ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])

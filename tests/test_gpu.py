@@ -1,11 +1,11 @@
 """GPU-only checks (skipped without CUDA): CUDA-graph capture and replay with a changing alpha,
 and rows whose offsets exceed 2^31 elements. Every other test file runs on the GPU as well when
 one is present (tests/helpers.py picks the device)."""
+
 import pytest
 import torch
 
 import aepg_kernels as ak
-
 from tests.helpers import KERNEL_BACKENDS, reference64
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -46,8 +46,15 @@ def test_cuda_graph_replay_with_changing_alpha(backend, reduction):
             x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
-        ref_loss, ref_grad = reference64(x, y, ce_weight=value, epg_weight=1 - value, entropy_weight=0.1,
-                                         reduction=reduction, grad_output=g.double().cpu())
+        ref_loss, ref_grad = reference64(
+            x,
+            y,
+            ce_weight=value,
+            epg_weight=1 - value,
+            entropy_weight=0.1,
+            reduction=reduction,
+            grad_output=g.double().cpu(),
+        )
         torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x.grad.double().cpu(), ref_grad, rtol=1e-5, atol=1e-6)
 
@@ -66,7 +73,8 @@ def test_offsets_beyond_int32(backend):
     g = torch.rand(n, device="cuda", dtype=torch.bfloat16)
     loss.backward(g)
     rows = torch.tensor([0, n // 2, n - 2, n - 1], device="cuda")
-    ref_loss, ref_grad = reference64(x[rows], y[rows], ce_weight=0.0, epg_weight=1.0, reduction="none",
-                                     grad_output=g[rows].double().cpu())
+    ref_loss, ref_grad = reference64(
+        x[rows], y[rows], ce_weight=0.0, epg_weight=1.0, reduction="none", grad_output=g[rows].double().cpu()
+    )
     torch.testing.assert_close(loss[rows].double().cpu(), ref_loss, rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(x.grad[rows].double().cpu(), ref_grad, rtol=2e-2, atol=1e-6)

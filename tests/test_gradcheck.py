@@ -1,13 +1,21 @@
 """torch.autograd.gradcheck in float64 for every member of the loss family, crossed with the
 reductions, ignore_index, class weights and probability targets, on every backend (the Triton
 kernels under the interpreter without a GPU), on the on-chip and the chunked kernel paths."""
+
 import pytest
 import torch
 
 import aepg_kernels as ak
-
-from tests.helpers import ALL_BACKENDS, FAMILY, KERNEL_BACKENDS, class_weights, index_targets, logits, prob_targets, \
-    tile_config
+from tests.helpers import (
+    ALL_BACKENDS,
+    FAMILY,
+    KERNEL_BACKENDS,
+    class_weights,
+    index_targets,
+    logits,
+    prob_targets,
+    tile_config,
+)
 
 VARIANTS = ["plain", "ignore", "weight", "prob", "prob_weight"]
 
@@ -28,6 +36,7 @@ def _case(member, variant, n=4, c=5):
 def _check(x, y, backend, reduction, kw, fast_mode=False):
     def fn(z):
         return ak.policy_loss(z, y, reduction=reduction, backend=backend, **kw)
+
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=fast_mode)
 
 

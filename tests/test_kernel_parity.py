@@ -1,14 +1,25 @@
 """The kernel backends against the eager reference: every C regime (several rows per program,
 one row on chip, rows streamed in chunks), fused and recomputed gradients, per-row statistics,
 and low-precision inputs judged against PyTorch's own low-precision error."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import aepg_kernels as ak
-
-from tests.helpers import DEVICE, FAMILY, KERNEL_BACKENDS, assert_matches_reference, class_weights, index_targets, \
-    logits, loss_and_grad, prob_targets, reference64, tile_config
+from tests.helpers import (
+    DEVICE,
+    FAMILY,
+    KERNEL_BACKENDS,
+    assert_matches_reference,
+    class_weights,
+    index_targets,
+    logits,
+    loss_and_grad,
+    prob_targets,
+    reference64,
+    tile_config,
+)
 
 pytestmark = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend on this machine")
 
@@ -34,8 +45,16 @@ def test_regimes_fp32(backend, n, c, member, reduction):
 def test_regimes_probability_targets_with_weights(backend, n, c, smoothing):
     x = logits(n, c, dtype=torch.float32)
     q = prob_targets(n, c, dtype=torch.float32)
-    assert_matches_reference(x, q, backend, weight=class_weights(c, dtype=torch.float32), label_smoothing=smoothing,
-                          ce_weight=0.5, epg_weight=0.5, entropy_weight=0.25)
+    assert_matches_reference(
+        x,
+        q,
+        backend,
+        weight=class_weights(c, dtype=torch.float32),
+        label_smoothing=smoothing,
+        ce_weight=0.5,
+        epg_weight=0.5,
+        entropy_weight=0.25,
+    )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -46,8 +65,9 @@ def test_fused_and_recomputed_gradients_agree(backend, member):
     y = index_targets(6, 37, ignore_index=-100)
     kw = dict(FAMILY[member], weight=class_weights(37), backend=backend)
     _, fused = loss_and_grad(x, y, reduction="sum", **kw)
-    _, recomputed = loss_and_grad(x, y, grad_output=torch.ones(6, dtype=torch.float64, device=DEVICE),
-                                  reduction="none", **kw)
+    _, recomputed = loss_and_grad(
+        x, y, grad_output=torch.ones(6, dtype=torch.float64, device=DEVICE), reduction="none", **kw
+    )
     torch.testing.assert_close(fused, recomputed, rtol=1e-13, atol=1e-14)
     with tile_config(max_one_tile_cols=16, chunk_cols=8):
         _, chunked = loss_and_grad(x, y, reduction="sum", **kw)
@@ -76,8 +96,12 @@ def test_sample_weight_is_the_gradient_factor():
     the eager composite for aEPG and for focal (whose factor is derived in docs/math.md section 1)."""
     x = logits(16, 10)
     y = index_targets(16, 10)
-    for kw in (dict(ce_weight=0.3, epg_weight=0.7), dict(focal_gamma=2.0), dict(focal_gamma=0.5),
-               dict(ce_weight=0.5, epg_weight=0.5, focal_gamma=1.5)):
+    for kw in (
+        dict(ce_weight=0.3, epg_weight=0.7),
+        dict(focal_gamma=2.0),
+        dict(focal_gamma=0.5),
+        dict(ce_weight=0.5, epg_weight=0.5, focal_gamma=1.5),
+    ):
         (_, stats), grad = loss_and_grad(x, y, backend="eager", reduction="sum", return_stats=True, **kw)
         p = torch.softmax(x.detach(), -1)
         expected = stats.sample_weight[:, None] * (p - F.one_hot(y, 10))

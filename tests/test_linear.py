@@ -1,5 +1,6 @@
 """The fused linear + policy loss: equal to policy_loss of the materialised logits (value, stats and
 the gradients of input, weight and bias), whatever the chunking, and never the whole logits."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,14 +15,17 @@ import aepg_kernels as ak
 from tests.helpers import DEVICE, FAMILY, KERNEL_BACKENDS
 
 LINEAR_BACKENDS = KERNEL_BACKENDS  # "eager" is the materialising reference itself
-FAMILY_LINEAR = {name: kw for name, kw in FAMILY.items() if name in ("ce", "epg", "aepg_0.25", "ep", "cp",
-                                                                   "label_smoothing", "focal", "combo")}
+FAMILY_LINEAR = {
+    name: kw
+    for name, kw in FAMILY.items()
+    if name in ("ce", "epg", "aepg_0.25", "ep", "cp", "label_smoothing", "focal", "combo")
+}
 
 
 def _case(n=29, h=12, v=41, dtype=torch.float64, bias=False, ignore_every=0, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, h, dtype=torch.float64, generator=g).to(DEVICE, dtype).requires_grad_()
-    w = (torch.randn(v, h, dtype=torch.float64, generator=g) / h ** 0.5 * 2).to(DEVICE, dtype).requires_grad_()
+    w = (torch.randn(v, h, dtype=torch.float64, generator=g) / h**0.5 * 2).to(DEVICE, dtype).requires_grad_()
     b = torch.randn(v, dtype=torch.float64, generator=g).to(DEVICE, dtype).requires_grad_() if bias else None
     y = torch.randint(0, v, (n,), generator=g)
     if ignore_every:
@@ -87,8 +91,9 @@ def test_gradcheck(reduction):
     """float64, odd shapes, several chunks, a chunk boundary inside a run of ignored rows."""
     x, w, b, y = _case(n=11, h=5, v=7, bias=True)
     y[3:6] = -100
-    fn = lambda x, w, b: ak.linear_policy_loss(x, w, y, linear_bias=b, ce_weight=0.25, epg_weight=0.75,
-                                               entropy_weight=0.5, reduction=reduction, chunk_size=4)
+    fn = lambda x, w, b: ak.linear_policy_loss(
+        x, w, y, linear_bias=b, ce_weight=0.25, epg_weight=0.75, entropy_weight=0.5, reduction=reduction, chunk_size=4
+    )
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
@@ -96,7 +101,8 @@ def test_cross_entropy_equals_torch_linear_cross_entropy():
     x, w, b, y = _case(n=64, h=16, v=97, dtype=torch.float32, bias=True, ignore_every=5)
     for options in (None, torch.nn.LinearCrossEntropyOptions()):
         want, want_grads = _loss_and_grads(
-            lambda x, w, b, y: F.linear_cross_entropy(x, w, y, linear_bias=b, options=options), x, w, b, y)
+            lambda x, w, b, y: F.linear_cross_entropy(x, w, y, linear_bias=b, options=options), x, w, b, y
+        )
         got, got_grads = _loss_and_grads(_fused, x, w, b, y, chunk_size=16)
         _assert_same(got, got_grads, want, want_grads, 2e-6)
 
@@ -143,8 +149,9 @@ def test_confident_tokens_keep_their_gradient():
     w64 = torch.randn(v, h, dtype=torch.float64)
     y = torch.arange(n)
     x64 = w64[y] * 1.2  # the target logit about 11 above the others: 1 - p_y ~ 1e-3
-    truth = _loss_and_grads(_materialised, x64.clone().requires_grad_(), w64.clone().requires_grad_(), None, y,
-                            reduction="sum")[1]
+    truth = _loss_and_grads(
+        _materialised, x64.clone().requires_grad_(), w64.clone().requires_grad_(), None, y, reduction="sum"
+    )[1]
     x, w = (t.to(torch.bfloat16).requires_grad_() for t in (x64, w64))
     grads = _loss_and_grads(_fused, x, w, None, y, reduction="sum")[1]
     for got, want in zip(grads, truth):
@@ -192,7 +199,8 @@ def test_empty_and_all_ignored_batches_match_torch():
             y[:] = -100
         for reduction in ("mean", "sum", "none"):
             want, want_grads = _loss_and_grads(
-                lambda x, w, b, y: F.linear_cross_entropy(x, w, y, reduction=reduction), x, w, None, y)
+                lambda x, w, b, y: F.linear_cross_entropy(x, w, y, reduction=reduction), x, w, None, y
+            )
             got, got_grads = _loss_and_grads(_fused, x, w, None, y, reduction=reduction)
             torch.testing.assert_close(got, want, equal_nan=True)
             for g, e in zip(got_grads, want_grads):
@@ -215,13 +223,17 @@ def test_compile_fullgraph_without_recompiling_for_alpha():
     x, w, b, y = _case(dtype=torch.float32, ignore_every=4)
     alpha = torch.tensor(0.9)
     counter = CompileCounter()
-    compiled = torch.compile(lambda x, w, y: ak.linear_aepg_loss(x, w, y, alpha, entropy_weight=0.1, chunk_size=8),
-                             fullgraph=True, backend=counter)
+    compiled = torch.compile(
+        lambda x, w, y: ak.linear_aepg_loss(x, w, y, alpha, entropy_weight=0.1, chunk_size=8),
+        fullgraph=True,
+        backend=counter,
+    )
     for value in (0.9, 0.4):
         alpha.fill_(value)
         out, grads = _loss_and_grads(lambda x, w, b, y: compiled(x, w, y), x, w, None, y)
-        ref, ref_grads = _loss_and_grads(_materialised, x, w, None, y, ce_weight=value, epg_weight=1 - value,
-                                         entropy_weight=0.1)
+        ref, ref_grads = _loss_and_grads(
+            _materialised, x, w, None, y, ce_weight=value, epg_weight=1 - value, entropy_weight=0.1
+        )
         _assert_same(out, grads, ref, ref_grads, 2e-6)
     assert counter.frame_count == 1
 
@@ -248,19 +260,33 @@ def test_the_logits_are_never_materialised():
     assert extra_mib < 200, extra_mib
 
 
-@pytest.mark.parametrize("call,error,pattern", [
-    (lambda x, w, y: ak.linear_policy_loss(x, w[:, :-1], y), ValueError, "H = input.shape"),
-    (lambda x, w, y: ak.linear_policy_loss(x, w[0], y), ValueError, "linear_weight must be a 2-d"),
-    (lambda x, w, y: ak.linear_policy_loss(x, w, y, linear_bias=w[:3, 0]), ValueError, "linear_bias must have shape"),
-    (lambda x, w, y: ak.linear_policy_loss(x, w.float(), y), TypeError, "linear_weight must have the input's dtype"),
-    (lambda x, w, y: ak.linear_policy_loss(x, w, y[:-1]), ValueError, "target must have shape"),
-    (lambda x, w, y: ak.linear_policy_loss(x, w, y.double()), TypeError, "class indices"),
-    (lambda x, w, y: ak.linear_policy_loss(x, w, y.clone().fill_(41)), IndexError, "out of bounds"),
-    (lambda x, w, y: ak.linear_policy_loss(x, w, y, chunk_size=0), ValueError, "chunk_size"),
-    (lambda x, w, y: ak.linear_policy_loss(x, w, y, chunk_size=2.0), TypeError, "chunk_size"),
-    (lambda x, w, y: ak.linear_policy_loss(x, w, y, weight=torch.ones(3, dtype=torch.float64)), ValueError,
-     "weight must be a 1-d tensor of length C=41"),
-])
+@pytest.mark.parametrize(
+    "call,error,pattern",
+    [
+        (lambda x, w, y: ak.linear_policy_loss(x, w[:, :-1], y), ValueError, "H = input.shape"),
+        (lambda x, w, y: ak.linear_policy_loss(x, w[0], y), ValueError, "linear_weight must be a 2-d"),
+        (
+            lambda x, w, y: ak.linear_policy_loss(x, w, y, linear_bias=w[:3, 0]),
+            ValueError,
+            "linear_bias must have shape",
+        ),
+        (
+            lambda x, w, y: ak.linear_policy_loss(x, w.float(), y),
+            TypeError,
+            "linear_weight must have the input's dtype",
+        ),
+        (lambda x, w, y: ak.linear_policy_loss(x, w, y[:-1]), ValueError, "target must have shape"),
+        (lambda x, w, y: ak.linear_policy_loss(x, w, y.double()), TypeError, "class indices"),
+        (lambda x, w, y: ak.linear_policy_loss(x, w, y.clone().fill_(41)), IndexError, "out of bounds"),
+        (lambda x, w, y: ak.linear_policy_loss(x, w, y, chunk_size=0), ValueError, "chunk_size"),
+        (lambda x, w, y: ak.linear_policy_loss(x, w, y, chunk_size=2.0), TypeError, "chunk_size"),
+        (
+            lambda x, w, y: ak.linear_policy_loss(x, w, y, weight=torch.ones(3, dtype=torch.float64)),
+            ValueError,
+            "weight must be a 1-d tensor of length C=41",
+        ),
+    ],
+)
 def test_bad_input(call, error, pattern):
     x, w, _, y = _case()
     with pytest.raises(error, match=pattern):
@@ -312,19 +338,26 @@ def test_logit_scale_and_softcap(backend, reduction, logit_scale, softcap):
         z = softcap * torch.tanh(z / softcap) if softcap else z
         return ak.policy_loss(z, y, backend="eager", **kw)
 
-    out, grads = _loss_and_grads(_fused, x, w, b, y, chunk_size=7, backend=backend, logit_scale=logit_scale,
-                                 softcap=softcap, **kwargs)
+    out, grads = _loss_and_grads(
+        _fused, x, w, b, y, chunk_size=7, backend=backend, logit_scale=logit_scale, softcap=softcap, **kwargs
+    )
     ref_out, ref_grads = _loss_and_grads(materialised, x, w, b, y, **kwargs)
     _assert_same(out, grads, ref_out, ref_grads, 1e-10)
-    eager = ak.linear_policy_loss(x, w, y, linear_bias=b, backend="eager", logit_scale=logit_scale, softcap=softcap,
-                                  **kwargs)
+    eager = ak.linear_policy_loss(
+        x, w, y, linear_bias=b, backend="eager", logit_scale=logit_scale, softcap=softcap, **kwargs
+    )
     torch.testing.assert_close(eager, ref_out, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kwargs,pattern", [(dict(softcap=0.0), "softcap must be a positive"),
-                                            (dict(softcap=-1.0), "softcap must be a positive"),
-                                            (dict(logit_scale=0.0), "logit_scale must be a non-zero"),
-                                            (dict(logit_scale=float("inf")), "logit_scale")])
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(softcap=0.0), "softcap must be a positive"),
+        (dict(softcap=-1.0), "softcap must be a positive"),
+        (dict(logit_scale=0.0), "logit_scale must be a non-zero"),
+        (dict(logit_scale=float("inf")), "logit_scale"),
+    ],
+)
 def test_bad_logit_transform(kwargs, pattern):
     x, w, _, y = _case()
     with pytest.raises(ValueError, match=pattern):

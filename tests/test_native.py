@@ -1,6 +1,7 @@
 """The native extension aepg_kernels._C: module and operator registration, the CPU kernels against
 the float64 eager reference and the Triton kernels (interpreter), in every dtype and feature
 combination, both CPU instruction sets. The whole suite runs the "cpu" backend too (helpers.py)."""
+
 import os
 import subprocess
 import sys
@@ -12,9 +13,16 @@ import torch
 import aepg_kernels as ak
 from aepg_kernels._contract import Flag, LossSpec, Reduction
 from aepg_kernels.backends import native as _native
-
-from tests.helpers import FAMILY, STATS, assert_matches_reference, class_weights, index_targets, loss_and_grad, \
-    prob_targets, reference64
+from tests.helpers import (
+    FAMILY,
+    STATS,
+    assert_matches_reference,
+    class_weights,
+    index_targets,
+    loss_and_grad,
+    prob_targets,
+    reference64,
+)
 
 HAS_CPU = _native.has_cpu_kernels()
 needs_cpu = pytest.mark.skipif(not HAS_CPU, reason=_native.native_error())
@@ -49,23 +57,37 @@ def test_operator_schema_and_meta(prob):
     x = torch.randn(n, c, dtype=torch.float64)
     y = prob_targets(n, c, device="cpu") if prob else index_targets(n, c, ignore_index=-100, device="cpu")
     w = class_weights(c, device="cpu")
-    spec = LossSpec(ce_weight=torch.tensor(0.25, dtype=torch.float64), epg_weight=0.75, entropy_weight=0.25,
-                    label_smoothing=0.1, prob_target=prob)
+    spec = LossSpec(
+        ce_weight=torch.tensor(0.25, dtype=torch.float64),
+        epg_weight=0.75,
+        entropy_weight=0.25,
+        label_smoothing=0.1,
+        prob_target=prob,
+    )
     a_t, b_t, scalars, ignore_index, flags = spec.pack(need_entropy=True)
     fwd = (x, y, w, a_t, b_t, scalars, ignore_index, flags | Flag.WRITE_GRAD)
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.aepg.native_forward.default, fwd, test_utils=tests)
     loss, stats, grad, denom = torch.ops.aepg.native_forward(*fwd)
     assert loss.shape == () and stats.shape == (8, n) and grad.shape == (n, c) and denom.shape == ()
-    none = LossSpec(ce_weight=0.5, epg_weight=0.5, entropy_weight=0.25, label_smoothing=0.1,
-                    reduction=Reduction.NONE, prob_target=prob).pack()
+    none = LossSpec(
+        ce_weight=0.5,
+        epg_weight=0.5,
+        entropy_weight=0.25,
+        label_smoothing=0.1,
+        reduction=Reduction.NONE,
+        prob_target=prob,
+    ).pack()
     bwd = (torch.rand(n, dtype=torch.float64), x, y, w, *none, stats, denom)
     torch.library.opcheck(torch.ops.aepg.native_backward.default, bwd, test_utils=tests)
     meta = torch.ops.aepg.native_forward(x.to("meta"), y.to("meta"), w.to("meta"), *none)
     assert [t.shape for t in meta] == [(n,), (8, n), (0,), ()]
     call = (x.clone().requires_grad_(), y, w, *spec.pack(need_entropy=True))
-    torch.library.opcheck(torch.ops.aepg.policy_loss.default, call,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.aepg.policy_loss.default,
+        call,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 def _assert_matches_eager(x, y, grad_output=None, **kw):
@@ -73,8 +95,12 @@ def _assert_matches_eager(x, y, grad_output=None, **kw):
     assert loss.dtype == x.dtype and grad.dtype == x.dtype
 
 
-TOLERANCES = {torch.float64: (1e-12, 1e-13), torch.float32: (1e-5, 1e-6),
-              torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-13),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (2e-2, 1e-2),
+    torch.float16: (2e-3, 1e-3),
+}
 
 
 @needs_cpu
@@ -112,7 +138,6 @@ def test_cpu_kernel_blocks_of_rows(dtype, n, c, member):
         _assert_matches_eager(x, y, g, rtol=rtol, atol=atol, reduction=reduction, **FAMILY[member])
 
 
-
 @needs_cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("c", [16, 100, 256, 257])
@@ -138,15 +163,20 @@ def test_cpu_short_rows_of_a_block_are_independent(dtype, c, member):
         loss, stats = ak.policy_loss(leaf, y, reduction=reduction, **kw)
         loss.sum().backward()
         for i in range(n):
-            row = x[i:i + 1].clone().requires_grad_(True)
-            row_loss, row_stats = ak.policy_loss(row, y[i:i + 1], reduction=reduction, **kw)
+            row = x[i : i + 1].clone().requires_grad_(True)
+            row_loss, row_stats = ak.policy_loss(row, y[i : i + 1], reduction=reduction, **kw)
             row_loss.sum().backward()
             if reduction == "none":
-                torch.testing.assert_close(loss[i:i + 1], row_loss, **exact)
+                torch.testing.assert_close(loss[i : i + 1], row_loss, **exact)
             for name in STATS:
-                torch.testing.assert_close(getattr(stats, name)[i:i + 1], getattr(row_stats, name), **exact,
-                                           msg=lambda m, name=name, i=i: f"row {i} {name}: {m}")
-            torch.testing.assert_close(leaf.grad[i:i + 1], row.grad, **exact, msg=lambda m, i=i: f"row {i}: {m}")
+                torch.testing.assert_close(
+                    getattr(stats, name)[i : i + 1],
+                    getattr(row_stats, name),
+                    **exact,
+                    msg=lambda m, name=name, i=i: f"row {i} {name}: {m}",
+                )
+            torch.testing.assert_close(leaf.grad[i : i + 1], row.grad, **exact, msg=lambda m, i=i: f"row {i}: {m}")
+
 
 @needs_cpu
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
@@ -157,8 +187,17 @@ def test_cpu_kernel_probability_targets(dtype, n, c, smoothing, weighted):
     x = (torch.randn(n, c, dtype=torch.float64) * 2).to(dtype)
     q = prob_targets(n, c, device="cpu", dtype=dtype)
     rtol, atol = TOLERANCES[dtype]
-    _assert_matches_eager(x, q, rtol=rtol, atol=atol, label_smoothing=smoothing, ce_weight=0.5, epg_weight=0.5,
-                          entropy_weight=0.25, weight=class_weights(c, device="cpu") if weighted else None)
+    _assert_matches_eager(
+        x,
+        q,
+        rtol=rtol,
+        atol=atol,
+        label_smoothing=smoothing,
+        ce_weight=0.5,
+        epg_weight=0.5,
+        entropy_weight=0.25,
+        weight=class_weights(c, device="cpu") if weighted else None,
+    )
 
 
 @needs_cpu
@@ -173,8 +212,9 @@ def test_strided_upstream_gradient_and_tensor_coefficients(target_dtype):
     x1 = x.clone().requires_grad_(True)
     loss = ak.aepg_loss(x1, y, alpha, entropy_weight=0.2, reduction="none", backend="cpu")
     loss.backward(g)
-    ref, ref_grad = reference64(x, y.long(), grad_output=g, ce_weight=0.3, epg_weight=0.7, entropy_weight=0.2,
-                                reduction="none")
+    ref, ref_grad = reference64(
+        x, y.long(), grad_output=g, ce_weight=0.3, epg_weight=0.7, entropy_weight=0.2, reduction="none"
+    )
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(x1.grad, ref_grad, rtol=1e-12, atol=1e-13)
 
@@ -191,8 +231,12 @@ def test_cpu_kernel_matches_triton(dtype, member, reduction):
     x = (torch.randn(n, c, dtype=torch.float64) * 2).to(dtype)
     y = index_targets(n, c, ignore_index=-100, device="cpu")
     g = torch.rand(n).to(dtype) if reduction == "none" else None
-    kw = dict(FAMILY[member], weight=class_weights(c, device="cpu", dtype=torch.float32), reduction=reduction,
-              return_stats=True)
+    kw = dict(
+        FAMILY[member],
+        weight=class_weights(c, device="cpu", dtype=torch.float32),
+        reduction=reduction,
+        return_stats=True,
+    )
     (loss, stats), grad = loss_and_grad(x, y, g, backend="cpu", **kw)
     (t_loss, t_stats), t_grad = loss_and_grad(x, y, g, backend="triton", **kw)
     rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else TOLERANCES[dtype]
@@ -260,8 +304,9 @@ def test_kernels_of_every_instruction_set(isa):
     if ISA_ORDER.index(native_isa) < ISA_ORDER.index(isa):
         pytest.skip(f"this machine's kernels are {native_isa}")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=isa.lower())
-    result = subprocess.run([sys.executable, "-c", ISA_CHECK, isa], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", ISA_CHECK, isa], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
 
@@ -271,12 +316,25 @@ def test_online_merge_of_the_shared_math(tmp_path):
     checked here on the host against the direct sums (tests/native/merge_check.cpp)."""
     import shutil
     from pathlib import Path
+
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler")
     root = Path(__file__).resolve().parent.parent
     binary = tmp_path / "merge_check"
-    subprocess.run([compiler, "-std=c++17", "-O1", f"-I{root / 'csrc'}", str(root / "tests/native/merge_check.cpp"),
-                    "-o", str(binary)], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            compiler,
+            "-std=c++17",
+            "-O1",
+            f"-I{root / 'csrc'}",
+            str(root / "tests/native/merge_check.cpp"),
+            "-o",
+            str(binary),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr

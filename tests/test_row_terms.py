@@ -1,5 +1,6 @@
 """Token weights and DFT's value convention (docs/math.md section 7), at the logits and through the
 linear op, on every backend."""
+
 from __future__ import annotations
 
 import pytest
@@ -63,8 +64,7 @@ def test_dft_is_cross_entropy_with_the_detached_p_y_as_token_weight(backend, red
     y = index_targets(11, 7, ignore_index=-100)
     p_y = torch.softmax(x.detach(), -1).gather(1, torch.where(y >= 0, y, 0)[:, None])[:, 0]
     got = _value_and_grad(lambda x: ak.dft_loss(x, y, reduction=reduction, backend=backend), x)
-    want = _value_and_grad(lambda x: ak.cross_entropy(x, y, reduction=reduction, token_weight=p_y,
-                                                      backend=backend), x)
+    want = _value_and_grad(lambda x: ak.cross_entropy(x, y, reduction=reduction, token_weight=p_y, backend=backend), x)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -117,12 +117,15 @@ def test_linear_op_with_token_weights_and_dft(backend, reduction):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kwargs,error,pattern", [
-    (dict(token_weight=torch.ones(5)), ValueError, "token_weight must have the per-row loss's shape"),
-    (dict(token_weight=torch.ones(6, dtype=torch.long)), TypeError, "token_weight must be a floating-point"),
-    (dict(token_weight=torch.ones(6, requires_grad=True)), ValueError, "token_weight must not require grad"),
-    (dict(loss_value="trl"), ValueError, "loss_value must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        (dict(token_weight=torch.ones(5)), ValueError, "token_weight must have the per-row loss's shape"),
+        (dict(token_weight=torch.ones(6, dtype=torch.long)), TypeError, "token_weight must be a floating-point"),
+        (dict(token_weight=torch.ones(6, requires_grad=True)), ValueError, "token_weight must not require grad"),
+        (dict(loss_value="trl"), ValueError, "loss_value must be one of"),
+    ],
+)
 def test_bad_terms(kwargs, error, pattern):
     x, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
     with pytest.raises(error, match=pattern):

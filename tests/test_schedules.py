@@ -1,11 +1,11 @@
 """The annealing schedules (docs/math.md section 5) and the AEPGLoss module that reads them."""
+
 import math
 
 import pytest
 import torch
 
 import aepg_kernels as ak
-
 from tests.helpers import DEVICE, index_targets, logits, loss_and_grad
 
 FORMULAS = {
@@ -77,8 +77,9 @@ def test_aepg_loss_is_the_weighted_sum_of_ce_and_epg():
         combined = ak.aepg_loss(x, y, alpha, backend="eager")
         parts = alpha * ak.cross_entropy(x, y, backend="eager") + (1 - alpha) * ak.epg_loss(x, y, backend="eager")
         torch.testing.assert_close(combined, parts)
-    (_, stats), grad = loss_and_grad(x, y, backend="eager", ce_weight=0.0, epg_weight=1.0, reduction="sum",
-                                     return_stats=True)
+    (_, stats), grad = loss_and_grad(
+        x, y, backend="eager", ce_weight=0.0, epg_weight=1.0, reduction="sum", return_stats=True
+    )
     p = torch.softmax(x.detach(), -1)
     onehot = torch.nn.functional.one_hot(y, 6)
     torch.testing.assert_close(grad, stats.p_target[:, None] * (p - onehot))  # EPG = p_y (p - e_y)
@@ -121,8 +122,11 @@ def test_feedback_alpha_state_round_trip_and_bad_arguments():
     restored = ak.FeedbackAlpha(8, device="cpu")
     restored.load_state_dict(schedule.state_dict())
     assert float(restored.alpha) == pytest.approx(schedule.alpha) and restored.step_count == 1 and restored.gain == 1.0
-    for kwargs, name in ((dict(gain=-1.0), "gain"), (dict(target_end=1.5), "target_end"),
-                         (dict(alpha0=True), "alpha0")):
+    for kwargs, name in (
+        (dict(gain=-1.0), "gain"),
+        (dict(target_end=1.5), "target_end"),
+        (dict(alpha0=True), "alpha0"),
+    ):
         with pytest.raises(ValueError, match=name):
             ak.FeedbackAlpha(8, **kwargs)
 

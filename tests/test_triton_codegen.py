@@ -7,6 +7,7 @@ cubin catches that without a GPU; launching is left to the GPU tests.
 Under TRITON_INTERPRET=1 (how the rest of the suite runs here) @triton.jit makes interpreted
 functions, which cannot be compiled: then each test re-runs itself in a child Python without it.
 """
+
 import os
 import subprocess
 import sys
@@ -28,9 +29,14 @@ def _in_compiler(request) -> bool:
     """True when this process can compile; otherwise runs the test in a child that can."""
     if COMPILING:
         return True
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
-                           env=dict(os.environ, TRITON_INTERPRET="0"), cwd=request.config.rootpath,
-                           capture_output=True, text=True, timeout=900)
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+        env=dict(os.environ, TRITON_INTERPRET="0"),
+        cwd=request.config.rootpath,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
     return False
 
@@ -55,9 +61,18 @@ def test_forward_compiles(request, dtype, one_tile, write_grad):
     for flags in flag_sets(FWD_FLAGS):
         if flags["PROB_TARGET"] and flags["FOCAL"]:
             continue  # rejected by validation
-        _compile(policy_loss_fwd_kernel, dtype, dict(
-            flags, BLOCK_R=4 if one_tile else 1, BLOCK_C=256 if one_tile else 1024, ONE_TILE=one_tile,
-            ENTROPY_TERM=flags["ENTROPY"], WRITE_GRAD=write_grad))
+        _compile(
+            policy_loss_fwd_kernel,
+            dtype,
+            dict(
+                flags,
+                BLOCK_R=4 if one_tile else 1,
+                BLOCK_C=256 if one_tile else 1024,
+                ONE_TILE=one_tile,
+                ENTROPY_TERM=flags["ENTROPY"],
+                WRITE_GRAD=write_grad,
+            ),
+        )
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32", "fp64"])

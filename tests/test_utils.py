@@ -1,5 +1,6 @@
 """aepg_kernels.utils: atomic writes, the strict JSON rule, figures without a global backend
 switch, the environment, progress bars, devices, autocast, threads, comma lists and tables."""
+
 import argparse
 import io
 import json
@@ -45,17 +46,36 @@ def test_atomic_write_killed_before_the_rename_leaves_the_old_file(tmp_path, mon
 
 
 def test_non_finite_floats_are_written_as_null_and_read_back_as_none(tmp_path):
-    value = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "finite": 1.5,
-             "tensor": torch.tensor([1.0, float("nan")]), "nested": [(2, float("inf"))]}
+    value = {
+        "nan": math.nan,
+        "inf": math.inf,
+        "-inf": -math.inf,
+        "finite": 1.5,
+        "tensor": torch.tensor([1.0, float("nan")]),
+        "nested": [(2, float("inf"))],
+    }
     text = utils.write_json(tmp_path / "v.json", value).read_text()
     assert json.loads(text, parse_constant=_reject_constant) == {
-        "nan": None, "inf": None, "-inf": None, "finite": 1.5, "tensor": [1.0, None], "nested": [[2, None]]}
+        "nan": None,
+        "inf": None,
+        "-inf": None,
+        "finite": 1.5,
+        "tensor": [1.0, None],
+        "nested": [[2, None]],
+    }
     assert "NaN" not in text and "Infinity" not in text
 
 
 def test_json_keeps_values_while_compacting_layout():
-    value = {"row": [1.0, None, 2], "text": "a [ b ] { c }", "nested": [[1, 2], {"k": "v"}],
-             "record": {"x": 1, "y": "z"}, "empty": [], "matrix": [[0.5, math.nan]], "path": utils.Path("a/b")}
+    value = {
+        "row": [1.0, None, 2],
+        "text": "a [ b ] { c }",
+        "nested": [[1, 2], {"k": "v"}],
+        "record": {"x": 1, "y": "z"},
+        "empty": [],
+        "matrix": [[0.5, math.nan]],
+        "path": utils.Path("a/b"),
+    }
     text = utils.json_text(value)
     assert json.loads(text) == utils.to_jsonable(value)
     assert '"row": [1.0, null, 2]' in text and '"record": {"x": 1, "y": "z"}' in text

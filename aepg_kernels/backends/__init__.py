@@ -10,6 +10,7 @@
 The registry's order is the preference of backend="auto": the first backend that is available
 here and lists the tensors' device type among its `auto_devices`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,8 +26,18 @@ REGISTRY: Dict[str, Backend] = {b.name: b for b in (native.CUDA, TRITON, native.
 BACKEND_NAMES: Tuple[str, ...] = ("auto",) + tuple(REGISTRY)
 KERNEL_BACKENDS: Tuple[str, ...] = tuple(name for name, b in REGISTRY.items() if isinstance(b, KernelBackend))
 
-__all__ = ["BACKEND_NAMES", "Backend", "KERNEL_BACKENDS", "KernelBackend", "REGISTRY", "available_backends",
-           "check_backend", "resolve", "resolve_backend", "triton_interpreter"]
+__all__ = [
+    "BACKEND_NAMES",
+    "Backend",
+    "KERNEL_BACKENDS",
+    "KernelBackend",
+    "REGISTRY",
+    "available_backends",
+    "check_backend",
+    "resolve",
+    "resolve_backend",
+    "triton_interpreter",
+]
 
 
 def check_backend(backend) -> str:
@@ -38,8 +49,11 @@ def check_backend(backend) -> str:
 def available_backends() -> Tuple[str, ...]:
     """Backends usable on this machine's devices, fastest first for the default device."""
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    return tuple(name for name, b in REGISTRY.items()
-                 if b.unavailable() is None and any(b.device_error(d) is None for d in devices))
+    return tuple(
+        name
+        for name, b in REGISTRY.items()
+        if b.unavailable() is None and any(b.device_error(d) is None for d in devices)
+    )
 
 
 @functools.lru_cache(maxsize=None)

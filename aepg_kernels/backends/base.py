@@ -7,6 +7,7 @@ backward, scale_) and their on-chip rule, which the custom-op glue and the tests
 whose eager entry point Dynamo cannot trace has `traced()`, the twin `resolve` returns while
 compiling.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Protocol, Tuple, runtime_checkable
@@ -30,8 +31,17 @@ class Backend(Protocol):
     def device_error(self, device: torch.device) -> Optional[str]:
         """Why it cannot run on tensors of `device`, or None when it can."""
 
-    def loss(self, logits: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight_t: Optional[Tensor],
-             epg_weight_t: Optional[Tensor], scalars: List[float], ignore_index: int, flags: int) -> LossAndStats:
+    def loss(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        weight: Optional[Tensor],
+        ce_weight_t: Optional[Tensor],
+        epg_weight_t: Optional[Tensor],
+        scalars: List[float],
+        ignore_index: int,
+        flags: int,
+    ) -> LossAndStats:
         """The loss (reduced, or per row) and the (NUM_STATS, R) stats of a call, differentiable
         with respect to the logits."""
 
@@ -42,16 +52,36 @@ class KernelBackend(Backend, Protocol):
         """Whether a row of `n_cols` classes stays on chip, so that the forward can write the
         gradient (1 read + 1 write)."""
 
-    def forward(self, logits: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight_t: Optional[Tensor],
-                epg_weight_t: Optional[Tensor], scalars: List[float], ignore_index: int,
-                flags: int, out: Optional[Tensor] = None) -> ForwardOutputs:
+    def forward(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        weight: Optional[Tensor],
+        ce_weight_t: Optional[Tensor],
+        epg_weight_t: Optional[Tensor],
+        scalars: List[float],
+        ignore_index: int,
+        flags: int,
+        out: Optional[Tensor] = None,
+    ) -> ForwardOutputs:
         """The contract's forward: (loss, stats, grad, denominator), no autograd; with WRITE_GRAD
         the gradient goes into `out` when given (a contiguous tensor like the logits)."""
 
-    def backward(self, grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                 ce_weight_t: Optional[Tensor], epg_weight_t: Optional[Tensor], scalars: List[float],
-                 ignore_index: int, flags: int, stats: Tensor, denom: Tensor,
-                 out: Optional[Tensor] = None) -> Tensor:
+    def backward(
+        self,
+        grad_loss: Tensor,
+        logits: Tensor,
+        target: Tensor,
+        weight: Optional[Tensor],
+        ce_weight_t: Optional[Tensor],
+        epg_weight_t: Optional[Tensor],
+        scalars: List[float],
+        ignore_index: int,
+        flags: int,
+        stats: Tensor,
+        denom: Tensor,
+        out: Optional[Tensor] = None,
+    ) -> Tensor:
         """dL/dlogits recomputed from the saved stats (into `out` when given); grad_loss 0-d or (R,)."""
 
     def scale_(self, grad: Tensor, grad_loss: Tensor) -> None:

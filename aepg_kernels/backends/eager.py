@@ -5,6 +5,7 @@ for clarity and stability rather than speed. It is `backend="eager"`, runs on an
 the parity target of the kernels in the tests. The formulas and their stable forms are in
 docs/math.md.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -33,8 +34,9 @@ def _index_masks(target: torch.Tensor, n_classes: int, ignore_index: int):
     return counted, in_range, torch.where(counted & in_range, target, 0).long()
 
 
-def counted_row_weight(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
-                       dtype: torch.dtype) -> torch.Tensor:
+def counted_row_weight(
+    target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int, dtype: torch.dtype
+) -> torch.Tensor:
     """w_{y_i} for counted rows and 0 for ignored ones: the terms of the "mean" denominator.
     Out-of-range indices are treated as counted (their loss is NaN) and never read."""
     if weight is None:
@@ -43,8 +45,9 @@ def counted_row_weight(target: torch.Tensor, weight: Optional[torch.Tensor], ign
     return torch.where(counted, weight.to(dtype)[y], 0)
 
 
-def mean_denominator(target: torch.Tensor, weight: Optional[torch.Tensor], spec: LossSpec,
-                     dtype: torch.dtype) -> torch.Tensor:
+def mean_denominator(
+    target: torch.Tensor, weight: Optional[torch.Tensor], spec: LossSpec, dtype: torch.dtype
+) -> torch.Tensor:
     """What "mean" divides the summed loss by, as nn.CrossEntropyLoss: the summed weights of
     the counted rows for index targets, the number of rows for probability targets."""
     if spec.prob_target:
@@ -180,8 +183,9 @@ def assemble_stats(named: dict, lse, row_max, entropy) -> torch.Tensor:
     return stats
 
 
-def policy_loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-                     spec: LossSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+def policy_loss_rows(
+    logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], spec: LossSpec
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss (differentiable, accumulation dtype) and the detached (NUM_STATS, R) stats.
 
     logits: (R, C); target: (R,) indices or (R, C) probabilities, as `_spec.canonicalize` returns.

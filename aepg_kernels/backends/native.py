@@ -7,10 +7,11 @@ range on the CPU), computes the "mean" denominator, runs the kernel and builds t
 whose backward is C++ as well. Under torch.compile the call goes through torch.ops so that Dynamo
 sees the operator; everywhere else straight to the extension's binding of it.
 """
+
 from __future__ import annotations
 
-import importlib.util
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -21,6 +22,7 @@ _IMPORT_ERROR: Optional[str] = "it is not built (pip install . builds it where a
 if importlib.util.find_spec(f"{__package__.rpartition('.')[0]}._C") is not None:  # pragma: no cover - build
     try:
         from .. import _C  # registers the aepg:: operators
+
         _IMPORT_ERROR = None
     except ImportError as error:
         _IMPORT_ERROR = f"it failed to load: {error}"
@@ -85,8 +87,21 @@ class NativeBackend:
         loss, stats, denom = torch.ops.aepg.native_forward_out.default(out, *call)
         return loss, stats, out, denom
 
-    def backward(self, grad_loss, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags,
-                 stats, denom, out=None):
+    def backward(
+        self,
+        grad_loss,
+        logits,
+        target,
+        weight,
+        ce_weight_t,
+        epg_weight_t,
+        scalars,
+        ignore_index,
+        flags,
+        stats,
+        denom,
+        out=None,
+    ):
         call = (logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags)
         if out is None:
             return torch.ops.aepg.native_backward.default(grad_loss, *call, stats, denom)

@@ -8,6 +8,7 @@ overhead: nn.CrossEntropyLoss vs ak.PolicyLoss per call), llm (--suite llm: an L
 linear + loss vs eager, compile and F.linear_cross_entropy), llm_step, vocab_parallel, resources,
 trainer_step, commands (the `aepg-bench` console script; also `python -m aepg_kernels.bench`).
 """
+
 from .commands import main
 
 __all__ = ["main"]

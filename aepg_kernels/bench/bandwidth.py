@@ -1,5 +1,6 @@
 """The formulas of the benchmark, in one place: the bytes floor, achieved bandwidth, the share
 of the measured copy bandwidth, and speed-ups."""
+
 from __future__ import annotations
 
 from typing import Optional

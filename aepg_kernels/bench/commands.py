@@ -22,6 +22,7 @@ Writes FILE.json (every number and the machine) and FILE.png (GB/s vs C per impl
 overhead suite writes FILE.json and FILE.md (its markdown table). FILE is --out, else
 <machine>-<suite>-<date>.json in the working directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,49 +35,104 @@ import torch
 
 from aepg_kernels import utils
 
-from . import (bandwidth, implementations, llm, llm_step, machine, measure, output, overhead, timing, trainer_step,
-               vocab_parallel)
+from . import (
+    bandwidth,
+    implementations,
+    llm,
+    llm_step,
+    machine,
+    measure,
+    output,
+    overhead,
+    timing,
+    trainer_step,
+    vocab_parallel,
+)
 from .correctness import GATE_MAX_ELEMENTS, GATE_REFERENCE, TOLERANCE
-from .sweeps import (DTYPES, LOSSES, MODES, OVERHEAD_MODES, SUITES, Case, check_names, grid, overhead_cases,
-                     parse_head_shapes, parse_shapes)
+from .sweeps import (
+    DTYPES,
+    LOSSES,
+    MODES,
+    OVERHEAD_MODES,
+    SUITES,
+    Case,
+    check_names,
+    grid,
+    overhead_cases,
+    parse_head_shapes,
+    parse_shapes,
+)
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aepg-bench", description=__doc__.splitlines()[0],
-                                     epilog="Subcommands: 'aepg-bench trainer-step --help', "
-                                            "'aepg-bench perf-model --help', 'aepg-bench device-check --help'.")
-    parser.add_argument("--suite", choices=sorted([*SUITES, "llm-step", "vocab-parallel", "resources"]),
-                        default="quick",
-                        help="quick: the main job on this device; cpu: the CPU table; gpu: the full GPU sweep; "
-                             "overhead: us per call of nn.CrossEntropyLoss() vs ak.PolicyLoss() vs aEPG on the "
-                             "CPU, interleaved (1 thread unless --threads), plus host time on CUDA tensors when "
-                             "CUDA is available; llm: an LM head (fused linear + loss) vs eager, torch.compile "
-                             "and F.linear_cross_entropy, time and peak memory; llm-step: one training step of a "
-                             "LlamaForCausalLM, transformers' loss vs TRL's fused head vs patch_causal_lm; "
-                             "vocab-parallel: policy_loss(process_group=) on 2 gloo ranks vs the unsharded op, "
-                             "time and bytes communicated per call; resources: what the compiler says about "
-                             "every kernel for sm_90 (registers, spills, shared memory, vector loads, occupancy)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="overhead suite: its table is always on the CPU; cpu also skips the CUDA host time")
-    parser.add_argument("--implementations", type=utils.comma_list, default=None,
-                        help=f"comma list among {','.join(implementations.ALL_NAMES)} ({implementations.BASELINE} "
-                             "always runs; default: all available but reference-compile)")
+    parser = argparse.ArgumentParser(
+        prog="aepg-bench",
+        description=__doc__.splitlines()[0],
+        epilog="Subcommands: 'aepg-bench trainer-step --help', "
+        "'aepg-bench perf-model --help', 'aepg-bench device-check --help'.",
+    )
+    parser.add_argument(
+        "--suite",
+        choices=sorted([*SUITES, "llm-step", "vocab-parallel", "resources"]),
+        default="quick",
+        help="quick: the main job on this device; cpu: the CPU table; gpu: the full GPU sweep; "
+        "overhead: us per call of nn.CrossEntropyLoss() vs ak.PolicyLoss() vs aEPG on the "
+        "CPU, interleaved (1 thread unless --threads), plus host time on CUDA tensors when "
+        "CUDA is available; llm: an LM head (fused linear + loss) vs eager, torch.compile "
+        "and F.linear_cross_entropy, time and peak memory; llm-step: one training step of a "
+        "LlamaForCausalLM, transformers' loss vs TRL's fused head vs patch_causal_lm; "
+        "vocab-parallel: policy_loss(process_group=) on 2 gloo ranks vs the unsharded op, "
+        "time and bytes communicated per call; resources: what the compiler says about "
+        "every kernel for sm_90 (registers, spills, shared memory, vector loads, occupancy)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="overhead suite: its table is always on the CPU; cpu also skips the CUDA host time",
+    )
+    parser.add_argument(
+        "--implementations",
+        type=utils.comma_list,
+        default=None,
+        help=f"comma list among {','.join(implementations.ALL_NAMES)} ({implementations.BASELINE} "
+        "always runs; default: all available but reference-compile)",
+    )
     parser.add_argument("--losses", type=utils.comma_list, default=None, help=f"keep these losses ({','.join(LOSSES)})")
-    parser.add_argument("--modes", type=utils.comma_list, default=None,
-                        help=f"keep these modes ({','.join(MODES)}; overhead suite: fwd+bwd, fwd = eval forward)")
+    parser.add_argument(
+        "--modes",
+        type=utils.comma_list,
+        default=None,
+        help=f"keep these modes ({','.join(MODES)}; overhead suite: fwd+bwd, fwd = eval forward)",
+    )
     parser.add_argument("--dtypes", type=utils.comma_list, default=None, help=f"keep these dtypes ({','.join(DTYPES)})")
-    parser.add_argument("--shapes", default=None,
-                        help="NxC list replacing the suite's shapes, e.g. 256x100,4096x1000 (with --losses, "
-                             "--modes, --dtypes or aepg, fwd+bwd, fp32)")
-    parser.add_argument("--max-seconds", type=float, default=None,
-                        help="skip (and record) the cases that would start after this many seconds "
-                             "(default: the suite's budget, 420 s for gpu, none for quick and cpu)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU intra-op threads (torch.set_num_threads; the overhead suite's default is 1)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help=f"overhead suite: interleaved rounds per case (default: as many as fit in "
-                             f"~{overhead.CASE_SECONDS:g} s, {overhead.MIN_SAMPLES}-{overhead.MAX_SAMPLES}); "
-                             f"llm suite: interleaved rounds (default {llm.REPEATS})")
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="NxC list replacing the suite's shapes, e.g. 256x100,4096x1000 (with --losses, "
+        "--modes, --dtypes or aepg, fwd+bwd, fp32)",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="skip (and record) the cases that would start after this many seconds "
+        "(default: the suite's budget, 420 s for gpu, none for quick and cpu)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU intra-op threads (torch.set_num_threads; the overhead suite's default is 1)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"overhead suite: interleaved rounds per case (default: as many as fit in "
+        f"~{overhead.CASE_SECONDS:g} s, {overhead.MIN_SAMPLES}-{overhead.MAX_SAMPLES}); "
+        f"llm suite: interleaved rounds (default {llm.REPEATS})",
+    )
     parser.add_argument("--no-graphs", action="store_true", help="GPU: skip the CUDA-graph timing of small shapes")
     parser.add_argument("--no-profile", action="store_true", help="GPU: skip counting kernel launches")
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
@@ -87,9 +143,12 @@ def bench_parser() -> argparse.ArgumentParser:
 def trainer_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aepg-bench trainer-step", description=trainer_step.__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--batch", type=int, default=None,
-                        help=f"images per step (default {trainer_step.GPU_BATCH} on a GPU, "
-                             f"{trainer_step.CPU_BATCH} on a CPU)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help=f"images per step (default {trainer_step.GPU_BATCH} on a GPU, {trainer_step.CPU_BATCH} on a CPU)",
+    )
     parser.add_argument("--classes", type=utils.comma_list, default=["100", "21843"], help="head sizes, comma list")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median) after the warm-up")
     parser.add_argument("--warmup", type=int, default=2)
@@ -119,8 +178,13 @@ def select_cases(parser: argparse.ArgumentParser, args) -> List[Case]:
     except ValueError as error:
         parser.error(str(error))
     cases = SUITES[args.suite]().cases
-    return [case for case in cases if (losses is None or case.loss in losses)
-            and (modes is None or case.mode in modes) and (dtypes is None or case.dtype in dtypes)]
+    return [
+        case
+        for case in cases
+        if (losses is None or case.loss in losses)
+        and (modes is None or case.mode in modes)
+        and (dtypes is None or case.dtype in dtypes)
+    ]
 
 
 def check_implementations(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
@@ -144,6 +208,7 @@ def run_bench(argv: Sequence[str]) -> int:
         return vocab_parallel.run_cli(parser, args, argv, device)
     if args.suite == "resources":
         from . import resources
+
         return resources.run_cli(parser, args, argv, device)
     if SUITES[args.suite]().kind == "overhead":
         return run_overhead(parser, args, argv, device)
@@ -174,9 +239,13 @@ def run_bench(argv: Sequence[str]) -> int:
     suite = SUITES[args.suite]()
     budget = args.max_seconds if args.max_seconds is not None else suite.budget_seconds
     settings = measure.RunSettings(
-        device, torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
-        budget_seconds=budget, graphs=not args.no_graphs, profile=not args.no_profile,
-        compile_targets_only=suite.compile_targets_only and not args.shapes)  # --shapes: the user's grid
+        device,
+        torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
+        budget_seconds=budget,
+        graphs=not args.no_graphs,
+        profile=not args.no_profile,
+        compile_targets_only=suite.compile_targets_only and not args.shapes,
+    )  # --shapes: the user's grid
     json_path = output.output_path(args.out, f"{output.device_tag(info)}-{args.suite}")
     document = new_document(args.suite, argv, info, copy, settings, impls)
     try:
@@ -220,23 +289,45 @@ def announce(suite: str, cases, impls, device: torch.device, info: dict) -> dict
 
 def new_document(suite: str, argv, info: dict, copy: dict, settings: measure.RunSettings, impls) -> dict:
     """The JSON document before any record: the run's machine, copy bandwidth and settings."""
-    timing_method = ("triton.testing.do_bench median (L2 cleared before every call)" if settings.device.type == "cuda"
-                     else f"perf_counter median after up to {timing.CPU_WARMUP} warm-up calls")
-    gpu_only = {
-        "back_to_back": (f"N <= {measure.GRAPH_MAX_N} or N*C <= {measure.GRAPH_MAX_ELEMENTS}: CUDA events around "
-                         f"{timing.BACK_TO_BACK_CALLS} calls queued back to back, caches warm, per call "
-                         f"(back_to_back_us; graph_us: replays of a CUDA graph of the call, timed alike)"),
-        "host_sync": 'one call under torch.cuda.set_sync_debug_mode("error"); no graph capture when it syncs',
-        "compile_targets_only": settings.compile_targets_only,
-    } if settings.device.type == "cuda" else {}
+    timing_method = (
+        "triton.testing.do_bench median (L2 cleared before every call)"
+        if settings.device.type == "cuda"
+        else f"perf_counter median after up to {timing.CPU_WARMUP} warm-up calls"
+    )
+    gpu_only = (
+        {
+            "back_to_back": (
+                f"N <= {measure.GRAPH_MAX_N} or N*C <= {measure.GRAPH_MAX_ELEMENTS}: CUDA events around "
+                f"{timing.BACK_TO_BACK_CALLS} calls queued back to back, caches warm, per call "
+                f"(back_to_back_us; graph_us: replays of a CUDA graph of the call, timed alike)"
+            ),
+            "host_sync": 'one call under torch.cuda.set_sync_debug_mode("error"); no graph capture when it syncs',
+            "compile_targets_only": settings.compile_targets_only,
+        }
+        if settings.device.type == "cuda"
+        else {}
+    )
     return {
-        "suite": suite, "argv": list(argv), "complete": False, "machine": info, "copy": copy,
-        "settings": {"gate_max_elements": GATE_MAX_ELEMENTS, "tolerance": TOLERANCE, "gate_reference": GATE_REFERENCE,
-                     "speedups": {key: f"{name} seconds / this seconds"
-                                  for key, name in implementations.SPEEDUP_BASELINES.items()},
-                     "flush_bytes": measure.FLUSH_BYTES, "max_rotations": measure.max_rotations(settings.device),
-                     "graph_max_n": measure.GRAPH_MAX_N, "graph_max_elements": measure.GRAPH_MAX_ELEMENTS,
-                     "max_seconds": settings.budget_seconds, "timing": timing_method, **gpu_only},
+        "suite": suite,
+        "argv": list(argv),
+        "complete": False,
+        "machine": info,
+        "copy": copy,
+        "settings": {
+            "gate_max_elements": GATE_MAX_ELEMENTS,
+            "tolerance": TOLERANCE,
+            "gate_reference": GATE_REFERENCE,
+            "speedups": {
+                key: f"{name} seconds / this seconds" for key, name in implementations.SPEEDUP_BASELINES.items()
+            },
+            "flush_bytes": measure.FLUSH_BYTES,
+            "max_rotations": measure.max_rotations(settings.device),
+            "graph_max_n": measure.GRAPH_MAX_N,
+            "graph_max_elements": measure.GRAPH_MAX_ELEMENTS,
+            "max_seconds": settings.budget_seconds,
+            "timing": timing_method,
+            **gpu_only,
+        },
         "implementations": [impl.name for impl in impls],
         "not_run": {name: why for name, why in implementations.available(settings.device).items() if why},
         "records": [],
@@ -275,8 +366,12 @@ def run_overhead(parser: argparse.ArgumentParser, args, argv: Sequence[str], dev
     if not cases:
         parser.error("no case left after the --modes/--dtypes filters")
     if args.list:
-        print("\n".join(f"{overhead.OVERHEAD_MODE_TITLES.get(case.mode, case.mode)} {case.dtype} {case.n}x{case.c}"
-                        for case in cases))
+        print(
+            "\n".join(
+                f"{overhead.OVERHEAD_MODE_TITLES.get(case.mode, case.mode)} {case.dtype} {case.n}x{case.c}"
+                for case in cases
+            )
+        )
         return 0
     torch.set_num_threads(args.threads or 1)
     info = machine.describe(torch.device("cpu"))
@@ -286,9 +381,15 @@ def run_overhead(parser: argparse.ArgumentParser, args, argv: Sequence[str], dev
     print(f"aepg-bench --suite overhead: {len(cases)} cases on {machine.title(info)}")
     print("rows: " + "; ".join(row.description for row in overhead.ROWS))
     json_path = output.output_path(args.out, f"{output.device_tag(info)}-overhead")
-    document = {"suite": "overhead", "argv": list(argv), "complete": False, "machine": info,
-                "settings": {**overhead.settings(), "max_seconds": args.max_seconds, "repeats": args.repeats},
-                "records": [], "cuda_host": None}
+    document = {
+        "suite": "overhead",
+        "argv": list(argv),
+        "complete": False,
+        "machine": info,
+        "settings": {**overhead.settings(), "max_seconds": args.max_seconds, "repeats": args.repeats},
+        "records": [],
+        "cuda_host": None,
+    }
 
     def case_done(record):
         print(overhead.progress_line(record), flush=True)
@@ -337,8 +438,13 @@ def finish_overhead(document: dict, json_path: Path, interrupted: bool) -> int:
     if interrupted:
         return output.INTERRUPTED
     ours = {row.name for row in overhead.ROWS[1:]}
-    return int(any(r["status"] == "error" or r["rows"].get(name, {}).get("status") == "failed check"
-                   for r in records for name in ours))
+    return int(
+        any(
+            r["status"] == "error" or r["rows"].get(name, {}).get("status") == "failed check"
+            for r in records
+            for name in ours
+        )
+    )
 
 
 def llm_selection(parser: argparse.ArgumentParser, args, device: torch.device):
@@ -376,9 +482,17 @@ def run_llm(parser: argparse.ArgumentParser, args, argv: Sequence[str], device: 
     for name, why in not_run.items():
         print(f"  not run: {name} ({why})")
     json_path = output.output_path(args.out, f"{output.device_tag(info)}-llm")
-    document = {"suite": "llm", "argv": list(argv), "command": " ".join(["aepg-bench", *argv]), "complete": False,
-                "machine": info, "settings": llm.settings(device, repeats), "implementations": [i.name for i in impls],
-                "not_run": not_run, "records": []}
+    document = {
+        "suite": "llm",
+        "argv": list(argv),
+        "command": " ".join(["aepg-bench", *argv]),
+        "complete": False,
+        "machine": info,
+        "settings": llm.settings(device, repeats),
+        "implementations": [i.name for i in impls],
+        "not_run": not_run,
+        "records": [],
+    }
 
     def case_done(record):
         print(llm.progress_line(record), flush=True)
@@ -404,8 +518,12 @@ def run_llm(parser: argparse.ArgumentParser, args, argv: Sequence[str], device: 
     output.write_json_and_markdown(document, json_path, text)
     if interrupted:
         return output.INTERRUPTED
-    return int(any(r.get("status") == "error" or r["impls"].get(llm.OURS, {}).get("status") in ("failed check", "error")
-                   for r in records))
+    return int(
+        any(
+            r.get("status") == "error" or r["impls"].get(llm.OURS, {}).get("status") in ("failed check", "error")
+            for r in records
+        )
+    )
 
 
 def run_trainer_step(argv: Sequence[str]) -> int:
@@ -438,8 +556,16 @@ def run_trainer_step(argv: Sequence[str]) -> int:
         output.write_json(path, document)
 
     try:
-        trainer_step.run(device, batch, classes, steps=args.steps, warmup=args.warmup, model_name=args.model,
-                         image_size=args.image_size, report=record_done)
+        trainer_step.run(
+            device,
+            batch,
+            classes,
+            steps=args.steps,
+            warmup=args.warmup,
+            model_name=args.model,
+            image_size=args.image_size,
+            report=record_done,
+        )
     except KeyboardInterrupt:  # keep the measurements done (each was written as it finished)
         document["interrupted"] = "KeyboardInterrupt: the measurements after the last record did not run"
         print(f"\ninterrupted: wrote {output.write_json(path, document)}", flush=True)
@@ -459,5 +585,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_trainer_step(argv[1:])
     if argv and argv[0] in ("perf-model", "device-check"):
         from . import device_check, perf_model
+
         return {"perf-model": perf_model.main, "device-check": device_check.main}[argv[0]](argv[1:])
     return run_bench(argv)

@@ -7,6 +7,7 @@ first rows (same C, same dtype, same mode): the kernels choose their algorithm b
 reference of a full LLM shape would not fit in memory. The same shape when it is small also spares
 torch.compile a second compilation.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ GATE_REFERENCE = 'policy_loss(backend="eager") on the gate inputs upcast to floa
 def gate_rows(n: int, c: int) -> int:
     """Rows of the gate's inputs: all of them up to GATE_MAX_ELEMENTS logits, else as many as fit."""
     return min(n, max(1, GATE_MAX_ELEMENTS // c))
+
 
 # Error = max |x - ref| / max |ref| over the loss (or per-row losses) and over the gradient, ref
 # the float64 reference. fp32: every implementation computes in fp32 and differs from it by fp32
@@ -57,8 +59,9 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return largest_diff / max(scale, 1e-30)
 
 
-def loss_and_grad(fn: LossFn, inputs: CaseInputs, backward: bool, in_place: bool
-                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def loss_and_grad(
+    fn: LossFn, inputs: CaseInputs, backward: bool, in_place: bool
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     logits = inputs.logits[0]
     logits = logits.clone() if in_place else logits
     if not backward:
@@ -80,8 +83,14 @@ def float64_reference(case: Case, inputs: CaseInputs) -> Tuple[torch.Tensor, Opt
     return loss_and_grad(policy_loss_fn(case, "eager"), wide, backward, in_place=False)
 
 
-def check(fn: LossFn, reference: Tuple[torch.Tensor, Optional[torch.Tensor]], inputs: CaseInputs,
-          dtype: str, backward: bool, in_place: bool = False) -> CheckResult:
+def check(
+    fn: LossFn,
+    reference: Tuple[torch.Tensor, Optional[torch.Tensor]],
+    inputs: CaseInputs,
+    dtype: str,
+    backward: bool,
+    in_place: bool = False,
+) -> CheckResult:
     """Compare `fn` on the gate inputs with `reference` (loss, grad) on the same inputs (in float64:
     `float64_reference`)."""
     tolerance = TOLERANCE[dtype]
@@ -92,6 +101,12 @@ def check(fn: LossFn, reference: Tuple[torch.Tensor, Optional[torch.Tensor]], in
     loss_error = relative_error(loss, reference[0])
     grad_error = relative_error(grad, reference[1]) if backward else None
     passed = loss_error <= tolerance and (grad_error is None or grad_error <= tolerance)
-    message = "" if passed else (f"differs from the reference: loss error {loss_error:.2e}, gradient error "
-                                 f"{grad_error if grad_error is None else f'{grad_error:.2e}'} > {tolerance:g}")
+    message = (
+        ""
+        if passed
+        else (
+            f"differs from the reference: loss error {loss_error:.2e}, gradient error "
+            f"{grad_error if grad_error is None else f'{grad_error:.2e}'} > {tolerance:g}"
+        )
+    )
     return CheckResult(passed, loss_error, grad_error, tolerance, message)

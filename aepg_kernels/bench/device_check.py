@@ -15,6 +15,7 @@ Without a CUDA device the command refuses and says why; --dry-run prints the pla
 that need no GPU (the environment, the performance model) and records the others as skipped.
 `benchmarks/device_check.sh` builds the extension and then runs this.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,13 +37,13 @@ from . import machine, output, perf_model
 
 TOTAL_SECONDS = 480.0  # 8 minutes from the wrapper's start, the build included (of a 15-minute device budget)
 FINAL_RESERVE_S = 10.0  # kept before the deadline for the last device_check.json
-GRACE_S = 15.0          # between SIGINT and SIGKILL, inside a step's budget
-MIN_STEP_S = 20.0       # a step with less than this left is skipped
+GRACE_S = 15.0  # between SIGINT and SIGKILL, inside a step's budget
+MIN_STEP_S = 20.0  # a step with less than this left is skipped
 SUMMARY = "device_check.json"
 LOG = "device_check.log"
-MAX_FILES = 8           # what a device session brings back from $OUT
+MAX_FILES = 8  # what a device session brings back from $OUT
 LOG_TAIL_LINES = 40
-REFUSED = 2             # the exit status without a CUDA device (and without --dry-run)
+REFUSED = 2  # the exit status without a CUDA device (and without --dry-run)
 
 Argv = Callable[[Path, float], List[str]]
 
@@ -73,8 +74,19 @@ def _bench(*args: str) -> List[str]:
 
 
 def _pytest(marker: str, *paths: str) -> List[str]:
-    return [sys.executable, "-m", "pytest", "-q", "-ra", "--durations=5", "-p", "no:cacheprovider", "-m", marker,
-            *paths]
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-ra",
+        "--durations=5",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        marker,
+        *paths,
+    ]
 
 
 # The op tests that say most about a first run on a card, run first; the other tests/test_*.py follow.
@@ -97,10 +109,12 @@ def gpu_test_files(tests_dir: Path = Path("tests")) -> List[str]:
 def no_tests(files: Callable[[], List[str]]) -> Callable[[], Optional[str]]:
     """The `unavailable` check of a pytest step: its files must exist (pytest given no path would
     collect every test)."""
+
     def why_not() -> Optional[str]:
         if not Path("tests").is_dir():
             return f"no tests/ folder in the working directory {Path.cwd()}"
         return None if files() else f"no test files for it under {Path.cwd() / 'tests'}"
+
     return why_not
 
 
@@ -113,26 +127,45 @@ SWEEP_STARTUP_S = 25.0  # imports, the machine, the copy bandwidth: before the s
 
 
 def sweep_argv(out: Path, budget: float) -> List[str]:
-    return _bench("--suite", "gpu", "--max-seconds", f"{budget - GRACE_S - SWEEP_STARTUP_S:.0f}",
-                  "--out", str(out / "gpu-sweep.json"))
+    return _bench(
+        "--suite",
+        "gpu",
+        "--max-seconds",
+        f"{budget - GRACE_S - SWEEP_STARTUP_S:.0f}",
+        "--out",
+        str(out / "gpu-sweep.json"),
+    )
 
 
 def llm_argv(out: Path, budget: float) -> List[str]:
     """bf16 only and without torch.compile (a fresh compile per case would not fit the budget): ours against eager,
     F.linear_cross_entropy and, when they import, Liger and cut-cross-entropy."""
-    return _bench("--suite", "llm", "--dtypes", "bf16", "--implementations",
-                  "eager,F.linear_cross_entropy,aepg,liger,cce",
-                  "--max-seconds", f"{budget - GRACE_S - SWEEP_STARTUP_S:.0f}", "--out", str(out / "llm.json"))
+    return _bench(
+        "--suite",
+        "llm",
+        "--dtypes",
+        "bf16",
+        "--implementations",
+        "eager,F.linear_cross_entropy,aepg,liger,cce",
+        "--max-seconds",
+        f"{budget - GRACE_S - SWEEP_STARTUP_S:.0f}",
+        "--out",
+        str(out / "llm.json"),
+    )
 
 
 def environment(out: Path, dry_run: bool) -> Dict:
     """The card, driver, library versions and date (machine.describe), the native build, and
     nvidia-smi's clocks and power limit (the clock the SFU bound of the performance model assumes)."""
     from aepg_kernels.backends import native
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = machine.describe(device)
-    info["native"] = {"has_cpu": native.has_cpu_kernels(), "has_cuda": native.has_cuda_kernels(),
-                      "error": None if native.has_cuda_kernels() else native.native_error()}
+    info["native"] = {
+        "has_cpu": native.has_cpu_kernels(),
+        "has_cuda": native.has_cuda_kernels(),
+        "error": None if native.has_cuda_kernels() else native.native_error(),
+    }
     info["nvidia_smi"] = nvidia_smi()
     return info
 
@@ -140,8 +173,9 @@ def environment(out: Path, dry_run: bool) -> Dict:
 def nvidia_smi() -> Optional[str]:
     fields = "name,driver_version,memory.total,clocks.max.sm,clocks.max.memory,power.limit,persistence_mode"
     try:
-        done = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv"], capture_output=True, text=True,
-                              timeout=20)
+        done = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
@@ -163,26 +197,73 @@ def performance_model(out: Path, dry_run: bool) -> Dict:
 def plan() -> List[Step]:
     """The steps in priority order: what a session cut short must have brought back comes first."""
     return [
-        Step("environment", "card, driver, versions, date, native build, clocks", 15, False,
-             function=environment, min_seconds=5),
-        Step("gpu-tests", "the GPU-only tests: CUDA-graph replay, offsets beyond int32, the harness on CUDA",
-             40, True, argv=lambda out, budget: _pytest("gpu", *gpu_test_files()),
-             unavailable=no_tests(gpu_test_files)),
-        Step("op-tests", "every op's tests on the GPU (parity, edge cases, the linear op, compile, bad input)",
-             60, True, argv=lambda out, budget: _pytest("not slow and not gpu", *op_test_files()),
-             unavailable=no_tests(op_test_files)),
-        Step("gpu-sweep", "aepg-bench --suite gpu, its target cases first", 190, True,
-             ("gpu-sweep.json", "gpu-sweep.png"), argv=sweep_argv, min_seconds=GRACE_S + SWEEP_STARTUP_S + 20),
-        Step("perf-model", "the static bound of every sweep case, and measured / predicted", 10, False,
-             ("perf-model.json",), function=performance_model, min_seconds=5),
-        Step("llm", "aepg-bench --suite llm, bf16: the fused LM head vs eager, F.linear_cross_entropy, Liger", 45, True,
-             ("llm.json", "llm.md"), argv=llm_argv, min_seconds=GRACE_S + SWEEP_STARTUP_S + 5),
-        Step("trainer-step", "aepg-bench trainer-step: ViT-B/16 + LoRA, fused vs eager loss", 45, True,
-             ("trainer-step.json",),
-             argv=lambda out, budget: _bench("trainer-step", "--out", str(out / "trainer-step.json"))),
-        Step("other-tests", "the harness, trainer and integration tests with a GPU present", 60, True,
-             argv=lambda out, budget: _pytest("not slow and not gpu", *other_test_dirs()),
-             unavailable=no_tests(other_test_dirs)),
+        Step(
+            "environment",
+            "card, driver, versions, date, native build, clocks",
+            15,
+            False,
+            function=environment,
+            min_seconds=5,
+        ),
+        Step(
+            "gpu-tests",
+            "the GPU-only tests: CUDA-graph replay, offsets beyond int32, the harness on CUDA",
+            40,
+            True,
+            argv=lambda out, budget: _pytest("gpu", *gpu_test_files()),
+            unavailable=no_tests(gpu_test_files),
+        ),
+        Step(
+            "op-tests",
+            "every op's tests on the GPU (parity, edge cases, the linear op, compile, bad input)",
+            60,
+            True,
+            argv=lambda out, budget: _pytest("not slow and not gpu", *op_test_files()),
+            unavailable=no_tests(op_test_files),
+        ),
+        Step(
+            "gpu-sweep",
+            "aepg-bench --suite gpu, its target cases first",
+            190,
+            True,
+            ("gpu-sweep.json", "gpu-sweep.png"),
+            argv=sweep_argv,
+            min_seconds=GRACE_S + SWEEP_STARTUP_S + 20,
+        ),
+        Step(
+            "perf-model",
+            "the static bound of every sweep case, and measured / predicted",
+            10,
+            False,
+            ("perf-model.json",),
+            function=performance_model,
+            min_seconds=5,
+        ),
+        Step(
+            "llm",
+            "aepg-bench --suite llm, bf16: the fused LM head vs eager, F.linear_cross_entropy, Liger",
+            45,
+            True,
+            ("llm.json", "llm.md"),
+            argv=llm_argv,
+            min_seconds=GRACE_S + SWEEP_STARTUP_S + 5,
+        ),
+        Step(
+            "trainer-step",
+            "aepg-bench trainer-step: ViT-B/16 + LoRA, fused vs eager loss",
+            45,
+            True,
+            ("trainer-step.json",),
+            argv=lambda out, budget: _bench("trainer-step", "--out", str(out / "trainer-step.json")),
+        ),
+        Step(
+            "other-tests",
+            "the harness, trainer and integration tests with a GPU present",
+            60,
+            True,
+            argv=lambda out, budget: _pytest("not slow and not gpu", *other_test_dirs()),
+            unavailable=no_tests(other_test_dirs),
+        ),
     ]
 
 
@@ -199,8 +280,10 @@ def no_gpu_reason() -> Optional[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
-    return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no CUDA device "
-            f"(torch.cuda.device_count() = {torch.cuda.device_count()})")
+    return (
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no CUDA device "
+        f"(torch.cuda.device_count() = {torch.cuda.device_count()})"
+    )
 
 
 def pytest_summary(lines: Sequence[str]) -> Optional[str]:
@@ -231,8 +314,13 @@ def run_child(argv: Sequence[str], budget: float, log_path: Path, grace: float) 
     with log_path.open("rb") as log:
         log.seek(offset)
         tail = log.read().decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
-    return {"returncode": returncode, "ended": ended, "seconds": round(time.monotonic() - start, 1),
-            "log_tail": tail, "pytest": pytest_summary(tail)}
+    return {
+        "returncode": returncode,
+        "ended": ended,
+        "seconds": round(time.monotonic() - start, 1),
+        "log_tail": tail,
+        "pytest": pytest_summary(tail),
+    }
 
 
 def run_step(step: Step, out: Path, budget: float, dry_run: bool) -> Dict:
@@ -288,15 +376,20 @@ def run_plan(steps: Sequence[Step], out: Path, document: Dict, deadline: float, 
         entry.update(run_step(step, out, budget, dry_run))
         if step.name == "environment" and entry["status"] == "ok":
             document["machine"] = entry.pop("result")
-        print(f"   {step.name}: {entry['status']} in {entry['seconds']} s"
-              + (f" ({entry['pytest']})" if entry.get("pytest") else ""), flush=True)
+        print(
+            f"   {step.name}: {entry['status']} in {entry['seconds']} s"
+            + (f" ({entry['pytest']})" if entry.get("pytest") else ""),
+            flush=True,
+        )
         output.write_json(summary, document)
     return document
 
 
 def describe_plan(steps: Sequence[Step], total_seconds: float) -> List[str]:
-    lines = [f"device-check plan: {len(steps)} steps by a deadline {total_seconds:.0f} s after the start "
-             f"(SIGINT at a step's budget less {GRACE_S:.0f} s, SIGKILL at its budget)"]
+    lines = [
+        f"device-check plan: {len(steps)} steps by a deadline {total_seconds:.0f} s after the start "
+        f"(SIGINT at a step's budget less {GRACE_S:.0f} s, SIGKILL at its budget)"
+    ]
     for index, step in enumerate(steps, 1):
         where = "GPU" if step.needs_gpu else "any machine"
         files = f" -> {', '.join(step.outputs)}" if step.outputs else ""
@@ -307,24 +400,51 @@ def describe_plan(steps: Sequence[Step], total_seconds: float) -> List[str]:
 def parser() -> argparse.ArgumentParser:
     result = argparse.ArgumentParser(prog="aepg-bench device-check", description=__doc__.splitlines()[0])
     result.add_argument("--out", type=Path, default=Path("."), help="the folder for every file (default: here)")
-    result.add_argument("--dry-run", action="store_true",
-                        help="print the plan, run the steps that need no GPU, record the others as skipped")
-    result.add_argument("--total-seconds", type=float, default=TOTAL_SECONDS,
-                        help=f"the deadline after --started-at (default {TOTAL_SECONDS:.0f})")
-    result.add_argument("--started-at", type=float, default=None,
-                        help="the session's start, seconds since the epoch (the wrapper's, so the build counts)")
+    result.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan, run the steps that need no GPU, record the others as skipped",
+    )
+    result.add_argument(
+        "--total-seconds",
+        type=float,
+        default=TOTAL_SECONDS,
+        help=f"the deadline after --started-at (default {TOTAL_SECONDS:.0f})",
+    )
+    result.add_argument(
+        "--started-at",
+        type=float,
+        default=None,
+        help="the session's start, seconds since the epoch (the wrapper's, so the build counts)",
+    )
     result.add_argument("--build-returncode", type=int, default=None, help="the wrapper's build result, recorded")
     return result
 
 
 def new_document(args, argv: Sequence[str], steps: Sequence[Step], started_at: float) -> Dict:
     start = datetime.datetime.fromtimestamp(started_at, datetime.timezone.utc)
-    return {"command": "aepg-bench device-check", "argv": list(argv), "dry_run": args.dry_run, "complete": False,
-            "started_at": start.isoformat(timespec="seconds"),
-            "total_seconds": args.total_seconds, "build": {"returncode": args.build_returncode, "log": LOG},
-            "plan": [{"name": s.name, "purpose": s.purpose, "budget_seconds": s.budget_seconds,
-                      "needs_gpu": s.needs_gpu, "outputs": list(s.outputs)} for s in steps],
-            "files": output_files(steps), "machine": None, "steps": []}
+    return {
+        "command": "aepg-bench device-check",
+        "argv": list(argv),
+        "dry_run": args.dry_run,
+        "complete": False,
+        "started_at": start.isoformat(timespec="seconds"),
+        "total_seconds": args.total_seconds,
+        "build": {"returncode": args.build_returncode, "log": LOG},
+        "plan": [
+            {
+                "name": s.name,
+                "purpose": s.purpose,
+                "budget_seconds": s.budget_seconds,
+                "needs_gpu": s.needs_gpu,
+                "outputs": list(s.outputs),
+            }
+            for s in steps
+        ],
+        "files": output_files(steps),
+        "machine": None,
+        "steps": [],
+    }
 
 
 def exit_code(document: Dict) -> int:
@@ -344,8 +464,11 @@ def main(argv: Optional[Sequence[str]] = None, steps: Optional[Sequence[Step]] =
     if reason is not None and not args.dry_run:
         document["refused"] = f"no CUDA device: {reason}"
         output.write_json(args.out / SUMMARY, document)
-        print(f"aepg-bench device-check: refused, {document['refused']}; --dry-run prints the plan and runs the "
-              "steps that need no GPU", file=sys.stderr)
+        print(
+            f"aepg-bench device-check: refused, {document['refused']}; --dry-run prints the plan and runs the "
+            "steps that need no GPU",
+            file=sys.stderr,
+        )
         return REFUSED
     run_plan(steps, args.out, document, started_at + args.total_seconds, args.dry_run)
     document["complete"] = True

@@ -12,6 +12,7 @@
 - liger:             Liger-Kernel's Triton cross entropy (CE only, CUDA, when importable)
 - triton/cuda/cpu:   our fused backends, those ``available_backends()`` offers for the device
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ def policy_loss_fn(case: Case, backend: str) -> LossFn:
 
     def loss(logits, target):
         return ak.policy_loss(logits, target, reduction=reduction, backend=backend, **options)
+
     return loss
 
 
@@ -42,9 +44,17 @@ def _weighted(weight: float, term: torch.Tensor) -> torch.Tensor:
     return term if weight == 1 else weight * term
 
 
-def lean_composite(logits: torch.Tensor, target: torch.Tensor, *, ce_weight: float = 1.0, epg_weight: float = 0.0,
-                   entropy_weight: float = 0.0, label_smoothing: float = 0.0, focal_gamma: float = 0.0,
-                   reduction: str = "mean") -> torch.Tensor:
+def lean_composite(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ce_weight: float = 1.0,
+    epg_weight: float = 0.0,
+    entropy_weight: float = 0.0,
+    label_smoothing: float = 0.0,
+    focal_gamma: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """The loss family as a user writes it (index targets, no class weights): fp32 log-probabilities,
     the target's, and only the terms with a nonzero weight, with no stability measures beyond
     log_softmax (the package's reference composite has those).
@@ -95,6 +105,7 @@ def torch_cross_entropy_fn(case: Case) -> LossFn:
 
 def liger_fn(case: Case) -> LossFn:
     from liger_kernel.transformers.functional import liger_cross_entropy
+
     reduction = MODES[case.mode].reduction
     return lambda logits, target: liger_cross_entropy(logits, target, reduction=reduction)
 
@@ -102,8 +113,10 @@ def liger_fn(case: Case) -> LossFn:
 def liger_version() -> Optional[str]:
     """The installed Liger-Kernel version, or None when it does not import."""
     try:
-        import liger_kernel.transformers.functional  # noqa: F401
         from importlib.metadata import version
+
+        import liger_kernel.transformers.functional  # noqa: F401
+
         return version("liger-kernel")
     except Exception:  # noqa: BLE001  (any import failure means: no Liger baseline)
         return None
@@ -111,14 +124,14 @@ def liger_version() -> Optional[str]:
 
 @dataclass(frozen=True)
 class Implementation:
-    name: str                  # as --implementations and the records name it
+    name: str  # as --implementations and the records name it
     build: Callable[[Case], LossFn]
     ce_only: bool = False
-    fused: bool = False        # one of our backends (the speed-ups are reported for these)
-    compiled: bool = False     # torch.compile: seconds per case, skipped off target on the GPU suite
-    by_default: bool = True    # runs unless --implementations leaves it out (else only when named)
-    title: str = ""            # the table's name for it when not `name`
-    in_place: bool = False     # overwrites its input logits (Liger writes the gradient there)
+    fused: bool = False  # one of our backends (the speed-ups are reported for these)
+    compiled: bool = False  # torch.compile: seconds per case, skipped off target on the GPU suite
+    by_default: bool = True  # runs unless --implementations leaves it out (else only when named)
+    title: str = ""  # the table's name for it when not `name`
+    in_place: bool = False  # overwrites its input logits (Liger writes the gradient there)
     # Peak temporaries in fp32 copies of the logits (estimates, for skipping shapes that cannot fit):
     # the eager composite upcasts, shifts, keeps log-probabilities, probabilities, entropy terms
     # and their gradients; Inductor recomputes in backward; the fused kernels need O(N).
@@ -142,31 +155,49 @@ def fused_backend(name: str) -> Implementation:
 
 # The lean composite keeps log-probabilities, their exp and product (entropy) and their gradients.
 LEAN_EAGER = Implementation("lean-eager", lean_fn, workspace_fp32_copies=5)
-LEAN_COMPILE = Implementation("lean-compile", lambda case: compiled(lean_fn(case)), compiled=True,
-                              workspace_fp32_copies=2)
-REFERENCE = Implementation("reference", lambda case: policy_loss_fn(case, "eager"), workspace_fp32_copies=7,
-                           title="reference (package eager)")
-REFERENCE_COMPILE = Implementation("reference-compile", lambda case: compiled(policy_loss_fn(case, "eager")),
-                                   compiled=True, by_default=False, workspace_fp32_copies=2,
-                                   title="reference compiled")
+LEAN_COMPILE = Implementation(
+    "lean-compile", lambda case: compiled(lean_fn(case)), compiled=True, workspace_fp32_copies=2
+)
+REFERENCE = Implementation(
+    "reference", lambda case: policy_loss_fn(case, "eager"), workspace_fp32_copies=7, title="reference (package eager)"
+)
+REFERENCE_COMPILE = Implementation(
+    "reference-compile",
+    lambda case: compiled(policy_loss_fn(case, "eager")),
+    compiled=True,
+    by_default=False,
+    workspace_fp32_copies=2,
+    title="reference compiled",
+)
 TORCH_CE = Implementation("F.cross_entropy", torch_cross_entropy_fn, ce_only=True, workspace_fp32_copies=3)
 LIGER = Implementation("liger", liger_fn, ce_only=True, in_place=True)
 BASELINE = LEAN_EAGER.name  # always runs: every speed-up is "x vs lean eager" first
-ALL_NAMES = ("lean-eager", "lean-compile", "reference", "reference-compile", "F.cross_entropy",
-             "liger") + FUSED_BACKENDS
+ALL_NAMES = (
+    "lean-eager",
+    "lean-compile",
+    "reference",
+    "reference-compile",
+    "F.cross_entropy",
+    "liger",
+) + FUSED_BACKENDS
 # Names of earlier versions (when "eager" was the package's composite): a hint instead of "unknown".
-RENAMED = {"eager": "lean-eager (the lean composite) or reference (the package's eager composite)",
-           "compile": "lean-compile (torch.compile of the lean composite) or reference-compile"}
+RENAMED = {
+    "eager": "lean-eager (the lean composite) or reference (the package's eager composite)",
+    "compile": "lean-compile (torch.compile of the lean composite) or reference-compile",
+}
 # The JSON's speed-up fields, each against one baseline implementation (None where it did not run).
-SPEEDUP_BASELINES = {"speedup_vs_lean_eager": "lean-eager", "speedup_vs_lean_compile": "lean-compile",
-                     "speedup_vs_torch_ce": "F.cross_entropy", "speedup_vs_reference": "reference"}
+SPEEDUP_BASELINES = {
+    "speedup_vs_lean_eager": "lean-eager",
+    "speedup_vs_lean_compile": "lean-compile",
+    "speedup_vs_torch_ce": "F.cross_entropy",
+    "speedup_vs_reference": "reference",
+}
 
 
 def available(device: torch.device) -> Dict[str, str]:
     """name -> why it is left out on `device` ('' when it runs)."""
     backends = ak.available_backends()
-    reasons = {name: "" for name in ("lean-eager", "lean-compile", "reference", "reference-compile",
-                                     "F.cross_entropy")}
+    reasons = {name: "" for name in ("lean-eager", "lean-compile", "reference", "reference-compile", "F.cross_entropy")}
     if device.type != "cuda":
         reasons["liger"] = "Liger-Kernel runs on CUDA only"
     else:
@@ -191,8 +222,11 @@ def select(device: torch.device, wanted: Optional[List[str]] = None) -> List[Imp
     table = {impl.name: impl for impl in (LEAN_EAGER, LEAN_COMPILE, REFERENCE, REFERENCE_COMPILE, TORCH_CE, LIGER)}
     table.update({name: fused_backend(name) for name in FUSED_BACKENDS})
     reasons = available(device)
-    names = [name for name in ALL_NAMES if not reasons[name]
-             and (name in wanted if wanted is not None else table[name].by_default)]
+    names = [
+        name
+        for name in ALL_NAMES
+        if not reasons[name] and (name in wanted if wanted is not None else table[name].by_default)
+    ]
     if BASELINE not in names:
         names.insert(0, BASELINE)
     return [table[name] for name in names]

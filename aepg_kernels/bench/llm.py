@@ -16,6 +16,7 @@ over the baseline on a GPU; on a CPU the resident set sampled every SAMPLE_SECON
 during one untimed call, over the resident set before it (after gc and malloc_trim, so that memory
 freed by an earlier implementation does not count), in a process that has run every op before.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -72,16 +73,26 @@ class HeadCase:
         return f"{self.loss} {self.dtype} {self.shape}"
 
 
-def cases(shapes: Sequence[Tuple[int, int, int]] = SHAPES, dtypes: Sequence[str] = ("fp32", "bf16"),
-          losses: Sequence[str] = LOSS_NAMES) -> List[HeadCase]:
+def cases(
+    shapes: Sequence[Tuple[int, int, int]] = SHAPES,
+    dtypes: Sequence[str] = ("fp32", "bf16"),
+    losses: Sequence[str] = LOSS_NAMES,
+) -> List[HeadCase]:
     """By priority, since --max-seconds cuts from the end: CE and DFT (the timed targets) at every
     shape and dtype first, CE before DFT (its F.linear_cross_entropy baseline), then aEPG+entropy."""
     groups = (("ce", "dft"), ("aepg",))
-    return [HeadCase(loss, dtype, n, h, v) for group in groups for n, h, v in shapes for dtype in dtypes
-            for loss in group if loss in losses]
+    return [
+        HeadCase(loss, dtype, n, h, v)
+        for group in groups
+        for n, h, v in shapes
+        for dtype in dtypes
+        for loss in group
+        if loss in losses
+    ]
 
 
 # --- the eager losses on fp32 logits, as a user of HF/TRL has them ---------------------------------
+
 
 def dft_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """TRL's DFT: -p_y.detach() * log p_y, the masked mean over the counted tokens."""
@@ -110,20 +121,24 @@ def eager_fn(loss: str, alpha: torch.Tensor) -> HeadFn:
 
     def aepg(x, w, y):
         return aepg_loss(F.linear(x, w).float(), y, alpha)
+
     return {"ce": ce, "dft": dft, "aepg": aepg}[loss]
 
 
 def ours_fn(loss: str, alpha: torch.Tensor) -> HeadFn:
     # DFT's value convention (-p_y.detach() log p_y) is not in the package yet: EPG (1 - p_y) has
     # the same gradient, so its time is DFT's; the gate compares gradients, and its loss to EPG's.
-    return {"ce": lambda x, w, y: ak.linear_cross_entropy(x, w, y),
-            "dft": lambda x, w, y: ak.linear_epg_loss(x, w, y),
-            "aepg": lambda x, w, y: ak.linear_aepg_loss(x, w, y, alpha, entropy_weight=ENTROPY_WEIGHT)}[loss]
+    return {
+        "ce": lambda x, w, y: ak.linear_cross_entropy(x, w, y),
+        "dft": lambda x, w, y: ak.linear_epg_loss(x, w, y),
+        "aepg": lambda x, w, y: ak.linear_aepg_loss(x, w, y, alpha, entropy_weight=ENTROPY_WEIGHT),
+    }[loss]
 
 
 def compiled_fn(loss: str, alpha: torch.Tensor) -> HeadFn:
     torch._dynamo.reset()  # a fresh cache per case: no recompile limit across shapes
     import torch._inductor.config as inductor_config
+
     # Compile in this process: a pool of compile workers would go on warming up beside the timed
     # calls of the other implementations on a 2-core machine.
     inductor_config.compile_threads = 1
@@ -137,12 +152,14 @@ def torch_linear_ce_fn(loss: str, alpha: torch.Tensor) -> HeadFn:
 
 def liger_fn(loss: str, alpha: torch.Tensor) -> HeadFn:
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
     criterion = LigerFusedLinearCrossEntropyLoss()
     return lambda x, w, y: criterion(w, x, y)  # Liger takes the weight first
 
 
 def cce_fn(loss: str, alpha: torch.Tensor) -> HeadFn:
     from cut_cross_entropy import linear_cross_entropy
+
     return lambda x, w, y: linear_cross_entropy(x, w, y)
 
 
@@ -152,7 +169,7 @@ class Impl:
     build: Callable[[str, torch.Tensor], HeadFn]
     losses: Tuple[str, ...] = LOSS_NAMES
     cuda_only: bool = False
-    module: str = ""      # what must import for it to run
+    module: str = ""  # what must import for it to run
     compiled: bool = False
     chunked: bool = True  # never holds the (N, V) logits (no memory skip)
 
@@ -183,10 +200,11 @@ def unavailable(impl: Impl, device: torch.device) -> str:
 
 # --- inputs, the call, the gate ---------------------------------------------------------------------
 
+
 def make_inputs(case: HeadCase, device: torch.device, seed: int = 0):
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(case.n, case.h, generator=gen, device=device).to(DTYPES[case.dtype])
-    w = (torch.randn(case.v, case.h, generator=gen, device=device) * (LOGIT_SCALE / case.h ** 0.5))
+    w = torch.randn(case.v, case.h, generator=gen, device=device) * (LOGIT_SCALE / case.h**0.5)
     y = torch.randint(0, case.v, (case.n,), generator=gen, device=device)
     return x.requires_grad_(), w.to(DTYPES[case.dtype]).requires_grad_(), y
 
@@ -223,8 +241,9 @@ def float64_check(case: HeadCase, alpha: torch.Tensor, x, w, y) -> dict:
     return {"rows": rows, "errors": errs, "max_error": max(errs.values())}
 
 
-def reference(case: HeadCase, alpha: torch.Tensor, x, w, y, eager: Optional[Dict[str, torch.Tensor]]
-              ) -> Dict[str, torch.Tensor]:
+def reference(
+    case: HeadCase, alpha: torch.Tensor, x, w, y, eager: Optional[Dict[str, torch.Tensor]]
+) -> Dict[str, torch.Tensor]:
     """The gate's reference at the case's shape: the eager formula in fp32 on the inputs upcast
     (for fp32 inputs that is eager's own warm-up call, `eager`, reused)."""
     wide = [t.detach().float().requires_grad_() for t in (x, w)]
@@ -236,8 +255,9 @@ def reference(case: HeadCase, alpha: torch.Tensor, x, w, y, eager: Optional[Dict
     return ref
 
 
-def gate(name: str, got: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], tolerance: Optional[float],
-         loss: str) -> dict:
+def gate(
+    name: str, got: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], tolerance: Optional[float], loss: str
+) -> dict:
     """Errors of one implementation's warm-up outputs against the reference, and the verdict;
     tolerance None: the yardstick of low precision (see gate_tolerance), passed when finite."""
     if name == OURS and loss == "dft":
@@ -264,6 +284,7 @@ def gate_tolerance(dtype: str, eager_gate: Optional[dict]) -> Optional[float]:
 
 # --- memory -----------------------------------------------------------------------------------------
 
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -278,8 +299,9 @@ def _trim() -> None:
         pass
 
 
-def peak_extra_bytes(step: Callable[[], object], device: torch.device, *leaves: torch.Tensor
-                     ) -> Tuple[Optional[int], object]:
+def peak_extra_bytes(
+    step: Callable[[], object], device: torch.device, *leaves: torch.Tensor
+) -> Tuple[Optional[int], object]:
     """(peak extra bytes of one call of `step`, its result); None where it cannot be measured. The
     `leaves`' .grad are released before the baseline, so that every implementation's number
     includes the fresh gradients of its call (not only the first one to run on these inputs)."""
@@ -296,6 +318,7 @@ def peak_extra_bytes(step: Callable[[], object], device: torch.device, *leaves: 
         while not done.is_set():
             peak[0] = max(peak[0], _rss_bytes())
             time.sleep(SAMPLE_SECONDS)
+
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
@@ -333,8 +356,12 @@ def run_case(case: HeadCase, impls: Sequence[Impl], device: torch.device, repeat
     Eager runs first: in fp32 its warm-up outputs are the gate's reference."""
     alpha = torch.tensor(ALPHA, device=device)  # a 0-d tensor, as a schedule passes it
     x, w, y = make_inputs(case, device)
-    record = {**dataclasses.asdict(case), "shape": case.shape, "impls": {},
-              "reference_check": float64_check(case, alpha, x, w, y)}
+    record = {
+        **dataclasses.asdict(case),
+        "shape": case.shape,
+        "impls": {},
+        "reference_check": float64_check(case, alpha, x, w, y),
+    }
     free = available_bytes() if device.type == "cpu" else torch.cuda.mem_get_info(device)[0]
     steps, ref = {}, None
     for impl in sorted(impls, key=lambda impl: impl.name != EAGER):
@@ -343,8 +370,11 @@ def run_case(case: HeadCase, impls: Sequence[Impl], device: torch.device, repeat
             row["status"] = output.NOT_APPLICABLE
             continue
         if free is not None and estimated_bytes(case, impl) > MEMORY_FRACTION * free:
-            row.update(status="skipped", reason=f"would need ~{estimated_bytes(case, impl) / 2**30:.1f} GiB "
-                                                f"(> {MEMORY_FRACTION:g} of {free / 2**30:.1f} GiB available)")
+            row.update(
+                status="skipped",
+                reason=f"would need ~{estimated_bytes(case, impl) / 2**30:.1f} GiB "
+                f"(> {MEMORY_FRACTION:g} of {free / 2**30:.1f} GiB available)",
+            )
             continue
         fn, got = warm_up(impl, case, alpha, x, w, y, device, row)
         if fn is None:
@@ -355,15 +385,18 @@ def run_case(case: HeadCase, impls: Sequence[Impl], device: torch.device, repeat
         row["gate"] = gate(impl.name, got, ref, gate_tolerance(case.dtype, eager_gate), case.loss)
         del got
         if not row["gate"]["passed"]:
-            row.update(status="failed check",
-                       reason=f"max error {row['gate']['max_error']:.2e} > {row['gate']['tolerance']:.2g}")
+            row.update(
+                status="failed check",
+                reason=f"max error {row['gate']['max_error']:.2e} > {row['gate']['tolerance']:.2g}",
+            )
             continue
         steps[impl.name] = timed_step(fn, x, w, y, device)
         if "peak_extra_bytes" not in row:  # compiled: a call after the compiling one
             row["peak_extra_bytes"], _ = peak_extra_bytes(steps[impl.name], device, x, w)
     for name, seconds in interleaved(steps, repeats).items():
-        record["impls"][name].update(status="ok", seconds=seconds, min_s=min(seconds),
-                                     median_s=statistics.median(seconds))
+        record["impls"][name].update(
+            status="ok", seconds=seconds, min_s=min(seconds), median_s=statistics.median(seconds)
+        )
     return record
 
 
@@ -371,6 +404,7 @@ def timed_step(fn: HeadFn, x, w, y, device) -> Callable[[], object]:
     def step():
         call(fn, x, w, y)
         synchronize(device)
+
     return step
 
 
@@ -390,8 +424,9 @@ def warm_up(impl: Impl, case: HeadCase, alpha, x, w, y, device, row: dict):
             row["peak_extra_bytes"], loss = peak_extra_bytes(lambda: call(fn, x, w, y), device, x, w)
         row["first_call_s"] = time.perf_counter() - start
     except Exception as error:  # noqa: BLE001  (a compile or run failure is recorded, not fatal)
-        row.update(status="compile failed" if impl.compiled else "error",
-                   reason=f"{type(error).__name__}: {str(error)[:300]}")
+        row.update(
+            status="compile failed" if impl.compiled else "error", reason=f"{type(error).__name__}: {str(error)[:300]}"
+        )
         return None, None
     return fn, {"loss": loss, "dx": x.grad.clone(), "dw": w.grad.clone()}
 
@@ -403,7 +438,7 @@ def interleaved(steps: Dict[str, Callable[[], object]], repeats: int) -> Dict[st
     gc.disable()
     try:
         for r in range(repeats):
-            for name in names[r % max(len(names), 1):] + names[:r % max(len(names), 1)]:
+            for name in names[r % max(len(names), 1) :] + names[: r % max(len(names), 1)]:
                 start = time.perf_counter()
                 steps[name]()
                 times[name].append(time.perf_counter() - start)
@@ -415,12 +450,13 @@ def interleaved(steps: Dict[str, Callable[[], object]], repeats: int) -> Dict[st
 
 # --- ratios, targets, tables ------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Target:
-    key: str           # the record's ratios/verdicts key
-    quantity: str      # "min_s" or "peak_extra_bytes"
-    baseline: str      # the implementation it is measured against
-    limit: float       # ratio ours/baseline <= limit: met
+    key: str  # the record's ratios/verdicts key
+    quantity: str  # "min_s" or "peak_extra_bytes"
+    baseline: str  # the implementation it is measured against
+    limit: float  # ratio ours/baseline <= limit: met
     losses: Tuple[str, ...]
     title: str
 
@@ -431,8 +467,9 @@ TARGETS = (
     Target("time_vs_eager", "min_s", EAGER, 1.0, ("ce", "dft"), "time <= eager"),
     Target("time_vs_lce", "min_s", TORCH_LCE, 1.0, ("ce", "dft"), "time <= F.linear_cross_entropy"),
     Target("memory_vs_eager", "peak_extra_bytes", EAGER, 1 / 8, LOSS_NAMES, "peak extra memory <= 1/8 eager"),
-    Target("memory_vs_lce", "peak_extra_bytes", TORCH_LCE, 1.0, LOSS_NAMES,
-           "peak extra memory <= F.linear_cross_entropy"),
+    Target(
+        "memory_vs_lce", "peak_extra_bytes", TORCH_LCE, 1.0, LOSS_NAMES, "peak extra memory <= F.linear_cross_entropy"
+    ),
 )
 
 
@@ -464,9 +501,14 @@ def target_summary(records: Sequence[dict]) -> Dict[str, dict]:
         failed = [label for label, v in verdicts if v == "failed"]
         measured = [v for _, v in verdicts if v != "not measured"]
         overall = "failed" if failed else ("met" if measured else "not measured")
-        summary[t.key] = {"target": t.title, "limit": t.limit, "losses": list(t.losses), "overall": overall,
-                          "failed_at": failed,
-                          "not_measured_at": [label for label, v in verdicts if v == "not measured"]}
+        summary[t.key] = {
+            "target": t.title,
+            "limit": t.limit,
+            "losses": list(t.losses),
+            "overall": overall,
+            "failed_at": failed,
+            "not_measured_at": [label for label, v in verdicts if v == "not measured"],
+        }
     return summary
 
 
@@ -513,14 +555,23 @@ def markdown(records: Sequence[dict]) -> str:
     extra memory (MiB) with its ratios and verdicts, and the gate's max error per implementation."""
     names = _impls_in(records)
     lead = ["loss", "dtype", "N x H x V"]
-    time_rows = [_lead(r) + [_cell(r, n, "min_s", 1.0, ".2f") for n in names]
-                 + [_ratio(r, "time_vs_eager"), _ratio(r, "time_vs_lce")] for r in records]
+    time_rows = [
+        _lead(r)
+        + [_cell(r, n, "min_s", 1.0, ".2f") for n in names]
+        + [_ratio(r, "time_vs_eager"), _ratio(r, "time_vs_lce")]
+        for r in records
+    ]
     time_table = utils.markdown_table(lead + [f"{n} s" for n in names] + ["aepg / eager", "aepg / F.lce"], time_rows)
-    memory_rows = [_lead(r) + [_cell(r, n, "peak_extra_bytes", 2**20, ".0f") for n in names]
-                   + [_ratio(r, "memory_vs_eager"), _ratio(r, "memory_vs_lce"), _gate(r, names)] for r in records]
-    memory_table = utils.markdown_table(lead + [f"{n} MiB" for n in names]
-                                         + ["aepg / eager (<= 0.125)", "aepg / F.lce (<= 1)", "gate max error"],
-                                         memory_rows)
+    memory_rows = [
+        _lead(r)
+        + [_cell(r, n, "peak_extra_bytes", 2**20, ".0f") for n in names]
+        + [_ratio(r, "memory_vs_eager"), _ratio(r, "memory_vs_lce"), _gate(r, names)]
+        for r in records
+    ]
+    memory_table = utils.markdown_table(
+        lead + [f"{n} MiB" for n in names] + ["aepg / eager (<= 0.125)", "aepg / F.lce (<= 1)", "gate max error"],
+        memory_rows,
+    )
     return f"{time_table}\n\n{memory_table}"
 
 
@@ -544,55 +595,79 @@ def progress_line(record: dict) -> str:
 
 
 def settings(device: torch.device, repeats: int) -> Dict[str, object]:
-    memory = ("torch.cuda.max_memory_allocated during one call after reset_peak_memory_stats, minus "
-              "memory_allocated before it" if device.type == "cuda" else
-              f"resident set (/proc/self/statm) sampled every {SAMPLE_SECONDS * 1e3:g} ms by a thread during one "
-              "untimed call, minus the resident set just before it (after gc.collect and malloc_trim); not "
-              "compiled: the first call at the shape after a call at 8x16x64; compiled: the call after the "
-              "compiling one. Includes the call's fresh x.grad and W.grad (released before the baseline)")
+    memory = (
+        "torch.cuda.max_memory_allocated during one call after reset_peak_memory_stats, minus "
+        "memory_allocated before it"
+        if device.type == "cuda"
+        else f"resident set (/proc/self/statm) sampled every {SAMPLE_SECONDS * 1e3:g} ms by a thread during one "
+        "untimed call, minus the resident set just before it (after gc.collect and malloc_trim); not "
+        "compiled: the first call at the shape after a call at 8x16x64; compiled: the call after the "
+        "compiling one. Includes the call's fresh x.grad and W.grad (released before the baseline)"
+    )
     return {
-        "device": str(device), "threads": torch.get_num_threads(), "repeats": repeats,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
         "call": "x.grad = W.grad = None; loss = fn(x, W, y); loss.backward() (x (N,H), W (V,H) leaves, "
-                "reduction mean, no bias, no ignored target)",
+        "reduction mean, no bias, no ignored target)",
         "inputs": f"x ~ N(0,1), W ~ N(0, {LOGIT_SCALE:g}^2/H) (logits ~ N(0, {LOGIT_SCALE:g}^2)), y uniform, "
-                  "in the dtype",
+        "in the dtype",
         "implementations": {
             "eager": "F.linear(x, W).float(), then F.cross_entropy (ce), TRL's DFT -exp(logp).detach()*logp masked "
-                     "mean (dft), lean_composite with alpha=0.5 (0-d tensor), entropy_weight=0.1 (aepg)",
+            "mean (dft), lean_composite with alpha=0.5 (0-d tensor), entropy_weight=0.1 (aepg)",
             "compile": "torch.compile(eager, fullgraph=True, dynamic=False), compiled per case",
             "F.linear_cross_entropy": "F.linear_cross_entropy(x, W, y, options=torch.nn.LinearCrossEntropyOptions())",
             "aepg": "ak.linear_cross_entropy / ak.linear_epg_loss / ak.linear_aepg_loss(alpha 0-d tensor, "
-                    "entropy_weight=0.1), backend auto",
+            "entropy_weight=0.1), backend auto",
             "liger": "liger_kernel LigerFusedLinearCrossEntropyLoss (CUDA)",
-            "cce": "cut_cross_entropy.linear_cross_entropy (CUDA)"},
+            "cce": "cut_cross_entropy.linear_cross_entropy (CUDA)",
+        },
         "dft": "the package has no DFT value convention yet: aepg's 'dft' is ak.linear_epg_loss (1 - p_y), whose "
-               "gradient is DFT's; its gate compares dx and dW to DFT's and its loss to 1 - p_y",
-        "gate": (f"each implementation's first call at the shape (loss, dx, dW) vs the eager formula in fp32 on the "
-                 f"inputs upcast; max |got - ref| / max |ref| <= {TOLERANCE['fp32']:g} (fp32: both in fp32, "
-                 f"summation order only) or, in bf16, no more than twice the eager row's own error (PyTorch's "
-                 f"composite, logits rounded to bf16) and at least {TOLERANCE['bf16']:g}; the fp32 "
-                 f"reference itself vs float64 on the first {GATE_ROWS} rows (reference_check)"),
+        "gradient is DFT's; its gate compares dx and dW to DFT's and its loss to 1 - p_y",
+        "gate": (
+            f"each implementation's first call at the shape (loss, dx, dW) vs the eager formula in fp32 on the "
+            f"inputs upcast; max |got - ref| / max |ref| <= {TOLERANCE['fp32']:g} (fp32: both in fp32, "
+            f"summation order only) or, in bf16, no more than twice the eager row's own error (PyTorch's "
+            f"composite, logits rounded to bf16) and at least {TOLERANCE['bf16']:g}; the fp32 "
+            f"reference itself vs float64 on the first {GATE_ROWS} rows (reference_check)"
+        ),
         "timing": f"{repeats} interleaved rounds, order rotating; min reported (median_s in the JSON); gc off",
         "memory": memory,
         "targets": {t.key: {"target": t.title, "limit": t.limit, "losses": list(t.losses)} for t in TARGETS},
     }
 
 
-def run(case_list: Sequence[HeadCase], impls: Sequence[Impl], device: torch.device, repeats: int = REPEATS,
-        budget_seconds: Optional[float] = None, case_done: Callable[[dict], None] = lambda record: None) -> List[dict]:
+def run(
+    case_list: Sequence[HeadCase],
+    impls: Sequence[Impl],
+    device: torch.device,
+    repeats: int = REPEATS,
+    budget_seconds: Optional[float] = None,
+    case_done: Callable[[dict], None] = lambda record: None,
+) -> List[dict]:
     """Every case in order; those that would start after `budget_seconds` are recorded as skipped."""
     start, records = time.monotonic(), []
     for case in case_list:
         if budget_seconds is not None and time.monotonic() - start > budget_seconds:
             why = f"time budget of {budget_seconds:.0f} s spent"
-            record = {**dataclasses.asdict(case), "shape": case.shape, "reference_check": None,
-                      "impls": {impl.name: {"status": "skipped", "reason": why} for impl in impls}}
+            record = {
+                **dataclasses.asdict(case),
+                "shape": case.shape,
+                "reference_check": None,
+                "impls": {impl.name: {"status": "skipped", "reason": why} for impl in impls},
+            }
         else:
             try:
                 record = run_case(case, impls, device, repeats)
             except Exception as error:  # noqa: BLE001  (the reference itself failed: no number for the case)
-                record = {**dataclasses.asdict(case), "shape": case.shape, "reference_check": None, "impls": {},
-                          "status": "error", "reason": f"{type(error).__name__}: {str(error)[:300]}"}
+                record = {
+                    **dataclasses.asdict(case),
+                    "shape": case.shape,
+                    "reference_check": None,
+                    "impls": {},
+                    "status": "error",
+                    "reason": f"{type(error).__name__}: {str(error)[:300]}",
+                }
         record["label"] = case.label
         records.append(record)
         add_ratios(records)

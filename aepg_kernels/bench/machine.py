@@ -1,4 +1,5 @@
 """The machine a run measured: card, driver, CPU, core count, library versions, date, load."""
+
 from __future__ import annotations
 
 import datetime
@@ -27,8 +28,12 @@ def cpu_model() -> str:
 
 def nvidia_driver() -> Optional[str]:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
@@ -36,8 +41,14 @@ def nvidia_driver() -> Optional[str]:
 
 def gpu_info(device: torch.device) -> Dict[str, object]:
     props = torch.cuda.get_device_properties(device)
-    return {"card": props.name, "memory_bytes": props.total_memory, "sm_count": props.multi_processor_count,
-            "capability": f"{props.major}.{props.minor}", "driver": nvidia_driver(), "cuda": torch.version.cuda}
+    return {
+        "card": props.name,
+        "memory_bytes": props.total_memory,
+        "sm_count": props.multi_processor_count,
+        "capability": f"{props.major}.{props.minor}",
+        "driver": nvidia_driver(),
+        "cuda": torch.version.cuda,
+    }
 
 
 def triton_version() -> Optional[str]:

@@ -2,6 +2,7 @@
 float64 reference), then the timing and (on a GPU) memory, launches, host synchronisation, and for
 small shapes the time per call back to back with and without a CUDA graph; one JSON-ready record
 per (case, implementation), with its speed-ups over the baselines (SPEEDUP_BASELINES)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,11 +35,11 @@ Report = Callable[[List[Record]], None]
 @dataclasses.dataclass
 class RunSettings:
     device: torch.device
-    memory_bytes: Optional[int]          # device memory for the skip rule; None on a CPU
+    memory_bytes: Optional[int]  # device memory for the skip rule; None on a CPU
     budget_seconds: Optional[float] = None  # cases starting after this are skipped (and recorded so)
-    graphs: bool = True                  # CUDA-graph timing of small shapes (GPU only)
-    profile: bool = True                 # kernel launches per call (GPU only)
-    compile_targets_only: bool = False   # torch.compile only where sweeps.target(case) (the GPU suite)
+    graphs: bool = True  # CUDA-graph timing of small shapes (GPU only)
+    profile: bool = True  # kernel launches per call (GPU only)
+    compile_targets_only: bool = False  # torch.compile only where sweeps.target(case) (the GPU suite)
 
 
 def launch_bound(case: Case) -> bool:
@@ -53,8 +54,13 @@ def max_rotations(device: torch.device) -> int:
 
 def base_record(case: Case, impl: str, status: str, reason: str = "", label: Optional[str] = None) -> Record:
     """`label`: the table's name of the implementation when it is not `impl`."""
-    record = {**dataclasses.asdict(case), "implementation": impl, "status": status, "reason": reason,
-              "minimal_bytes": bandwidth.minimal_bytes(case)}
+    record = {
+        **dataclasses.asdict(case),
+        "implementation": impl,
+        "status": status,
+        "reason": reason,
+        "minimal_bytes": bandwidth.minimal_bytes(case),
+    }
     if label and label != impl:
         record["label"] = label
     return record
@@ -68,15 +74,13 @@ def add_speedups(records: List[Record]) -> None:
             record[key] = bandwidth.speedup(seconds.get(baseline), record.get("seconds"))
 
 
-def measure(impl: Implementation, fn, inputs, case: Case, settings: RunSettings, copy_gbps: Optional[float]
-            ) -> Record:
+def measure(impl: Implementation, fn, inputs, case: Case, settings: RunSettings, copy_gbps: Optional[float]) -> Record:
     """Times one implementation that passed the gate; the other GPU metrics are best-effort (an
     error there is recorded, the time stays)."""
     device, backward = settings.device, MODES[case.mode].backward
     step = timing.make_step(fn, inputs, backward)
     seconds = timing.median_seconds(step, device)
-    record = {"seconds": seconds, "ms": seconds * 1e3,
-              "gbps": bandwidth.gbps(bandwidth.minimal_bytes(case), seconds)}
+    record = {"seconds": seconds, "ms": seconds * 1e3, "gbps": bandwidth.gbps(bandwidth.minimal_bytes(case), seconds)}
     record["percent_of_copy"] = bandwidth.percent_of(record["gbps"], copy_gbps)
     if device.type != "cuda":
         record["peak_extra_bytes"] = None
@@ -107,8 +111,9 @@ def measure(impl: Implementation, fn, inputs, case: Case, settings: RunSettings,
     if not settings.graphs:
         return record
     if record["host_sync"] is not False:  # a capture would fail, or worse leave the stream unusable
-        record["graph_skipped"] = ("a host synchronisation in the call" if record["host_sync"]
-                                   else "host synchronisation not measured")
+        record["graph_skipped"] = (
+            "a host synchronisation in the call" if record["host_sync"] else "host synchronisation not measured"
+        )
         return record
     try:
         record["graph_us"] = timing.cuda_graph_seconds(step, device) * 1e6
@@ -117,13 +122,21 @@ def measure(impl: Implementation, fn, inputs, case: Case, settings: RunSettings,
     return record
 
 
-def run_case(case: Case, impls: Sequence[Implementation], settings: RunSettings, copy_gbps: Optional[float]
-             ) -> List[Record]:
+def run_case(
+    case: Case, impls: Sequence[Implementation], settings: RunSettings, copy_gbps: Optional[float]
+) -> List[Record]:
     device, backward = settings.device, MODES[case.mode].backward
     copies = rotations(case, FLUSH_BYTES, max_rotations(device))
     if not fits(case, settings.memory_bytes, 0.0, copies):
-        return [base_record(case, "*", "skipped", f"does not fit: needs {memory_needed(case, 0, copies) / 1e9:.1f} GB "
-                                                  f"of {settings.memory_bytes / 1e9:.1f} GB")]
+        return [
+            base_record(
+                case,
+                "*",
+                "skipped",
+                f"does not fit: needs {memory_needed(case, 0, copies) / 1e9:.1f} GB "
+                f"of {settings.memory_bytes / 1e9:.1f} GB",
+            )
+        ]
     gate_inputs = make_inputs(case, device, rows=gate_rows(case.n, case.c), seed=1)
     reference = float64_reference(case, gate_inputs)
     inputs = make_inputs(case, device, rotations=copies)
@@ -137,8 +150,10 @@ def run_case(case: Case, impls: Sequence[Implementation], settings: RunSettings,
             records.append(base_record(case, impl.name, "skipped", COMPILE_SKIPPED, impl.label))
             continue
         if not fits(case, settings.memory_bytes, impl.workspace_fp32_copies, copies):
-            why_not = (f"does not fit: needs ~{memory_needed(case, impl.workspace_fp32_copies, copies) / 1e9:.1f} "
-                       f"GB of {settings.memory_bytes / 1e9:.1f} GB")
+            why_not = (
+                f"does not fit: needs ~{memory_needed(case, impl.workspace_fp32_copies, copies) / 1e9:.1f} "
+                f"GB of {settings.memory_bytes / 1e9:.1f} GB"
+            )
         if why_not is not None:
             records.append(base_record(case, impl.name, "skipped", why_not, impl.label))
             continue
@@ -162,8 +177,14 @@ def run_case(case: Case, impls: Sequence[Implementation], settings: RunSettings,
     return records
 
 
-def run(cases: Sequence[Case], impls: Sequence[Implementation], settings: RunSettings,
-        copy_gbps: Optional[float], report: Report, progress=None) -> List[Record]:
+def run(
+    cases: Sequence[Case],
+    impls: Sequence[Implementation],
+    settings: RunSettings,
+    copy_gbps: Optional[float],
+    report: Report,
+    progress=None,
+) -> List[Record]:
     """All cases in order; `report` gets each case's records as they finish (the terminal table);
     `progress` (a bar of aepg_kernels.utils.progress_bar, or None) is advanced per case."""
     start, records = time.monotonic(), []

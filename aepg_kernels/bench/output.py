@@ -1,6 +1,7 @@
 """What a run leaves behind: the terminal table, the JSON document with every number and the
 machine, the markdown tables, and the PNG plot (GB/s vs C per implementation, the copy bandwidth as
 a line). Files go where --out says, else into the working directory."""
+
 from __future__ import annotations
 
 import datetime
@@ -25,13 +26,13 @@ COLUMNS = (
     ("ms", "ms", None, 9),
     ("GB/s", "gbps", None, 8),
     ("%copy", "percent_of_copy", "{:.1f}", 6),
-    ("x lean-eager", "speedup_vs_lean_eager", "{:.2f}", 12),     # vs the lean composite a user writes,
+    ("x lean-eager", "speedup_vs_lean_eager", "{:.2f}", 12),  # vs the lean composite a user writes,
     ("x lean-compile", "speedup_vs_lean_compile", "{:.2f}", 14),  # its torch.compile,
-    ("x F.ce", "speedup_vs_torch_ce", "{:.2f}", 6),               # and F.cross_entropy (CE)
+    ("x F.ce", "speedup_vs_torch_ce", "{:.2f}", 6),  # and F.cross_entropy (CE)
     ("peak/logits", "peak_extra_over_logits", "{:.2f}", 11),
     ("kernels", "kernels_per_call", "{:.3g}", 7),
     ("b2b us", "back_to_back_us", None, 8),  # launch-bound shapes: per call back to back, without
-    ("graph us", "graph_us", None, 8),       # and with a CUDA graph
+    ("graph us", "graph_us", None, 8),  # and with a CUDA graph
 )
 NOT_APPLICABLE = "n/a"  # the status of an implementation that does not compute this loss (hidden in the table)
 
@@ -113,8 +114,9 @@ def _plot_groups(records: Sequence[Dict]) -> Dict[tuple, Dict[str, Dict[int, flo
         per_c = best.setdefault((r["loss"], r["mode"], r["dtype"]), {}).setdefault(name, {})
         if r["c"] not in per_c or r["n"] > per_c[r["c"]][0]:
             per_c[r["c"]] = (r["n"], r["gbps"])
-    return {key: {impl: {c: v[1] for c, v in per_c.items()} for impl, per_c in impls.items()}
-            for key, impls in best.items()}
+    return {
+        key: {impl: {c: v[1] for c, v in per_c.items()} for impl, per_c in impls.items()} for key, impls in best.items()
+    }
 
 
 def write_plot(path: Path, records: Sequence[Dict], copy_gbps: Optional[float], title: str) -> Optional[Path]:
@@ -146,7 +148,7 @@ def write_plot(path: Path, records: Sequence[Dict], copy_gbps: Optional[float], 
         ax.set_title(" ".join(key), fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in axes[len(keys):]:
+    for ax in axes[len(keys) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     return utils.save_figure(fig, path, dpi=110)

@@ -14,6 +14,7 @@ reference); a row that fails it gets no time.
 With CUDA, `host_times` also measures the host time per call (Python, dispatch and launches) of
 ak.PolicyLoss() vs F.cross_entropy on small CUDA tensors; without CUDA the document says so.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,20 +53,29 @@ HOST_CALLS, HOST_REPEATS = 50, 15
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    name: str                               # the table's column and the records' key
+    name: str  # the table's column and the records' key
     build: Callable[[torch.device], LossFn]  # the criterion as a user makes it
-    loss: str                               # the LOSSES entry it computes
-    checked_against: str = FLOAT64          # the gate's reference: FLOAT64 or an earlier row's name
+    loss: str  # the LOSSES entry it computes
+    checked_against: str = FLOAT64  # the gate's reference: FLOAT64 or an earlier row's name
     description: str = ""
 
 
 ROWS = (
     Row("nn.CrossEntropyLoss", lambda device: nn.CrossEntropyLoss(), "ce", description="nn.CrossEntropyLoss()"),
-    Row("ak.PolicyLoss", lambda device: ak.PolicyLoss(), "ce", checked_against="nn.CrossEntropyLoss",
-        description='ak.PolicyLoss() (backend "auto")'),
-    Row("aEPG", lambda device: ak.AEPGLoss(ak.ConstantAlpha(ALPHA, device=device), entropy_weight=ENTROPY_WEIGHT),
-        "aepg", description=f"ak.AEPGLoss(ak.ConstantAlpha({ALPHA}, device=...), entropy_weight={ENTROPY_WEIGHT}): "
-                            "alpha a 0-d tensor"),
+    Row(
+        "ak.PolicyLoss",
+        lambda device: ak.PolicyLoss(),
+        "ce",
+        checked_against="nn.CrossEntropyLoss",
+        description='ak.PolicyLoss() (backend "auto")',
+    ),
+    Row(
+        "aEPG",
+        lambda device: ak.AEPGLoss(ak.ConstantAlpha(ALPHA, device=device), entropy_weight=ENTROPY_WEIGHT),
+        "aepg",
+        description=f"ak.AEPGLoss(ak.ConstantAlpha({ALPHA}, device=...), entropy_weight={ENTROPY_WEIGHT}): "
+        "alpha a 0-d tensor",
+    ),
 )
 REFERENCE_ROW = ROWS[0].name
 
@@ -73,7 +83,7 @@ REFERENCE_ROW = ROWS[0].name
 @dataclasses.dataclass(frozen=True)
 class Target:
     row: str
-    met: float    # ratio to nn.CrossEntropyLoss <= met: "met"
+    met: float  # ratio to nn.CrossEntropyLoss <= met: "met"
     noise: float  # met < ratio <= noise: "within noise"; above it: "failed"
 
 
@@ -108,12 +118,14 @@ def make_step(fn: LossFn, x: torch.Tensor, y: torch.Tensor, backward: bool) -> S
         def eval_call():
             with torch.no_grad():
                 return fn(x, y)
+
         return eval_call
     leaf = x.detach().requires_grad_()
 
     def train_call():
         leaf.grad = None
         fn(leaf, y).backward()
+
     return train_call
 
 
@@ -128,8 +140,9 @@ def calls_per_sample(step: Step) -> Tuple[int, float]:
     return max(1, min(MAX_CALLS_PER_SAMPLE, round(SAMPLE_SECONDS / max(seconds, 1e-9)))), seconds
 
 
-def interleaved_samples(steps: Dict[str, Step], samples: Optional[int] = None
-                        ) -> Tuple[Dict[str, List[float]], Dict[str, int]]:
+def interleaved_samples(
+    steps: Dict[str, Step], samples: Optional[int] = None
+) -> Tuple[Dict[str, List[float]], Dict[str, int]]:
     """Seconds per call of each step, one value per round: in round r each step runs its calls per
     sample back to back, the steps in an order rotated by r. `samples` rounds, else as many as fit
     in CASE_SECONDS (MIN_SAMPLES to MAX_SAMPLES). The garbage collector is off meanwhile (as timeit)."""
@@ -144,7 +157,7 @@ def interleaved_samples(steps: Dict[str, Step], samples: Optional[int] = None
     gc.disable()
     try:
         for r in range(samples):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 step, k = steps[name], calls[name]
                 start = time.perf_counter()
                 for _ in range(k):
@@ -186,8 +199,13 @@ def gate(case: Case, fns: Dict[str, LossFn]) -> Dict[str, dict]:
 
 
 def base_record(case: Case, status: str, reason: str = "") -> Dict[str, object]:
-    return {**dataclasses.asdict(case), "mode_title": OVERHEAD_MODE_TITLES.get(case.mode, case.mode),
-            "status": status, "reason": reason, "rows": {}}
+    return {
+        **dataclasses.asdict(case),
+        "mode_title": OVERHEAD_MODE_TITLES.get(case.mode, case.mode),
+        "status": status,
+        "reason": reason,
+        "rows": {},
+    }
 
 
 def run_case(case: Case, samples: Optional[int] = None) -> Dict[str, object]:
@@ -238,8 +256,12 @@ def add_ratios(record: Dict[str, object], times: Dict[str, List[float]]) -> None
         record["verdicts"][target.row] = verdict(ratio, target)
 
 
-def run(cases: Sequence[Case], samples: Optional[int] = None, budget_seconds: Optional[float] = None,
-        case_done: Callable[[Dict[str, object]], None] = lambda record: None) -> List[Dict[str, object]]:
+def run(
+    cases: Sequence[Case],
+    samples: Optional[int] = None,
+    budget_seconds: Optional[float] = None,
+    case_done: Callable[[Dict[str, object]], None] = lambda record: None,
+) -> List[Dict[str, object]]:
     """Every case in order (run_case); those that would start after `budget_seconds` are skipped
     and recorded so. `case_done` gets each record as it finishes."""
     start, records = time.monotonic(), []
@@ -260,9 +282,13 @@ def target_summary(records: Sequence[Dict[str, object]]) -> Dict[str, dict]:
     for target in TARGETS:
         verdicts = [r["verdicts"][target.row] for r in records]
         failed = [f"{r['mode_title']} {r['n']}x{r['c']}" for r in records if r["verdicts"][target.row] == "failed"]
-        summary[target.row] = {"met_at_or_below": target.met, "failed_above": target.noise,
-                               "counts": {v: verdicts.count(v) for v in VERDICTS}, "overall": overall_verdict(verdicts),
-                               "failed_at": failed}
+        summary[target.row] = {
+            "met_at_or_below": target.met,
+            "failed_above": target.noise,
+            "counts": {v: verdicts.count(v) for v in VERDICTS},
+            "overall": overall_verdict(verdicts),
+            "failed_at": failed,
+        }
     return summary
 
 
@@ -326,8 +352,12 @@ def summary_lines(summary: Dict[str, dict]) -> List[str]:
     return lines
 
 
-def host_times(device: torch.device, shapes: Sequence[Tuple[int, int]] = HOST_SHAPES, calls: int = HOST_CALLS,
-               repeats: int = HOST_REPEATS) -> List[Dict[str, object]]:
+def host_times(
+    device: torch.device,
+    shapes: Sequence[Tuple[int, int]] = HOST_SHAPES,
+    calls: int = HOST_CALLS,
+    repeats: int = HOST_REPEATS,
+) -> List[Dict[str, object]]:
     """Host time per call on `device` tensors of F.cross_entropy vs ak.PolicyLoss(), fwd+bwd and
     eval forward: the device synchronised before a loop of `calls` calls, host_us is the loop's
     time per call without waiting for the device (Python, dispatch, launches), with_sync_us with
@@ -346,7 +376,7 @@ def host_times(device: torch.device, shapes: Sequence[Tuple[int, int]] = HOST_SH
                     step()
             names = list(steps)
             for r in range(repeats):
-                for name in names[r % len(names):] + names[:r % len(names)]:
+                for name in names[r % len(names) :] + names[: r % len(names)]:
                     synchronize(device)
                     start = time.perf_counter()
                     for _ in range(calls):
@@ -355,39 +385,72 @@ def host_times(device: torch.device, shapes: Sequence[Tuple[int, int]] = HOST_SH
                     synchronize(device)
                     host[name].append((queued - start) / calls)
                     total[name].append((time.perf_counter() - start) / calls)
-            record = {"mode": mode, "mode_title": OVERHEAD_MODE_TITLES[mode], "n": n, "c": c, "dtype": "fp32",
-                      "calls_per_loop": calls, "loops": repeats}
+            record = {
+                "mode": mode,
+                "mode_title": OVERHEAD_MODE_TITLES[mode],
+                "n": n,
+                "c": c,
+                "dtype": "fp32",
+                "calls_per_loop": calls,
+                "loops": repeats,
+            }
             for name in names:
-                record[name] = {"host_us": statistics.median(host[name]) * 1e6,
-                                "with_sync_us": statistics.median(total[name]) * 1e6}
+                record[name] = {
+                    "host_us": statistics.median(host[name]) * 1e6,
+                    "with_sync_us": statistics.median(total[name]) * 1e6,
+                }
             record["host_ratio"] = record["ak.PolicyLoss"]["host_us"] / record["F.cross_entropy"]["host_us"]
             records.append(record)
     return records
 
 
 def host_markdown(records: Sequence[Dict[str, object]]) -> str:
-    headers = ["mode", "N x C", "F.cross_entropy host us", "ak.PolicyLoss host us", "PolicyLoss / F.ce",
-               "F.cross_entropy with sync us", "ak.PolicyLoss with sync us"]
-    rows = [[r["mode_title"], f"{r['n']}x{r['c']}", _us(r["F.cross_entropy"]["host_us"]),
-             _us(r["ak.PolicyLoss"]["host_us"]), f"{r['host_ratio']:.2f}x", _us(r["F.cross_entropy"]["with_sync_us"]),
-             _us(r["ak.PolicyLoss"]["with_sync_us"])] for r in records]
+    headers = [
+        "mode",
+        "N x C",
+        "F.cross_entropy host us",
+        "ak.PolicyLoss host us",
+        "PolicyLoss / F.ce",
+        "F.cross_entropy with sync us",
+        "ak.PolicyLoss with sync us",
+    ]
+    rows = [
+        [
+            r["mode_title"],
+            f"{r['n']}x{r['c']}",
+            _us(r["F.cross_entropy"]["host_us"]),
+            _us(r["ak.PolicyLoss"]["host_us"]),
+            f"{r['host_ratio']:.2f}x",
+            _us(r["F.cross_entropy"]["with_sync_us"]),
+            _us(r["ak.PolicyLoss"]["with_sync_us"]),
+        ]
+        for r in records
+    ]
     return utils.markdown_table(headers, rows)
 
 
 def settings() -> Dict[str, object]:
     """The document's description of the method (rows, targets, timing, gate)."""
     return {
-        "device": "cpu", "threads": torch.get_num_threads(), "tolerance": TOLERANCE,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "tolerance": TOLERANCE,
         "rows": {row.name: {"call": row.description, "gate_against": row.checked_against} for row in ROWS},
         "targets": {t.row: {"met_at_or_below": t.met, "within_noise_up_to": t.noise} for t in TARGETS},
-        "modes": {"fwd+bwd": "x a leaf: x.grad = None; loss = crit(x, y); loss.backward()",
-                  "fwd": "eval forward: crit(x, y) under torch.no_grad()"},
-        "timing": (f"interleaved rounds, the row order rotating each round; a sample is ~{SAMPLE_SECONDS * 1e3:g} ms "
-                   f"of back-to-back calls of one row (1-{MAX_CALLS_PER_SAMPLE} calls) after {WARMUP_CALLS} + "
-                   f"{TIMED_WARMUP_CALLS} warm-up calls; {MIN_SAMPLES}-{MAX_SAMPLES} rounds (~{CASE_SECONDS:g} s per "
-                   f"case) unless --repeats; medians of perf_counter; gc off; inputs N(0, 3^2), one copy (warm caches, "
-                   f"as a loop's fresh logits)"),
+        "modes": {
+            "fwd+bwd": "x a leaf: x.grad = None; loss = crit(x, y); loss.backward()",
+            "fwd": "eval forward: crit(x, y) under torch.no_grad()",
+        },
+        "timing": (
+            f"interleaved rounds, the row order rotating each round; a sample is ~{SAMPLE_SECONDS * 1e3:g} ms "
+            f"of back-to-back calls of one row (1-{MAX_CALLS_PER_SAMPLE} calls) after {WARMUP_CALLS} + "
+            f"{TIMED_WARMUP_CALLS} warm-up calls; {MIN_SAMPLES}-{MAX_SAMPLES} rounds (~{CASE_SECONDS:g} s per "
+            f"case) unless --repeats; medians of perf_counter; gc off; inputs N(0, 3^2), one copy (warm caches, "
+            f"as a loop's fresh logits)"
+        ),
         "ratio": "median us of the row / median us of nn.CrossEntropyLoss (paired_ratios: median of per-round ratios)",
-        "host_time": (f"CUDA only: {HOST_CALLS} calls between synchronisations, perf_counter before the final "
-                      f"synchronize (host_us) and after it (with_sync_us), median of {HOST_REPEATS} loops"),
+        "host_time": (
+            f"CUDA only: {HOST_CALLS} calls between synchronisations, perf_counter before the final "
+            f"synchronize (host_us) and after it (with_sync_us), median of {HOST_REPEATS} loops"
+        ),
     }

@@ -15,6 +15,7 @@ are counted from the kernels' per-row math (csrc/policy_loss_math.h,
 aepg_kernels/backends/triton/_row_math.py; docs/math.md section 2): one exponential per element
 and pass, none per element for the entropy term, a few per row. No GPU is needed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,10 +66,13 @@ class GpuSpec:
         return self.sfu_per_second / self.hbm_bytes_per_second
 
 
-GPUS: Dict[str, GpuSpec] = {spec.key: spec for spec in (
-    GpuSpec("h100-sxm", "H100 SXM", ("H100",), 3.35e12, 132, 16, 1.98e9),
-    GpuSpec("h200", "H200", ("H200",), 4.8e12, 132, 16, 1.98e9),
-)}
+GPUS: Dict[str, GpuSpec] = {
+    spec.key: spec
+    for spec in (
+        GpuSpec("h100-sxm", "H100 SXM", ("H100",), 3.35e12, 132, 16, 1.98e9),
+        GpuSpec("h200", "H200", ("H200",), 4.8e12, 132, 16, 1.98e9),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -96,16 +100,17 @@ class KernelPath:
 
 
 FORWARD = KernelPath("forward", "forward only: one read, exp once per element", 1, 0, 1, 0, 3)
-FUSED = KernelPath("fused", "row on chip: the forward writes the gradient from its stored exponentials",
-                   1, 1, 1, 0, 3)
-RECOMPUTE = KernelPath("recompute", "forward (row statistics), then a backward that reads the logits again "
-                                    "and recomputes p", 2, 1, 2, 0, 4)
+FUSED = KernelPath("fused", "row on chip: the forward writes the gradient from its stored exponentials", 1, 1, 1, 0, 3)
+RECOMPUTE = KernelPath(
+    "recompute", "forward (row statistics), then a backward that reads the logits again and recomputes p", 2, 1, 2, 0, 4
+)
 PATHS = {path.name: path for path in (FORWARD, FUSED, RECOMPUTE)}
 
 
 def on_chip(n_cols: int) -> bool:
     """The CUDA backend's rule (csrc/kernel_args.h kMaxOnChipCols, read from the extension)."""
     from aepg_kernels.backends.native import CUDA
+
     return CUDA.fits_on_chip(n_cols)
 
 
@@ -132,10 +137,15 @@ def bound(case: Case, path: KernelPath, gpu: GpuSpec, launch_floor_s: float = LA
     limit = "sfu" if sfu_s > memory_s else "memory"
     if launch_s > max(memory_s, sfu_s):
         limit = "launch"
-    return {"floor_us": bandwidth.minimal_bytes(case) / gpu.hbm_bytes_per_second * 1e6,
-            "memory_us": memory_s * 1e6, "sfu_us": sfu_s * 1e6, "launch_us": launch_s * 1e6,
-            "bound_us": (max(memory_s, sfu_s) + launch_s) * 1e6, "bound_by": limit,
-            "sfu_over_memory": sfu_s / memory_s if memory_s else None}
+    return {
+        "floor_us": bandwidth.minimal_bytes(case) / gpu.hbm_bytes_per_second * 1e6,
+        "memory_us": memory_s * 1e6,
+        "sfu_us": sfu_s * 1e6,
+        "launch_us": launch_s * 1e6,
+        "bound_us": (max(memory_s, sfu_s) + launch_s) * 1e6,
+        "bound_by": limit,
+        "sfu_over_memory": sfu_s / memory_s if memory_s else None,
+    }
 
 
 def gpu_for_card(card: Optional[str]) -> Optional[GpuSpec]:
@@ -150,8 +160,11 @@ def measured_times(document: Optional[Dict]) -> Dict[tuple, Dict]:
     """(loss, mode, dtype, n, c, implementation) -> the sweep's record, for our GPU backends."""
     if not document:
         return {}
-    return {(r["loss"], r["mode"], r["dtype"], r["n"], r["c"], r["implementation"]): r
-            for r in document.get("records", []) if r.get("implementation") in MEASURED_BACKENDS}
+    return {
+        (r["loss"], r["mode"], r["dtype"], r["n"], r["c"], r["implementation"]): r
+        for r in document.get("records", [])
+        if r.get("implementation") in MEASURED_BACKENDS
+    }
 
 
 def measured_entry(record: Optional[Dict], predicted_us: Optional[float], card: Optional[str]) -> Dict[str, object]:
@@ -168,18 +181,28 @@ def measured_entry(record: Optional[Dict], predicted_us: Optional[float], card: 
     return entry
 
 
-def model_record(case: Case, measured: Dict[tuple, Dict], measured_gpu: Optional[GpuSpec],
-                 measured_card: Optional[str]) -> Dict[str, object]:
+def model_record(
+    case: Case, measured: Dict[tuple, Dict], measured_gpu: Optional[GpuSpec], measured_card: Optional[str]
+) -> Dict[str, object]:
     path = kernel_path(case)
     bounds = {key: bound(case, path, gpu) for key, gpu in GPUS.items()}
     predicted = bounds[measured_gpu.key]["bound_us"] if measured_gpu else None
-    return {**asdict(case), "path": path.name, "floor_bytes": bandwidth.minimal_bytes(case),
-            "path_bytes": logits_bytes(case) * path.bytes_per_logit_byte,
-            "exp_per_element": path.exp_per_element, "log_per_element": path.log_per_element,
-            "transcendentals": transcendentals(case, path), "bounds": bounds,
-            "measured": {impl: measured_entry(measured.get((case.loss, case.mode, case.dtype, case.n, case.c, impl)),
-                                              predicted, measured_card)
-                         for impl in MEASURED_BACKENDS}}
+    return {
+        **asdict(case),
+        "path": path.name,
+        "floor_bytes": bandwidth.minimal_bytes(case),
+        "path_bytes": logits_bytes(case) * path.bytes_per_logit_byte,
+        "exp_per_element": path.exp_per_element,
+        "log_per_element": path.log_per_element,
+        "transcendentals": transcendentals(case, path),
+        "bounds": bounds,
+        "measured": {
+            impl: measured_entry(
+                measured.get((case.loss, case.mode, case.dtype, case.n, case.c, impl)), predicted, measured_card
+            )
+            for impl in MEASURED_BACKENDS
+        },
+    }
 
 
 def build_document(measured_document: Optional[Dict] = None, cases: Optional[Sequence[Case]] = None) -> Dict:
@@ -189,18 +212,30 @@ def build_document(measured_document: Optional[Dict] = None, cases: Optional[Seq
     card = (measured_document or {}).get("machine", {}).get("card")
     measured = measured_times(measured_document)
     records = [model_record(case, measured, gpu_for_card(card), card) for case in cases]
-    return {"suite": "perf-model", "complete": True,
-            "gpus": {key: {**asdict(gpu), "sfu_per_second": gpu.sfu_per_second, "sfu_per_byte": gpu.sfu_per_byte}
-                     for key, gpu in GPUS.items()},
-            "paths": {name: {**asdict(path), "passes": path.passes} for name, path in PATHS.items()},
-            "settings": {"launch_floor_s": LAUNCH_FLOOR_S,
-                         "launch_floor_note": "assumed per pass over the logits, not measured",
-                         "bound": "max(path_bytes / HBM bandwidth, transcendentals / SFU rate) + passes x launch floor",
-                         "floor": "bandwidth.minimal_bytes (1 read + 1 write of the logits) / HBM bandwidth"},
-            "measured_from": None if measured_document is None else {
-                "card": card, "date": measured_document.get("machine", {}).get("date"),
-                "complete": measured_document.get("complete")},
-            "records": records, "summary": summary(records)}
+    return {
+        "suite": "perf-model",
+        "complete": True,
+        "gpus": {
+            key: {**asdict(gpu), "sfu_per_second": gpu.sfu_per_second, "sfu_per_byte": gpu.sfu_per_byte}
+            for key, gpu in GPUS.items()
+        },
+        "paths": {name: {**asdict(path), "passes": path.passes} for name, path in PATHS.items()},
+        "settings": {
+            "launch_floor_s": LAUNCH_FLOOR_S,
+            "launch_floor_note": "assumed per pass over the logits, not measured",
+            "bound": "max(path_bytes / HBM bandwidth, transcendentals / SFU rate) + passes x launch floor",
+            "floor": "bandwidth.minimal_bytes (1 read + 1 write of the logits) / HBM bandwidth",
+        },
+        "measured_from": None
+        if measured_document is None
+        else {
+            "card": card,
+            "date": measured_document.get("machine", {}).get("date"),
+            "complete": measured_document.get("complete"),
+        },
+        "records": records,
+        "summary": summary(records),
+    }
 
 
 def summary(records: Sequence[Dict]) -> Dict[str, object]:
@@ -209,14 +244,20 @@ def summary(records: Sequence[Dict]) -> Dict[str, object]:
     result: Dict[str, object] = {}
     for key in GPUS:
         bounds = [r["bounds"][key] for r in records]
-        result[key] = {"bound_by": {limit: sum(b["bound_by"] == limit for b in bounds)
-                                    for limit in ("memory", "sfu", "launch")},
-                       "max_sfu_over_memory": max((b["sfu_over_memory"] or 0.0 for b in bounds), default=None)}
+        result[key] = {
+            "bound_by": {limit: sum(b["bound_by"] == limit for b in bounds) for limit in ("memory", "sfu", "launch")},
+            "max_sfu_over_memory": max((b["sfu_over_memory"] or 0.0 for b in bounds), default=None),
+        }
     for impl in MEASURED_BACKENDS:
-        ratios = [r["measured"][impl]["measured_over_predicted"] for r in records
-                  if "measured_over_predicted" in r["measured"][impl]]
-        result[impl] = {"measured": len(ratios), "median_measured_over_predicted":
-                        statistics.median(ratios) if ratios else None}
+        ratios = [
+            r["measured"][impl]["measured_over_predicted"]
+            for r in records
+            if "measured_over_predicted" in r["measured"][impl]
+        ]
+        result[impl] = {
+            "measured": len(ratios),
+            "median_measured_over_predicted": statistics.median(ratios) if ratios else None,
+        }
     return result
 
 
@@ -227,15 +268,30 @@ def _ratio_cell(entry: Dict) -> str:
 
 
 def markdown(document: Dict) -> str:
-    headers = ["case", "path", "floor MB", "exp+log / elt", *[f"{GPUS[k].card} floor / bound us" for k in GPUS],
-               *[f"{impl} measured / predicted" for impl in MEASURED_BACKENDS]]
+    headers = [
+        "case",
+        "path",
+        "floor MB",
+        "exp+log / elt",
+        *[f"{GPUS[k].card} floor / bound us" for k in GPUS],
+        *[f"{impl} measured / predicted" for impl in MEASURED_BACKENDS],
+    ]
     rows = []
     for r in document["records"]:
-        bounds = [f"{r['bounds'][k]['floor_us']:.4g} / {r['bounds'][k]['bound_us']:.4g} ({r['bounds'][k]['bound_by']})"
-                  for k in GPUS]
-        rows.append([f"{r['loss']} {r['mode']} {r['dtype']} {r['n']}x{r['c']}", r["path"],
-                     f"{r['floor_bytes'] / 1e6:.4g}", r["exp_per_element"] + r["log_per_element"], *bounds,
-                     *[_ratio_cell(r["measured"][impl]) for impl in MEASURED_BACKENDS]])
+        bounds = [
+            f"{r['bounds'][k]['floor_us']:.4g} / {r['bounds'][k]['bound_us']:.4g} ({r['bounds'][k]['bound_by']})"
+            for k in GPUS
+        ]
+        rows.append(
+            [
+                f"{r['loss']} {r['mode']} {r['dtype']} {r['n']}x{r['c']}",
+                r["path"],
+                f"{r['floor_bytes'] / 1e6:.4g}",
+                r["exp_per_element"] + r["log_per_element"],
+                *bounds,
+                *[_ratio_cell(r["measured"][impl]) for impl in MEASURED_BACKENDS],
+            ]
+        )
     return utils.markdown_table(headers, rows)
 
 
@@ -244,31 +300,50 @@ def summary_lines(document: Dict) -> List[str]:
     for key, gpu in GPUS.items():
         card = document["summary"][key]
         counts = ", ".join(f"{count} {limit}" for limit, count in card["bound_by"].items() if count)
-        lines.append(f"{gpu.card}: bound by {counts}; SFU time at most {100 * card['max_sfu_over_memory']:.0f}% "
-                     f"of the memory time (the SFU binds above {gpu.sfu_per_byte:.2f} transcendentals per byte)")
+        lines.append(
+            f"{gpu.card}: bound by {counts}; SFU time at most {100 * card['max_sfu_over_memory']:.0f}% "
+            f"of the memory time (the SFU binds above {gpu.sfu_per_byte:.2f} transcendentals per byte)"
+        )
     for impl in MEASURED_BACKENDS:
         entry = document["summary"][impl]
-        lines.append(f"{impl}: " + (NOT_MEASURED if not entry["measured"] else
-                                    f"{entry['measured']} cases measured, median measured / predicted "
-                                    f"{entry['median_measured_over_predicted']:.2f}"))
+        lines.append(
+            f"{impl}: "
+            + (
+                NOT_MEASURED
+                if not entry["measured"]
+                else f"{entry['measured']} cases measured, median measured / predicted "
+                f"{entry['median_measured_over_predicted']:.2f}"
+            )
+        )
     return lines
 
 
 def parser() -> argparse.ArgumentParser:
     result = argparse.ArgumentParser(prog="aepg-bench perf-model", description=__doc__.splitlines()[0])
-    result.add_argument("--measured", type=Path, default=None,
-                        help="a GPU sweep's JSON (aepg-bench --suite gpu --out FILE): adds measured / predicted")
-    result.add_argument("--out", type=Path, default=None,
-                        help="the JSON file (the markdown table goes beside it as .md); default: "
-                             "perf-model-<date>.json in the working directory")
+    result.add_argument(
+        "--measured",
+        type=Path,
+        default=None,
+        help="a GPU sweep's JSON (aepg-bench --suite gpu --out FILE): adds measured / predicted",
+    )
+    result.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the JSON file (the markdown table goes beside it as .md); default: "
+        "perf-model-<date>.json in the working directory",
+    )
     return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     measured = json.loads(args.measured.read_text()) if args.measured else None
-    document = {**build_document(measured), "argv": list(argv or []),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    document = {
+        **build_document(measured),
+        "argv": list(argv or []),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     out = args.out or Path.cwd() / f"perf-model-{datetime.date.today().isoformat()}.json"
     text = markdown(document) + "\n\n" + "\n".join(f"- {line}" for line in summary_lines(document))
     print(text)

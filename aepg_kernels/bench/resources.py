@@ -20,6 +20,7 @@ sources, the compiler versions and this file, so the tests recompile only when s
     python -m aepg_kernels.bench.resources --triton-json FILE   (the child that compiles when the
                                                                  parent runs under TRITON_INTERPRET=1)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,9 +57,9 @@ class SmLimits:
     name: str = "sm_90"
     registers_per_sm: int = 65536
     registers_per_block: int = 65536
-    register_granularity: int = 256     # registers are allocated per warp, in units of 256
+    register_granularity: int = 256  # registers are allocated per warp, in units of 256
     max_registers_per_thread: int = 255
-    sub_partitions: int = 4             # the register file is split over 4 SM sub-partitions
+    sub_partitions: int = 4  # the register file is split over 4 SM sub-partitions
     shared_per_sm: int = 228 * 1024
     max_shared_per_block: int = 227 * 1024
     reserved_shared_per_block: int = 1024
@@ -95,8 +96,10 @@ def occupancy(registers: int, threads: int, shared_bytes: int = 0, limits: SmLim
     warps = -(-threads // limits.warp_size)
     by = {"threads": limits.max_warps_per_sm // warps, "blocks": limits.max_blocks_per_sm}
     regs_per_warp = _round_up(max(registers, 1) * limits.warp_size, limits.register_granularity)
-    if (registers > limits.max_registers_per_thread
-            or regs_per_warp * _round_up(warps, limits.sub_partitions) > limits.registers_per_block):
+    if (
+        registers > limits.max_registers_per_thread
+        or regs_per_warp * _round_up(warps, limits.sub_partitions) > limits.registers_per_block
+    ):
         by["registers"] = 0
     else:
         warps_by_regs = (limits.registers_per_sm // limits.sub_partitions) // regs_per_warp * limits.sub_partitions
@@ -105,9 +108,14 @@ def occupancy(registers: int, threads: int, shared_bytes: int = 0, limits: SmLim
     by["shared"] = 0 if shared_bytes > limits.max_shared_per_block else limits.shared_per_sm // shared
     limiter = min(by, key=lambda name: (by[name], name != "threads"))  # ties: say "threads" (the ideal)
     blocks = by[limiter]
-    return {"threads_per_block": threads, "blocks_per_sm": blocks, "warps_per_sm": blocks * warps,
-            "occupancy_percent": round(100.0 * blocks * warps / limits.max_warps_per_sm, 1), "limiter": limiter,
-            "limits_blocks_per_sm": by}
+    return {
+        "threads_per_block": threads,
+        "blocks_per_sm": blocks,
+        "warps_per_sm": blocks * warps,
+        "occupancy_percent": round(100.0 * blocks * warps / limits.max_warps_per_sm, 1),
+        "limiter": limiter,
+        "limits_blocks_per_sm": by,
+    }
 
 
 # ---- ptxas and PTX parsing --------------------------------------------------------------------
@@ -129,15 +137,18 @@ def parse_ptxas(text: str) -> Dict[str, Dict[str, int]]:
     for line in text.splitlines():
         match = _ENTRY.search(line)
         if match:
-            current = result.setdefault(match.group(1), dict(registers=0, spill_stores=0, spill_loads=0, stack_frame=0,
-                                                              cumulative_stack=0, static_shared=0))
+            current = result.setdefault(
+                match.group(1),
+                dict(registers=0, spill_stores=0, spill_loads=0, stack_frame=0, cumulative_stack=0, static_shared=0),
+            )
             continue
         if current is None:
             continue
         match = _PROPS.search(line)
         if match:
-            current.update(stack_frame=int(match.group(1)), spill_stores=int(match.group(2)),
-                           spill_loads=int(match.group(3)))
+            current.update(
+                stack_frame=int(match.group(1)), spill_stores=int(match.group(2)), spill_loads=int(match.group(3))
+            )
         match = _USED.search(line)
         if match:
             current["registers"] = int(match.group(1))
@@ -158,7 +169,7 @@ def ptx_entries(ptx: str) -> Dict[str, str]:
     entries = {}
     for match in re.finditer(r"\.entry\s+([\w$]+)\s*\(", ptx):
         end = ptx.find("\n}", match.end())
-        entries[match.group(1)] = ptx[match.start():end if end >= 0 else len(ptx)]
+        entries[match.group(1)] = ptx[match.start() : end if end >= 0 else len(ptx)]
     return entries
 
 
@@ -215,24 +226,75 @@ def _finish(record: Dict) -> Dict:
 
 # ---- Triton variants --------------------------------------------------------------------------
 # Argument types of the Triton kernels by name: "X" the logits' dtype, "A" the accumulation dtype.
-POINTERS = dict(x_ptr="X", q_ptr="X", grad_ptr="X", y_ptr="i64", w_ptr="fp32", w_total_ptr="fp32", a_ptr="fp32",
-                b_ptr="fp32", denom_ptr="fp32", loss_ptr="A", stats_ptr="A", g_ptr="X", row_loss_ptr="A",
-                denom_out_ptr="A", out_ptr="X")
-SCALARS = dict(a_value="fp64", b_value="fp64", beta="fp64", eps="fp64", gamma="fp64", ignore_index="i64",
-               x_stride="i64", q_stride="i64", grad_stride="i64", g_stride="i64", n_rows="i32", n_cols="i32",
-               numel="i64")
-FWD_FLAGS = ["PROB_TARGET", "HAS_WEIGHT", "SMOOTHING", "FOCAL", "ENTROPY", "A_FROM_PTR", "B_FROM_PTR",
-             "B_ONE_MINUS_A", "MEAN"]
-BWD_FLAGS = ["PROB_TARGET", "HAS_WEIGHT", "SMOOTHING", "ENTROPY_TERM", "A_FROM_PTR", "B_FROM_PTR", "B_ONE_MINUS_A",
-             "MEAN"]
+POINTERS = dict(
+    x_ptr="X",
+    q_ptr="X",
+    grad_ptr="X",
+    y_ptr="i64",
+    w_ptr="fp32",
+    w_total_ptr="fp32",
+    a_ptr="fp32",
+    b_ptr="fp32",
+    denom_ptr="fp32",
+    loss_ptr="A",
+    stats_ptr="A",
+    g_ptr="X",
+    row_loss_ptr="A",
+    denom_out_ptr="A",
+    out_ptr="X",
+)
+SCALARS = dict(
+    a_value="fp64",
+    b_value="fp64",
+    beta="fp64",
+    eps="fp64",
+    gamma="fp64",
+    ignore_index="i64",
+    x_stride="i64",
+    q_stride="i64",
+    grad_stride="i64",
+    g_stride="i64",
+    n_rows="i32",
+    n_cols="i32",
+    numel="i64",
+)
+FWD_FLAGS = [
+    "PROB_TARGET",
+    "HAS_WEIGHT",
+    "SMOOTHING",
+    "FOCAL",
+    "ENTROPY",
+    "A_FROM_PTR",
+    "B_FROM_PTR",
+    "B_ONE_MINUS_A",
+    "MEAN",
+]
+BWD_FLAGS = [
+    "PROB_TARGET",
+    "HAS_WEIGHT",
+    "SMOOTHING",
+    "ENTROPY_TERM",
+    "A_FROM_PTR",
+    "B_FROM_PTR",
+    "B_ONE_MINUS_A",
+    "MEAN",
+]
 TRITON_DTYPES = ("fp32", "bf16", "fp16", "fp64")
 # Flag sets reported: CE as nn.CrossEntropyLoss() calls it, and the most work one row can carry
 # (probability targets, class weights, smoothing, entropy term, aEPG with a tensor alpha), the
 # variant with the most live values per element. FOCAL excludes PROB_TARGET.
 PRESETS = {
     "ce": dict(MEAN=True),
-    "max": dict(PROB_TARGET=True, HAS_WEIGHT=True, SMOOTHING=True, ENTROPY=True, ENTROPY_TERM=True, A_FROM_PTR=True,
-                B_ONE_MINUS_A=True, MEAN=True),
+    "max": dict(
+        PROB_TARGET=True,
+        HAS_WEIGHT=True,
+        SMOOTHING=True,
+        ENTROPY=True,
+        ENTROPY_TERM=True,
+        A_FROM_PTR=True,
+        B_ONE_MINUS_A=True,
+        MEAN=True,
+    ),
 }
 # One C per tile regime of launch._tiling (N large): BLOCK_C 16 (64 rows), 128 (32 rows, aligned), 1024
 # (4 rows; C = 1000 is the unaligned classification case), 4096 (1 row), 16384 (1 row, 8 warps),
@@ -240,8 +302,15 @@ PRESETS = {
 # at 4 warps (8192: 8 warps), 16384 holds 64: the sample spans the per-thread register load.
 TRITON_COLUMNS = (10, 128, 1000, 4096, 16384, 32000)
 TRITON_ROWS = 65536
-BANDWIDTH_BOUND = ("policy_loss_fwd_kernel", "policy_loss_bwd_kernel", "scale_grad_kernel",
-                   "forward_on_chip_kernel", "forward_streamed_kernel", "backward_kernel", "scale_kernel")
+BANDWIDTH_BOUND = (
+    "policy_loss_fwd_kernel",
+    "policy_loss_bwd_kernel",
+    "scale_grad_kernel",
+    "forward_on_chip_kernel",
+    "forward_streamed_kernel",
+    "backward_kernel",
+    "scale_kernel",
+)
 
 
 @dataclass
@@ -274,6 +343,7 @@ def triton_variants() -> List[TritonVariant]:
     """The variants the launcher picks for TRITON_COLUMNS x TRITON_DTYPES x PRESETS, deduplicated;
     the tile sizes and warps come from launch.py itself."""
     from ..backends.triton import launch
+
     config = launch.CONFIG
     variants: List[TritonVariant] = []
     for dtype in TRITON_DTYPES:
@@ -282,22 +352,60 @@ def triton_variants() -> List[TritonVariant]:
                 block_r, block_c, num_warps = launch._tiling(TRITON_ROWS, c)
                 on_chip = launch.fits_on_chip(c)
                 regime = f"C={c}"
-                values = dict(x_stride=c, q_stride=c if PRESETS[preset].get("PROB_TARGET") else 0,
-                              grad_stride=c if on_chip else 0, n_rows=TRITON_ROWS, n_cols=c)
-                fwd = dict(_flags(FWD_FLAGS, preset), BLOCK_R=block_r, BLOCK_C=block_c, ONE_TILE=on_chip,
-                           ENTROPY_TERM=bool(PRESETS[preset].get("ENTROPY_TERM")), WRITE_GRAD=on_chip)
+                values = dict(
+                    x_stride=c,
+                    q_stride=c if PRESETS[preset].get("PROB_TARGET") else 0,
+                    grad_stride=c if on_chip else 0,
+                    n_rows=TRITON_ROWS,
+                    n_cols=c,
+                )
+                fwd = dict(
+                    _flags(FWD_FLAGS, preset),
+                    BLOCK_R=block_r,
+                    BLOCK_C=block_c,
+                    ONE_TILE=on_chip,
+                    ENTROPY_TERM=bool(PRESETS[preset].get("ENTROPY_TERM")),
+                    WRITE_GRAD=on_chip,
+                )
                 variants.append(TritonVariant("policy_loss_fwd_kernel", dtype, preset, regime, fwd, num_warps, values))
                 bwd = dict(_flags(BWD_FLAGS, preset), BLOCK_R=block_r, BLOCK_C=min(block_c, config.chunk_cols))
-                variants.append(TritonVariant("policy_loss_bwd_kernel", dtype, preset, regime, bwd, num_warps,
-                                              dict(values, grad_stride=c, g_stride=0)))
+                variants.append(
+                    TritonVariant(
+                        "policy_loss_bwd_kernel",
+                        dtype,
+                        preset,
+                        regime,
+                        bwd,
+                        num_warps,
+                        dict(values, grad_stride=c, g_stride=0),
+                    )
+                )
         n = TRITON_ROWS * 1024
-        variants.append(TritonVariant("scale_grad_kernel", dtype, "-", "any C", dict(BLOCK=config.scale_block), 8,
-                                      dict(numel=n)))
-        variants.append(TritonVariant("denominator_kernel", dtype, "weights", "any C",
-                                      dict(PROB_TARGET=False, HAS_WEIGHT=True, BLOCK=config.reduce_block), 4,
-                                      dict(n_rows=TRITON_ROWS, n_cols=1000)))
-        variants.append(TritonVariant("reduce_rows_kernel", dtype, "mean", "any C",
-                                      dict(MEAN=True, BLOCK=config.reduce_block), 4, dict(n_rows=TRITON_ROWS)))
+        variants.append(
+            TritonVariant("scale_grad_kernel", dtype, "-", "any C", dict(BLOCK=config.scale_block), 8, dict(numel=n))
+        )
+        variants.append(
+            TritonVariant(
+                "denominator_kernel",
+                dtype,
+                "weights",
+                "any C",
+                dict(PROB_TARGET=False, HAS_WEIGHT=True, BLOCK=config.reduce_block),
+                4,
+                dict(n_rows=TRITON_ROWS, n_cols=1000),
+            )
+        )
+        variants.append(
+            TritonVariant(
+                "reduce_rows_kernel",
+                dtype,
+                "mean",
+                "any C",
+                dict(MEAN=True, BLOCK=config.reduce_block),
+                4,
+                dict(n_rows=TRITON_ROWS),
+            )
+        )
     unique: Dict[str, TritonVariant] = {}
     for v in variants:  # C=4096 and C=32000 share the backward tile: keep the first
         key = json.dumps([v.kernel, v.dtype, v.preset, v.constexprs, v.num_warps, v.aligned], sort_keys=True)
@@ -307,10 +415,14 @@ def triton_variants() -> List[TritonVariant]:
 
 def _kernel_object(name: str):
     from ..backends.triton import backward, forward, reduce, scale
-    return {"policy_loss_fwd_kernel": forward.policy_loss_fwd_kernel,
-            "policy_loss_bwd_kernel": backward.policy_loss_bwd_kernel,
-            "scale_grad_kernel": scale.scale_grad_kernel, "denominator_kernel": reduce.denominator_kernel,
-            "reduce_rows_kernel": reduce.reduce_rows_kernel}[name]
+
+    return {
+        "policy_loss_fwd_kernel": forward.policy_loss_fwd_kernel,
+        "policy_loss_bwd_kernel": backward.policy_loss_bwd_kernel,
+        "scale_grad_kernel": scale.scale_grad_kernel,
+        "denominator_kernel": reduce.denominator_kernel,
+        "reduce_rows_kernel": reduce.reduce_rows_kernel,
+    }[name]
 
 
 def triton_source(kernel, dtype: str, constexprs: Dict[str, object], values: Optional[Dict[str, int]] = None):
@@ -320,6 +432,7 @@ def triton_source(kernel, dtype: str, constexprs: Dict[str, object], values: Opt
     argument in `values` divisible by 16. Without `values`: no alignment facts at all."""
     import triton.language as tl
     from triton.compiler import ASTSource
+
     acc = "fp64" if dtype == "fp64" else "fp32"
     constexprs = dict(constexprs, ACC=tl.float64 if dtype == "fp64" else tl.float32)
     signature, attrs = {}, {}
@@ -334,22 +447,32 @@ def triton_source(kernel, dtype: str, constexprs: Dict[str, object], values: Opt
             signature[name] = SCALARS[name]
             if values is not None and name in values and values[name] % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    return ASTSource(fn=kernel, signature=signature, attrs=attrs,
-                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    return ASTSource(
+        fn=kernel,
+        signature=signature,
+        attrs=attrs,
+        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
+    )
 
 
-def compile_triton(kernel, dtype: str, constexprs: Dict[str, object], num_warps: int = 4,
-                   values: Optional[Dict[str, int]] = None):
+def compile_triton(
+    kernel, dtype: str, constexprs: Dict[str, object], num_warps: int = 4, values: Optional[Dict[str, int]] = None
+):
     """triton.compile for sm_90 (no GPU needed); TRITON_INTERPRET must be unset."""
     import triton
     from triton.backends.compiler import GPUTarget
-    return triton.compile(triton_source(kernel, dtype, constexprs, values), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps})
+
+    return triton.compile(
+        triton_source(kernel, dtype, constexprs, values),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps},
+    )
 
 
 def triton_ptxas() -> str:
     """The ptxas Triton runs for sm_90 (its bundled one, or TRITON_PTXAS_PATH)."""
     from triton import knobs
+
     return knobs.nvidia.ptxas.path
 
 
@@ -357,8 +480,12 @@ def _ptxas_info(ptx: str, ptxas: str) -> Dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
-        out = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(src), "-o",
-                              str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            [ptxas, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(src), "-o", str(Path(tmp) / "kernel.cubin")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     if out.returncode != 0:
         raise RuntimeError(f"ptxas failed: {out.stderr[-2000:]}")
     (info,) = parse_ptxas(out.stderr + out.stdout).values()
@@ -371,13 +498,15 @@ def _compile_with_log(variant: TritonVariant):
     import io
 
     from triton import knobs
+
     captured = io.StringIO()
     previous = knobs.nvidia.dump_ptxas_log
     knobs.nvidia.dump_ptxas_log = True  # Triton runs ptxas -v and prints its log
     try:
         with contextlib.redirect_stdout(captured):
-            compiled = compile_triton(_kernel_object(variant.kernel), variant.dtype, variant.constexprs,
-                                      variant.num_warps, variant.values)
+            compiled = compile_triton(
+                _kernel_object(variant.kernel), variant.dtype, variant.constexprs, variant.num_warps, variant.values
+            )
     finally:
         knobs.nvidia.dump_ptxas_log = previous
     return compiled, captured.getvalue()
@@ -388,11 +517,21 @@ def _triton_record(variant: TritonVariant, ptxas: str) -> Dict:
     ptx = compiled.asm["ptx"]
     info = list(parse_ptxas(log).values())
     info = info[0] if len(info) == 1 else _ptxas_info(ptx, ptxas)
-    record = dict(backend="triton", kernel=variant.kernel, variant=variant.label, dtype=variant.dtype,
-                  preset=variant.preset, regime=variant.regime, num_warps=variant.num_warps,
-                  threads_per_block=variant.num_warps * 32, aligned=variant.aligned,
-                  constexprs={k: v for k, v in variant.constexprs.items() if isinstance(v, (bool, int))},
-                  dynamic_shared=int(compiled.metadata.shared), loads=ptx_loads(ptx), **info)
+    record = dict(
+        backend="triton",
+        kernel=variant.kernel,
+        variant=variant.label,
+        dtype=variant.dtype,
+        preset=variant.preset,
+        regime=variant.regime,
+        num_warps=variant.num_warps,
+        threads_per_block=variant.num_warps * 32,
+        aligned=variant.aligned,
+        constexprs={k: v for k, v in variant.constexprs.items() if isinstance(v, (bool, int))},
+        dynamic_shared=int(compiled.metadata.shared),
+        loads=ptx_loads(ptx),
+        **info,
+    )
     return record
 
 
@@ -409,8 +548,10 @@ def _triton_key() -> str:
     triton_dir = Path(metadata.distribution("triton").locate_file("triton"))
     ptxas = os.environ.get("TRITON_PTXAS_PATH") or str(triton_dir / "backends" / "nvidia" / "bin" / "ptxas")
     variants = json.dumps([asdict(v) for v in triton_variants()], sort_keys=True, default=str)
-    return _digest([CACHE_VERSION, metadata.version("triton"), _tool_version(ptxas), variants]
-                   + [p.read_bytes() for p in _triton_sources()])
+    return _digest(
+        [CACHE_VERSION, metadata.version("triton"), _tool_version(ptxas), variants]
+        + [p.read_bytes() for p in _triton_sources()]
+    )
 
 
 def _interpreting() -> bool:
@@ -421,17 +562,24 @@ def _compute_triton(jobs: int) -> Dict:
     if _interpreting():  # @triton.jit made interpreted functions here: compile in a child without it
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "triton.json"
-            child = subprocess.run([sys.executable, "-m", "aepg_kernels.bench.resources", "--triton-json", str(out),
-                                    "--jobs", str(jobs)], env=dict(os.environ, TRITON_INTERPRET="0"),
-                                   cwd=str(CHECKOUT), capture_output=True, text=True, timeout=1800)
+            child = subprocess.run(
+                [sys.executable, "-m", "aepg_kernels.bench.resources", "--triton-json", str(out), "--jobs", str(jobs)],
+                env=dict(os.environ, TRITON_INTERPRET="0"),
+                cwd=str(CHECKOUT),
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
             if child.returncode != 0:
-                raise RuntimeError(f"compiling the Triton kernels failed:\n{child.stdout[-3000:]}"
-                                   f"{child.stderr[-3000:]}")
+                raise RuntimeError(
+                    f"compiling the Triton kernels failed:\n{child.stdout[-3000:]}{child.stderr[-3000:]}"
+                )
             return json.loads(out.read_text())
     variants = [asdict(v) for v in triton_variants()]
     if jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
+
         chunks = [variants[i::jobs] for i in range(jobs)]
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             parts = list(pool.map(_triton_worker, chunks))
@@ -440,8 +588,13 @@ def _compute_triton(jobs: int) -> Dict:
     else:
         records = _triton_worker(variants)
     import triton
-    return {"triton": triton.__version__, "ptxas": _tool_version(triton_ptxas()),
-            "ptxas_flags": "-v --regAllocOptLevel=2 --gpu-name=sm_90a", "records": records}
+
+    return {
+        "triton": triton.__version__,
+        "ptxas": _tool_version(triton_ptxas()),
+        "ptxas_flags": "-v --regAllocOptLevel=2 --gpu-name=sm_90a",
+        "records": records,
+    }
 
 
 def triton_report(refresh: bool = False, jobs: Optional[int] = None) -> Dict:
@@ -474,12 +627,28 @@ def cuda_home(nvcc: str) -> Path:
 def nvcc_command(nvcc: str, out_dir: Path) -> List[str]:
     """setup.py's nvcc flags (and torch's common ones) for sm_90, device code only, with ptxas' report."""
     from torch.utils import cpp_extension
+
     torch_include = [p for p in cpp_extension.include_paths() if "torch" in p]
     includes = [str(CHECKOUT / "csrc"), *torch_include, str(cuda_home(nvcc) / "include")]
-    return [nvcc, "-cubin", "-arch=sm_90", "-O3", "--expt-relaxed-constexpr", "-DAEPG_WITH_CUDA", "-std=c++20",
-            *cpp_extension.COMMON_NVCC_FLAGS, "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
-            *[f"-I{p}" for p in includes], "--resource-usage", "--keep", f"--keep-dir={out_dir}",
-            str(CHECKOUT / CUDA_SOURCE), "-o", str(out_dir / "policy_loss_cuda.cubin")]
+    return [
+        nvcc,
+        "-cubin",
+        "-arch=sm_90",
+        "-O3",
+        "--expt-relaxed-constexpr",
+        "-DAEPG_WITH_CUDA",
+        "-std=c++20",
+        *cpp_extension.COMMON_NVCC_FLAGS,
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        *[f"-I{p}" for p in includes],
+        "--resource-usage",
+        "--keep",
+        f"--keep-dir={out_dir}",
+        str(CHECKOUT / CUDA_SOURCE),
+        "-o",
+        str(out_dir / "policy_loss_cuda.cubin"),
+    ]
 
 
 def _cuda_sources() -> List[Path]:
@@ -534,20 +703,36 @@ def _compute_cuda() -> Dict:
         dtype = CUDA_DTYPES.get(params[0], params[0])
         threads, regime, used = cuda_launch(kernel, params, dtype)
         vec = int(params[-1]) if kernel != "scale_kernel" else 1
-        records.append(dict(backend="cuda", kernel=kernel, variant=f"{kernel}<{', '.join(params)}>",
-                            mangled=mangled, dtype=dtype, preset="any", regime=regime, vec=vec,
-                            aligned=vec > 1, launcher_path=used, threads_per_block=threads, dynamic_shared=0,
-                            loads=ptx_loads(entries.get(mangled, "")), **resources))
+        records.append(
+            dict(
+                backend="cuda",
+                kernel=kernel,
+                variant=f"{kernel}<{', '.join(params)}>",
+                mangled=mangled,
+                dtype=dtype,
+                preset="any",
+                regime=regime,
+                vec=vec,
+                aligned=vec > 1,
+                launcher_path=used,
+                threads_per_block=threads,
+                dynamic_shared=0,
+                loads=ptx_loads(entries.get(mangled, "")),
+                **resources,
+            )
+        )
     records.sort(key=lambda r: (r["kernel"], list(CUDA_DTYPES.values()).index(r["dtype"]), r["variant"]))
     return {"nvcc": _tool_version(nvcc), "command": " ".join(command[:-4]) + f" {CUDA_SOURCE}", "records": records}
 
 
 def cuda_key() -> str:
     import torch
+
     nvcc = nvcc_path()
-    return _digest([CACHE_VERSION, _tool_version(nvcc), torch.__version__,
-                    nvcc and " ".join(nvcc_command(nvcc, Path("_")))]
-                   + [p.read_bytes() for p in _cuda_sources()])
+    return _digest(
+        [CACHE_VERSION, _tool_version(nvcc), torch.__version__, nvcc and " ".join(nvcc_command(nvcc, Path("_")))]
+        + [p.read_bytes() for p in _cuda_sources()]
+    )
 
 
 def cuda_report(refresh: bool = False) -> Dict:
@@ -576,8 +761,11 @@ def vector_loads_meant(record: Dict) -> bool:
     JIT's divisibility hints): Triton vectorises them itself."""
     if record["backend"] == "cuda":
         return record.get("vec", 1) > 1
-    return record["aligned"] and record["kernel"] in ("policy_loss_fwd_kernel", "policy_loss_bwd_kernel",
-                                                      "scale_grad_kernel")
+    return record["aligned"] and record["kernel"] in (
+        "policy_loss_fwd_kernel",
+        "policy_loss_bwd_kernel",
+        "scale_grad_kernel",
+    )
 
 
 def findings(records: Sequence[Dict], floor: float = OCCUPANCY_FLOOR_PERCENT) -> List[Dict]:
@@ -597,41 +785,86 @@ def findings(records: Sequence[Dict], floor: float = OCCUPANCY_FLOOR_PERCENT) ->
         if bandwidth_bound(r) and r["occupancy_percent"] < floor:
             problems["occupancy"] = f"occupancy {r['occupancy_percent']}% < {floor:g}% ({r['limiter']})"
         if problems:
-            found.append(dict(backend=r["backend"], kernel=r["kernel"], preset=r["preset"], regime=r["regime"],
-                              variant=r["variant"], dtype=r["dtype"], kinds=sorted(problems),
-                              problems=list(problems.values()), reported_only=r["dtype"] not in LOW_PRECISION))
+            found.append(
+                dict(
+                    backend=r["backend"],
+                    kernel=r["kernel"],
+                    preset=r["preset"],
+                    regime=r["regime"],
+                    variant=r["variant"],
+                    dtype=r["dtype"],
+                    kinds=sorted(problems),
+                    problems=list(problems.values()),
+                    reported_only=r["dtype"] not in LOW_PRECISION,
+                )
+            )
     return found
 
 
-_HEADERS = ("backend", "kernel variant", "dtype", "regs", "spills st/ld B", "local B", "smem B", "v4/v2 loads",
-            "blocks/SM", "warps/SM", "occupancy %", "limit")
+_HEADERS = (
+    "backend",
+    "kernel variant",
+    "dtype",
+    "regs",
+    "spills st/ld B",
+    "local B",
+    "smem B",
+    "v4/v2 loads",
+    "blocks/SM",
+    "warps/SM",
+    "occupancy %",
+    "limit",
+)
 
 
 def _row(r: Dict) -> List[object]:
-    return [r["backend"], r["variant"], r["dtype"], r["registers"], f"{r['spill_stores']}/{r['spill_loads']}",
-            r["stack_frame"], r["shared_bytes"], f"{r['loads']['v4']}/{r['loads']['v2']}", r["blocks_per_sm"],
-            r["warps_per_sm"], r["occupancy_percent"], r["limiter"]]
+    return [
+        r["backend"],
+        r["variant"],
+        r["dtype"],
+        r["registers"],
+        f"{r['spill_stores']}/{r['spill_loads']}",
+        r["stack_frame"],
+        r["shared_bytes"],
+        f"{r['loads']['v4']}/{r['loads']['v2']}",
+        r["blocks_per_sm"],
+        r["warps_per_sm"],
+        r["occupancy_percent"],
+        r["limiter"],
+    ]
 
 
 def markdown(document: Dict) -> str:
     records = document["records"]
     found = document["findings"]
-    lines = [f"# Kernel resources for {SM90.name} (compiler only, no GPU)", "",
-             f"Command: `{document['command']}`. Triton {document['triton']['triton']}, its ptxas "
-             f"({document['triton']['ptxas']}, {document['triton']['ptxas_flags']}); CUDA: "
-             f"{document['cuda'].get('nvcc', 'not built')}. Occupancy: {SM90.max_warps_per_sm} warps, "
-             f"{SM90.registers_per_sm} registers, {SM90.shared_per_sm // 1024} KiB shared memory per SM; floor for "
-             f"the bandwidth-bound kernels {OCCUPANCY_FLOOR_PERCENT:g}%.", "",
-             f"## Findings ({len(found)})", ""]
-    lines += [f"- {f['backend']} {f['variant']} {f['dtype']}: {'; '.join(f['problems'])}"
-              + (" (fp64: reported, not failed)" if f["reported_only"] else "") for f in found] or ["- none"]
+    lines = [
+        f"# Kernel resources for {SM90.name} (compiler only, no GPU)",
+        "",
+        f"Command: `{document['command']}`. Triton {document['triton']['triton']}, its ptxas "
+        f"({document['triton']['ptxas']}, {document['triton']['ptxas_flags']}); CUDA: "
+        f"{document['cuda'].get('nvcc', 'not built')}. Occupancy: {SM90.max_warps_per_sm} warps, "
+        f"{SM90.registers_per_sm} registers, {SM90.shared_per_sm // 1024} KiB shared memory per SM; floor for "
+        f"the bandwidth-bound kernels {OCCUPANCY_FLOOR_PERCENT:g}%.",
+        "",
+        f"## Findings ({len(found)})",
+        "",
+    ]
+    lines += [
+        f"- {f['backend']} {f['variant']} {f['dtype']}: {'; '.join(f['problems'])}"
+        + (" (fp64: reported, not failed)" if f["reported_only"] else "")
+        for f in found
+    ] or ["- none"]
     for backend in ("triton", "cuda"):
         rows = [_row(r) for r in records if r["backend"] == backend and r.get("launcher_path", True)]
         lines += ["", f"## {backend}", "", utils.markdown_table(_HEADERS, rows)]
     unused = [r for r in records if not r.get("launcher_path", True)]
     if unused:
-        lines += ["", "Instantiated but never launched (the vector width of another dtype): "
-                  + ", ".join(f"{r['variant']}" for r in unused) + "."]
+        lines += [
+            "",
+            "Instantiated but never launched (the vector width of another dtype): "
+            + ", ".join(f"{r['variant']}" for r in unused)
+            + ".",
+        ]
     return "\n".join(lines)
 
 
@@ -646,21 +879,31 @@ def build(refresh: bool = False, with_cuda: bool = True) -> Dict:
     if "command" in cuda:  # paths relative to the checkout
         cuda["command"] = cuda["command"].replace(str(CHECKOUT) + "/", "")
     records = triton["records"] + cuda["records"]
-    return {"triton": {k: v for k, v in triton.items() if k != "records"},
-            "cuda": {k: v for k, v in cuda.items() if k != "records"},
-            "limits": asdict(SM90), "occupancy_floor_percent": OCCUPANCY_FLOOR_PERCENT,
-            "records": records, "findings": findings(records)}
+    return {
+        "triton": {k: v for k, v in triton.items() if k != "records"},
+        "cuda": {k: v for k, v in cuda.items() if k != "records"},
+        "limits": asdict(SM90),
+        "occupancy_floor_percent": OCCUPANCY_FLOOR_PERCENT,
+        "records": records,
+        "findings": findings(records),
+    }
 
 
 def run_cli(parser, args, argv: Sequence[str], device) -> int:
     """--suite resources: FILE.json and FILE.md; 1 when a low-precision variant has a finding."""
     from . import machine, output
+
     info = machine.describe(device)
     stem = "sm90-resources"
     json_path = output.output_path(args.out, stem)
     start = time.monotonic()
-    document = {"suite": "resources", "argv": list(argv), "command": " ".join(["aepg-bench", *argv]),
-                "machine": info, **build()}
+    document = {
+        "suite": "resources",
+        "argv": list(argv),
+        "command": " ".join(["aepg-bench", *argv]),
+        "machine": info,
+        **build(),
+    }
     document["wall_seconds"] = round(time.monotonic() - start, 1)
     text = markdown(document)
     print("\n" + text + "\n")
@@ -670,6 +913,7 @@ def run_cli(parser, args, argv: Sequence[str], device) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
+
     parser = argparse.ArgumentParser(description="Compile the Triton variants for sm_90 and write their resources.")
     parser.add_argument("--triton-json", type=Path, required=True)
     parser.add_argument("--jobs", type=int, default=1)

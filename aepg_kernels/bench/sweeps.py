@@ -1,5 +1,6 @@
 """What a benchmark run measures: loss configurations, modes, dtypes, shapes, and the suites
 that combine them (benchmarks/README.md). Pure data and arithmetic: no timing, no device."""
+
 from __future__ import annotations
 
 import math
@@ -21,11 +22,14 @@ class LossVariant:
         return dict(self.options)
 
 
-LOSSES: Dict[str, LossVariant] = {loss.name: loss for loss in (
-    LossVariant("ce", (("ce_weight", 1.0), ("epg_weight", 0.0))),
-    LossVariant("epg", (("ce_weight", 0.0), ("epg_weight", 1.0))),
-    LossVariant("aepg", (("ce_weight", 0.5), ("epg_weight", 0.5), ("entropy_weight", 0.1))),  # alpha=0.5, beta=0.1
-)}
+LOSSES: Dict[str, LossVariant] = {
+    loss.name: loss
+    for loss in (
+        LossVariant("ce", (("ce_weight", 1.0), ("epg_weight", 0.0))),
+        LossVariant("epg", (("ce_weight", 0.0), ("epg_weight", 1.0))),
+        LossVariant("aepg", (("ce_weight", 0.5), ("epg_weight", 0.5), ("entropy_weight", 0.1))),  # alpha=0.5, beta=0.1
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,14 @@ class Mode:
         return self.backward and self.reduction == "none"
 
 
-MODES: Dict[str, Mode] = {mode.name: mode for mode in (
-    Mode("fwd", backward=False, reduction="mean"),
-    Mode("fwd+bwd", backward=True, reduction="mean"),         # upstream gradient 1 (loss.backward())
-    Mode("fwd+bwd/rows", backward=True, reduction="none"),    # random per-row upstream gradient
-)}
+MODES: Dict[str, Mode] = {
+    mode.name: mode
+    for mode in (
+        Mode("fwd", backward=False, reduction="mean"),
+        Mode("fwd+bwd", backward=True, reduction="mean"),  # upstream gradient 1 (loss.backward())
+        Mode("fwd+bwd/rows", backward=True, reduction="none"),  # random per-row upstream gradient
+    )
+}
 
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -97,11 +104,11 @@ def fits(case: Case, memory_bytes: Optional[int], workspace_fp32_copies: float, 
     return memory_bytes is None or needed <= MEMORY_FRACTION * memory_bytes
 
 
-def grid(losses: Iterable[str], modes: Iterable[str], dtypes: Iterable[str],
-         shapes: Iterable[Tuple[int, int]]) -> List[Case]:
+def grid(
+    losses: Iterable[str], modes: Iterable[str], dtypes: Iterable[str], shapes: Iterable[Tuple[int, int]]
+) -> List[Case]:
     shapes = list(shapes)
-    return [Case(loss, mode, dtype, n, c) for dtype in dtypes for mode in modes for loss in losses
-            for n, c in shapes]
+    return [Case(loss, mode, dtype, n, c) for dtype in dtypes for mode in modes for loss in losses for n, c in shapes]
 
 
 @dataclass(frozen=True)
@@ -150,8 +157,10 @@ GPU_BUDGET_SECONDS = 420.0  # cases that would start later are skipped (a GPU se
 # eager and torch.compile.
 LARGE_C_TARGETS = (("bf16", 8192, 128256), ("fp32", 16384, 32000))
 CLASSIFICATION_TARGET_MIN_N, CLASSIFICATION_TARGET_C = 4096, (100, 21843)
-COMPILE_SKIPPED = ("torch.compile is timed on the target shapes only in this suite (fwd+bwd: bf16 8192x128256, "
-                   "fp32 16384x32000, N >= 4096 with 100 <= C <= 21843): each case recompiles")
+COMPILE_SKIPPED = (
+    "torch.compile is timed on the target shapes only in this suite (fwd+bwd: bf16 8192x128256, "
+    "fp32 16384x32000, N >= 4096 with 100 <= C <= 21843): each case recompiles"
+)
 
 
 def target(case: Case) -> Optional[str]:
@@ -180,17 +189,22 @@ def gpu_suite() -> Suite:
     targets += grid(["aepg"], ["fwd+bwd"], ["bf16"], [(4096, 1000), (4096, 21843), (4096, 100), (65536, 1000)])
     targets += grid(["aepg"], ["fwd+bwd"], ["bf16"], [(8192, 128256)])
     targets += grid(["aepg"], ["fwd+bwd"], ["fp32"], [(16384, 32000)])
-    classification = grid(["aepg"], ["fwd+bwd"], ["bf16"],
-                          [(n, c) for c in CLASSIFICATION_C for n in CLASSIFICATION_N])
+    classification = grid(["aepg"], ["fwd+bwd"], ["bf16"], [(n, c) for c in CLASSIFICATION_C for n in CLASSIFICATION_N])
     llm = grid(["ce", "aepg"], ["fwd+bwd"], ["bf16"], [(8192, c) for c in LLM_C])
     coverage = grid(list(LOSSES), list(MODES), list(DTYPES), [(4096, 1000)])
     llm_rows = grid(["ce", "aepg"], ["fwd+bwd"], ["bf16"], [(n, c) for c in LLM_C for n in LLM_N])
-    fp32_classification = grid(["aepg"], ["fwd+bwd"], ["fp32"],
-                               [(n, c) for c in CLASSIFICATION_C for n in CLASSIFICATION_N])
+    fp32_classification = grid(
+        ["aepg"], ["fwd+bwd"], ["fp32"], [(n, c) for c in CLASSIFICATION_C for n in CLASSIFICATION_N]
+    )
     llm_coverage = grid(list(LOSSES), list(MODES), list(DTYPES), [(8192, 50257)])
     cases = targets + classification + llm + coverage + llm_rows + fp32_classification + llm_coverage
-    return Suite("gpu", "the full GPU sweep: classification and LLM shapes, all modes, losses and dtypes",
-                 _unique(cases), budget_seconds=GPU_BUDGET_SECONDS, compile_targets_only=True)
+    return Suite(
+        "gpu",
+        "the full GPU sweep: classification and LLM shapes, all modes, losses and dtypes",
+        _unique(cases),
+        budget_seconds=GPU_BUDGET_SECONDS,
+        compile_targets_only=True,
+    )
 
 
 # The overhead suite: what a user sees swapping nn.CrossEntropyLoss() for ak.PolicyLoss() in a
@@ -200,23 +214,27 @@ OVERHEAD_MODES = ("fwd+bwd", "fwd")
 OVERHEAD_MODE_TITLES = {"fwd+bwd": "fwd+bwd", "fwd": "eval forward"}
 
 
-def overhead_cases(shapes: Iterable[Tuple[int, int]] = OVERHEAD_SHAPES,
-                   modes: Sequence[str] = OVERHEAD_MODES, dtype: str = "fp32") -> List[Case]:
+def overhead_cases(
+    shapes: Iterable[Tuple[int, int]] = OVERHEAD_SHAPES, modes: Sequence[str] = OVERHEAD_MODES, dtype: str = "fp32"
+) -> List[Case]:
     """The overhead suite's cases: CE (the loss being replaced) per mode and shape, modes outer."""
     return grid(["ce"], modes, [dtype], shapes)
 
 
 def overhead_suite() -> Suite:
     """nn.CrossEntropyLoss() vs ak.PolicyLoss() vs aEPG, per call on the CPU, fwd+bwd and eval."""
-    return Suite("overhead", "drop-in cost: nn.CrossEntropyLoss vs ak.PolicyLoss vs aEPG per call on the CPU",
-                 _unique(overhead_cases()), kind="overhead")
+    return Suite(
+        "overhead",
+        "drop-in cost: nn.CrossEntropyLoss vs ak.PolicyLoss vs aEPG per call on the CPU",
+        _unique(overhead_cases()),
+        kind="overhead",
+    )
 
 
 def llm_suite() -> Suite:
     """An LM head, F.linear + loss without the (N, V) logits vs eager, torch.compile and
     F.linear_cross_entropy; its cases (N x H x V) are llm.cases, not Case."""
-    return Suite("llm", "fused linear + loss (an LM head) vs eager, compile and F.linear_cross_entropy", (),
-                 kind="llm")
+    return Suite("llm", "fused linear + loss (an LM head) vs eager, compile and F.linear_cross_entropy", (), kind="llm")
 
 
 SUITES = {"quick": quick_suite, "cpu": cpu_suite, "gpu": gpu_suite, "overhead": overhead_suite, "llm": llm_suite}

@@ -2,6 +2,7 @@
 events on a GPU, perf_counter on a CPU), the copy bandwidth of the device, the peak extra memory
 of a call, kernel launches per call, host synchronisations, and the time per call back to back
 with and without a CUDA graph."""
+
 from __future__ import annotations
 
 import statistics
@@ -33,16 +34,19 @@ def make_step(fn: LossFn, inputs: CaseInputs, backward: bool) -> Step:
     order = inputs.cursor
 
     if not backward:
+
         def forward():
             i = next(order)
             with torch.no_grad():
                 return fn(logits[i], inputs.target[i])
+
         return forward
 
     def forward_backward():
         i = next(order)
         loss = fn(logits[i], inputs.target[i])
         return torch.autograd.grad(loss, logits[i], inputs.upstream)
+
     return forward_backward
 
 
@@ -129,6 +133,7 @@ def device_ops_per_call(step: Step, device: torch.device) -> Optional[Dict[str, 
         return None
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+
     step()
     synchronize(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -136,8 +141,11 @@ def device_ops_per_call(step: Step, device: torch.device) -> Optional[Dict[str, 
             step()
         synchronize(device)
     # User annotations (record_function ranges) also appear on the CUDA timeline: not operations.
-    names = [e.name for e in prof.events()
-             if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    names = [
+        e.name
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
     copies = sum(name.startswith(("Memcpy", "Memset")) for name in names)
     return {"kernels": (len(names) - copies) / PROFILED_CALLS, "memcpy_memset": copies / PROFILED_CALLS}
 

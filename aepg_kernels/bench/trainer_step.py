@@ -3,6 +3,7 @@ with LoRA on blocks 0-4, built through the trainer's public API, with the fused 
 (backend "auto") vs the eager composite, for a 100-class and a 21843-class head: the median step
 time and (on a GPU) the peak memory of the step. As the trainer does, the GPU step runs under
 bf16 autocast."""
+
 from __future__ import annotations
 
 import statistics
@@ -28,12 +29,21 @@ def default_batch(device: torch.device) -> int:
 
 def build(model_name: str, num_classes: int, loss_backend: str, device: torch.device, image_size: int = IMAGE_SIZE):
     """The model, optimizer and criterion, as the trainer builds them (public train API only)."""
-    from aepg_kernels.train import (ContinualViT, LossConfig, ModelConfig, OptimConfig, PeftConfig, build_criterion,
-                                    build_optimizer)
+    from aepg_kernels.train import (
+        ContinualViT,
+        LossConfig,
+        ModelConfig,
+        OptimConfig,
+        PeftConfig,
+        build_criterion,
+        build_optimizer,
+    )
+
     torch.manual_seed(0)
     kwargs = {} if image_size == IMAGE_SIZE else {"img_size": image_size}
-    model = ContinualViT.from_config(ModelConfig(name=model_name, pretrained=False, kwargs=kwargs),
-                                     PeftConfig(kind="lora", blocks=[0, 1, 2, 3, 4]))
+    model = ContinualViT.from_config(
+        ModelConfig(name=model_name, pretrained=False, kwargs=kwargs), PeftConfig(kind="lora", blocks=[0, 1, 2, 3, 4])
+    )
     model.add_task(num_classes)
     model.to(device).train()
     optimizer = build_optimizer(model.trainable_parameters(), OptimConfig())  # the trainer's, default settings
@@ -71,9 +81,16 @@ def time_steps(model, optimizer, criterion, images, labels, device, steps: int, 
     return result
 
 
-def run(device: torch.device, batch: int, classes: Sequence[int] = (100, 21843), steps: int = 5, warmup: int = 2,
-        model_name: str = "vit_base_patch16_224", image_size: int = IMAGE_SIZE,
-        report=lambda record: print(format_record(record))) -> List[Dict]:
+def run(
+    device: torch.device,
+    batch: int,
+    classes: Sequence[int] = (100, 21843),
+    steps: int = 5,
+    warmup: int = 2,
+    model_name: str = "vit_base_patch16_224",
+    image_size: int = IMAGE_SIZE,
+    report=lambda record: print(format_record(record)),
+) -> List[Dict]:
     """One record per (head size, loss): step time and peak memory; `report` gets each as it is done."""
     records = []
     gen = torch.Generator().manual_seed(0)
@@ -82,8 +99,15 @@ def run(device: torch.device, batch: int, classes: Sequence[int] = (100, 21843),
         labels = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
         for name, backend in LOSS_BACKENDS.items():
             model, optimizer, criterion = build(model_name, num_classes, backend, device, image_size)
-            record = {"model": model_name, "peft": "lora blocks 0-4", "batch": batch, "classes": num_classes,
-                      "loss": f"aepg alpha={ALPHA}", "loss_backend": name, "backend": backend}
+            record = {
+                "model": model_name,
+                "peft": "lora blocks 0-4",
+                "batch": batch,
+                "classes": num_classes,
+                "loss": f"aepg alpha={ALPHA}",
+                "loss_backend": name,
+                "backend": backend,
+            }
             try:
                 record.update(time_steps(model, optimizer, criterion, images, labels, device, steps, warmup))
                 record["status"] = "ok"
@@ -113,5 +137,7 @@ def format_record(record: Dict) -> str:
         return f"{record['classes']:>6} classes  {record['loss_backend']:<6} {record['status']}: {record['reason']}"
     peak = record.get("peak_bytes")
     peak_text = f"peak {peak / 2**30:.2f} GiB" if peak is not None else "peak not measured (CPU)"
-    return (f"{record['classes']:>6} classes  {record['loss_backend']:<6} batch {record['batch']}  "
-            f"{record['step_ms']:9.1f} ms/step  {peak_text}")
+    return (
+        f"{record['classes']:>6} classes  {record['loss_backend']:<6} batch {record['batch']}  "
+        f"{record['step_ms']:9.1f} ms/step  {peak_text}"
+    )

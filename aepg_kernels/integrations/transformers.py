@@ -10,6 +10,7 @@ attention masks, the MoE router's auxiliary loss, the outputs) stays the model's
 
 Needs the optional extra ``[llm]`` (transformers >= 5).
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,13 +28,15 @@ try:
     from transformers import TrainerCallback
     from transformers.modeling_utils import slice_logits_to_keep
 except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise ImportError("aepg_kernels.integrations.transformers needs transformers>=5: "
-                      "pip install 'aepg-kernels[llm]'") from error
+    raise ImportError(
+        "aepg_kernels.integrations.transformers needs transformers>=5: pip install 'aepg-kernels[llm]'"
+    ) from error
 
 IGNORE_INDEX = -100  # transformers' label padding
 
 
 # --- what the patch supports, as data ------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LogitTransform:
@@ -84,10 +87,22 @@ LOSSES: Dict[str, dict] = {
 _COEFFICIENTS = ("ce_weight", "epg_weight")
 # linear_policy_loss's keyword options less those the patch sets itself (from the model, the labels
 # and the Trainer): the options a loss takes, read from the op's signature
-_SET_BY_PATCH = {"linear_bias", "weight", "ignore_index", "reduction", "token_weight", "logit_scale", "softcap",
-                 "return_stats", *_COEFFICIENTS}
-OPTIONS = tuple(name for name, p in inspect.signature(ak.linear_policy_loss).parameters.items()
-                if p.kind is p.KEYWORD_ONLY and name not in _SET_BY_PATCH)
+_SET_BY_PATCH = {
+    "linear_bias",
+    "weight",
+    "ignore_index",
+    "reduction",
+    "token_weight",
+    "logit_scale",
+    "softcap",
+    "return_stats",
+    *_COEFFICIENTS,
+}
+OPTIONS = tuple(
+    name
+    for name, p in inspect.signature(ak.linear_policy_loss).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and name not in _SET_BY_PATCH
+)
 
 LOGITS_MODES = ("never", "eval", "always")  # when the patched forward also returns the logits
 
@@ -105,8 +120,10 @@ class Objective:
             raise TypeError(f"loss={loss!r} takes the options {', '.join(allowed)}; got {', '.join(unknown)}")
         clashes = sorted(name for name in set(options) & set(LOSSES[loss]) if options[name] != LOSSES[loss][name])
         if clashes:
-            raise ValueError(f"loss={loss!r} sets {', '.join(f'{n}={LOSSES[loss][n]!r}' for n in clashes)}; "
-                             f'use loss="policy" for other values')
+            raise ValueError(
+                f"loss={loss!r} sets {', '.join(f'{n}={LOSSES[loss][n]!r}' for n in clashes)}; "
+                f'use loss="policy" for other values'
+            )
         if loss == "aepg":
             if (schedule is None) == (alpha is None):
                 raise ValueError('loss="aepg" needs exactly one of schedule= (an AlphaSchedule) or alpha= (a float)')
@@ -129,8 +146,9 @@ class Objective:
         """Runs one row through the op, so that a bad option fails now with the op's own message."""
         with torch.no_grad():
             w = linear_weight.detach()
-            ak.linear_policy_loss(w.new_zeros((1, w.shape[1])), w, torch.zeros(1, dtype=torch.long, device=w.device),
-                                  **self.kwargs())
+            ak.linear_policy_loss(
+                w.new_zeros((1, w.shape[1])), w, torch.zeros(1, dtype=torch.long, device=w.device), **self.kwargs()
+            )
 
     def __repr__(self) -> str:
         return f"Objective({self.name!r}, {self.options})"
@@ -177,20 +195,23 @@ class CausalLMPatch:
         self.original_forward, self.original_head_forward = model.forward, head.forward
         self.model_had_own_forward, self.head_had_own_forward = "forward" in vars(model), "forward" in vars(head)
         self._signature = inspect.signature(self.original_forward)
-        self._var_keyword = next((p.name for p in self._signature.parameters.values() if p.kind is p.VAR_KEYWORD),
-                                 None)
+        self._var_keyword = next((p.name for p in self._signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
     def install(self) -> None:
-        for module, forward, original in ((self.model, _patched_model_forward, self.original_forward),
-                                          (self.head, _patched_head_forward, self.original_head_forward)):
+        for module, forward, original in (
+            (self.model, _patched_model_forward, self.original_forward),
+            (self.head, _patched_head_forward, self.original_head_forward),
+        ):
             module._aepg_patch = self
             # a partial of the module: deepcopy and pickle rebind it to the copy
             module.forward = functools.partial(forward, module)
             module.forward.__signature__ = inspect.signature(original)  # the Trainer reads the input names
 
     def uninstall(self) -> None:
-        for module, had_own, original in ((self.model, self.model_had_own_forward, self.original_forward),
-                                          (self.head, self.head_had_own_forward, self.original_head_forward)):
+        for module, had_own, original in (
+            (self.model, self.model_had_own_forward, self.original_forward),
+            (self.head, self.head_had_own_forward, self.original_head_forward),
+        ):
             if had_own:
                 module.forward = original
             else:
@@ -212,8 +233,10 @@ class CausalLMPatch:
         arguments = self._signature.bind(*args, **kwargs).arguments
         arguments.update(arguments.pop(self._var_keyword, {}))
         if arguments.pop("fused_lm_head", False):
-            raise TypeError("fused_lm_head=True asks for TRL's own fused LM head and loss, which would replace "
-                            "the patched loss: train with aepg_kernels.integrations.trl.PolicySFTTrainer")
+            raise TypeError(
+                "fused_lm_head=True asks for TRL's own fused LM head and loss, which would replace "
+                "the patched loss: train with aepg_kernels.integrations.trl.PolicySFTTrainer"
+            )
         labels = arguments.pop("labels", None)
         if labels is None:
             return self.original_forward(*args, **kwargs)
@@ -236,30 +259,52 @@ class CausalLMPatch:
         finally:
             self._capture, self._hidden = _OFF, None
         if hidden is None:
-            raise RuntimeError(f"{type(self.model).__name__}'s forward did not call its output embedding "
-                               "(get_output_embeddings()): this model cannot be patched")
-        loss = self.loss(hidden, labels, arguments.get("shift_labels"), arguments.get("num_items_in_batch"),
-                         arguments.get("logits_to_keep", 0))
+            raise RuntimeError(
+                f"{type(self.model).__name__}'s forward did not call its output embedding "
+                "(get_output_embeddings()): this model cannot be patched"
+            )
+        loss = self.loss(
+            hidden,
+            labels,
+            arguments.get("shift_labels"),
+            arguments.get("num_items_in_batch"),
+            arguments.get("logits_to_keep", 0),
+        )
         aux_loss = out.get("aux_loss")
         if aux_loss is not None:  # MoE: the router's load-balancing loss, as the original adds it
             loss = loss + self.model.router_aux_loss_coef * aux_loss.to(loss.device)
         fields = {key: value for key, value in out.items() if key not in ("loss", "logits")}
         return type(out)(loss=loss, logits=out["logits"] if keep else None, **fields)
 
-    def loss(self, hidden: Tensor, labels: Tensor, shift_labels: Optional[Tensor] = None,
-             num_items_in_batch=None, logits_to_keep=0) -> Tensor:
+    def loss(
+        self,
+        hidden: Tensor,
+        labels: Tensor,
+        shift_labels: Optional[Tensor] = None,
+        num_items_in_batch=None,
+        logits_to_keep=0,
+    ) -> Tensor:
         """The loss of the hidden states that feed the head (already sliced by logits_to_keep)
         for the labels of the whole sequence: sum / num_items_in_batch when given (gradient
         accumulation), else the mean over the counted tokens."""
         target = shifted_labels(labels, shift_labels, self.objective.ignore_index).to(hidden.device)
         target = slice_logits_to_keep(target.unsqueeze(-1), logits_to_keep).squeeze(-1)
         if target.shape != hidden.shape[:-1]:
-            raise ValueError(f"labels give targets of shape {tuple(target.shape)} for hidden states of shape "
-                             f"{tuple(hidden.shape[:-1])}: pass labels (or shift_labels) shaped like input_ids")
-        out = ak.linear_policy_loss(hidden, self.head.weight, target, linear_bias=self.head.bias,
-                                    logit_scale=self.logit_scale, softcap=self.softcap,
-                                    reduction="mean" if num_items_in_batch is None else "sum",
-                                    return_stats=self.track_stats, **self.objective.kwargs())
+            raise ValueError(
+                f"labels give targets of shape {tuple(target.shape)} for hidden states of shape "
+                f"{tuple(hidden.shape[:-1])}: pass labels (or shift_labels) shaped like input_ids"
+            )
+        out = ak.linear_policy_loss(
+            hidden,
+            self.head.weight,
+            target,
+            linear_bias=self.head.bias,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            reduction="mean" if num_items_in_batch is None else "sum",
+            return_stats=self.track_stats,
+            **self.objective.kwargs(),
+        )
         if self.track_stats:
             out, stats = out
             self._add_stats(stats, target != self.objective.ignore_index)
@@ -269,8 +314,9 @@ class CausalLMPatch:
         """Adds the counted tokens' sums to the totals of the model's mode (no host read)."""
         with torch.no_grad():
             counted = counted.reshape(-1)
-            rows = torch.stack([counted, stats.entropy.reshape(-1), stats.p_target.reshape(-1),
-                                stats.target_is_argmax().reshape(-1)]).double()
+            rows = torch.stack(
+                [counted, stats.entropy.reshape(-1), stats.p_target.reshape(-1), stats.target_is_argmax().reshape(-1)]
+            ).double()
             sums = torch.where(counted, rows, 0.0).sum(1)  # the entropy of an ignored row is not 0
             mode = "train" if self.model.training else "eval"
             totals = self._totals.get(mode)
@@ -321,25 +367,40 @@ def _check_patchable(model: nn.Module) -> nn.Linear:
         raise TypeError(f"patch_causal_lm needs a transformers *ForCausalLM model, got {type(model).__name__}")
     name, model_type = type(model).__name__, getattr(config, "model_type", None)
     if not name.endswith("ForCausalLM") or model_type not in ARCHITECTURES:
-        raise ValueError(f"patch_causal_lm supports the *ForCausalLM models of {', '.join(sorted(ARCHITECTURES))}; "
-                         f"got {name} (model_type {model_type!r})")
+        raise ValueError(
+            f"patch_causal_lm supports the *ForCausalLM models of {', '.join(sorted(ARCHITECTURES))}; "
+            f"got {name} (model_type {model_type!r})"
+        )
     if getattr(model, "_aepg_patch", None) is not None:
         raise ValueError(f"this {name} is patched already: call unpatch_causal_lm(model) first")
     if "_loss_function" in vars(model) or getattr(config, "loss_type", None) not in (None, "ForCausalLM"):
-        raise ValueError(f"this {name} has its own loss function (model.loss_function or config.loss_type="
-                         f"{getattr(config, 'loss_type', None)!r}), which the patch would replace")
+        raise ValueError(
+            f"this {name} has its own loss function (model.loss_function or config.loss_type="
+            f"{getattr(config, 'loss_type', None)!r}), which the patch would replace"
+        )
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear:
-        raise ValueError(f"the LM head of this {name} is a {type(head).__name__}, not a plain nn.Linear (a PEFT "
-                         "adapter or modules_to_save wrapper, or a quantised layer): the fused loss reads its weight "
-                         "directly; keep the LM head out of the adapter's target_modules and modules_to_save")
+        raise ValueError(
+            f"the LM head of this {name} is a {type(head).__name__}, not a plain nn.Linear (a PEFT "
+            "adapter or modules_to_save wrapper, or a quantised layer): the fused loss reads its weight "
+            "directly; keep the LM head out of the adapter's target_modules and modules_to_save"
+        )
     if head.weight.shape[0] != config.vocab_size:
         raise ValueError(f"the LM head has {head.weight.shape[0]} rows but config.vocab_size is {config.vocab_size}")
     return head
 
 
-def patch_causal_lm(model: nn.Module, loss: str = "dft", *, schedule=None, alpha=None, logits: str = "never",
-                    track_stats: bool = False, ignore_index: int = IGNORE_INDEX, **options) -> CausalLMPatch:
+def patch_causal_lm(
+    model: nn.Module,
+    loss: str = "dft",
+    *,
+    schedule=None,
+    alpha=None,
+    logits: str = "never",
+    track_stats: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+    **options,
+) -> CausalLMPatch:
     """Makes a transformers ``*ForCausalLM`` (or a PEFT model around one) compute its loss with the
     fused linear policy loss from the hidden states, never materialising the logits in training.
 
@@ -385,6 +446,7 @@ def get_patch(model: nn.Module) -> Optional[CausalLMPatch]:
 
 # --- for users who keep the logits -----------------------------------------------------------------
 
+
 class ForCausalLMPolicyLoss:
     """A transformers ``loss_function`` (the signature of its ForCausalLMLoss) that computes a loss
     of the family from the logits: ``model.loss_function = ForCausalLMPolicyLoss("dft")``. The
@@ -395,16 +457,26 @@ class ForCausalLMPolicyLoss:
             raise TypeError("chunk_size belongs to the fused linear loss (patch_causal_lm), not to a loss of logits")
         self.objective = Objective(loss, schedule, alpha, **options)
 
-    def __call__(self, logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch=None,
-                 ignore_index: int = IGNORE_INDEX, shift_labels: Optional[Tensor] = None, **kwargs) -> Tensor:
+    def __call__(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        vocab_size: int,
+        num_items_in_batch=None,
+        ignore_index: int = IGNORE_INDEX,
+        shift_labels: Optional[Tensor] = None,
+        **kwargs,
+    ) -> Tensor:
         kwargs = dict(self.objective.kwargs(), ignore_index=ignore_index)
         target = shifted_labels(labels, shift_labels, ignore_index).reshape(-1).to(logits.device)
-        loss = ak.policy_loss(logits.reshape(-1, vocab_size), target,
-                              reduction="mean" if num_items_in_batch is None else "sum", **kwargs)
+        loss = ak.policy_loss(
+            logits.reshape(-1, vocab_size), target, reduction="mean" if num_items_in_batch is None else "sum", **kwargs
+        )
         return _divided(loss, num_items_in_batch)
 
 
 # --- the Trainer callback ----------------------------------------------------------------------------
+
 
 class AlphaScheduleCallback(TrainerCallback):
     """Steps an aEPG schedule once per optimizer step (never per micro-batch), resets it every
@@ -416,12 +488,18 @@ class AlphaScheduleCallback(TrainerCallback):
     which puts it before the reporting callbacks (TensorBoard, W&B, ...), so that they log its
     values too; `Trainer(callbacks=[...])` puts it after them."""
 
-    def __init__(self, schedule: Optional[ak.AlphaSchedule] = None, patch: Optional[CausalLMPatch] = None, *,
-                 task_steps: Optional[int] = None):
+    def __init__(
+        self,
+        schedule: Optional[ak.AlphaSchedule] = None,
+        patch: Optional[CausalLMPatch] = None,
+        *,
+        task_steps: Optional[int] = None,
+    ):
         if schedule is None and patch is None:
             raise ValueError("AlphaScheduleCallback needs a schedule, a patch, or both")
-        if task_steps is not None and (isinstance(task_steps, bool) or not isinstance(task_steps, int)
-                                       or task_steps < 1):
+        if task_steps is not None and (
+            isinstance(task_steps, bool) or not isinstance(task_steps, int) or task_steps < 1
+        ):
             raise ValueError(f"task_steps must be an int >= 1 or None, got {task_steps!r}")
         self.schedule, self.patch, self.task_steps = schedule, patch, task_steps
 
@@ -432,8 +510,10 @@ class AlphaScheduleCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if getattr(args, "label_smoothing_factor", 0.0):
-            raise ValueError("TrainingArguments.label_smoothing_factor makes the Trainer compute its own loss from "
-                             "the logits; pass label_smoothing= to patch_causal_lm instead")
+            raise ValueError(
+                "TrainingArguments.label_smoothing_factor makes the Trainer compute its own loss from "
+                "the logits; pass label_smoothing= to patch_causal_lm instead"
+            )
         if self.patch is not None:
             self.patch.track_stats = True
         if self.schedule is not None:  # resuming: the schedule where this step of its task has it
@@ -451,8 +531,10 @@ class AlphaScheduleCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.patch is not None and self.patch.calls == 0:
-            raise RuntimeError("the trainer trained without calling the patched forward with labels, so the loss "
-                               "was not the patched one (TRL's SFTTrainer computes its own: use PolicySFTTrainer)")
+            raise RuntimeError(
+                "the trainer trained without calling the patched forward with labels, so the loss "
+                "was not the patched one (TRL's SFTTrainer computes its own: use PolicySFTTrainer)"
+            )
         metrics = {} if self.schedule is None else {"alpha": float(self.schedule.alpha)}
         if self.patch is not None:
             metrics.update(self.patch.pop_stats("train"))

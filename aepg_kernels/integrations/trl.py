@@ -8,6 +8,7 @@ and ``num_items_in_batch``, so TRL's head passes the call through to the patch, 
 metrics (entropy, mean_token_accuracy, num_tokens) from the kernel's statistics. Options that
 would make TRL compute another loss are refused.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -36,11 +37,15 @@ class PolicySFTTrainer(SFTTrainer):
     def __init__(self, *args, policy=None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.args.loss_type != "nll":
-            raise ValueError(f"SFTConfig.loss_type={self.args.loss_type!r} selects TRL's own loss; with "
-                             "PolicySFTTrainer the patch chooses the loss: patch_causal_lm(model, loss=...)")
+            raise ValueError(
+                f"SFTConfig.loss_type={self.args.loss_type!r} selects TRL's own loss; with "
+                "PolicySFTTrainer the patch chooses the loss: patch_causal_lm(model, loss=...)"
+            )
         if self.compute_loss_func is not None or self.args.label_smoothing_factor:
-            raise ValueError("compute_loss_func and label_smoothing_factor make TRL compute its own loss from the "
-                             "logits; pass the loss (and label_smoothing=) to patch_causal_lm instead")
+            raise ValueError(
+                "compute_loss_func and label_smoothing_factor make TRL compute its own loss from the "
+                "logits; pass the loss (and label_smoothing=) to patch_causal_lm instead"
+            )
         parallelism = getattr(self.accelerator, "parallelism_config", None)
         if parallelism is not None and parallelism.sp_backend == "deepspeed" and parallelism.sp_enabled:
             raise ValueError("PolicySFTTrainer does not support DeepSpeed sequence parallelism")
@@ -82,7 +87,9 @@ class PolicySFTTrainer(SFTTrainer):
             elif "position_ids" in inputs:  # padding-free batches: one packed row
                 local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
             else:
-                raise ValueError("PolicySFTTrainer counts tokens from attention_mask or position_ids; the batch has "
-                                 f"neither (keys: {', '.join(sorted(inputs))})")
+                raise ValueError(
+                    "PolicySFTTrainer counts tokens from attention_mask or position_ids; the batch has "
+                    f"neither (keys: {', '.join(sorted(inputs))})"
+                )
             self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]

@@ -6,6 +6,7 @@ Supported annotations: Any, Optional/Union with None, Literal, nested dataclasse
 (fixed length), Dict, float (int and float strings accepted) and exact scalar types (bool is
 never taken for an int, nor the reverse).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-                f"must be a float, got {value!r}")
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a float, got {value!r}")
         return float(value)
     # bool is an int subclass: never accept one for the other.
     require(type(value) is tp, key, f"must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -78,8 +78,10 @@ def build_dataclass(cls, values: dict, prefix: str = ""):
     unknown = sorted(set(values) - set(hints))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
-                          f"valid keys{' of ' + prefix if prefix else ''}: {', '.join(hints)}")
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
+            f"valid keys{' of ' + prefix if prefix else ''}: {', '.join(hints)}"
+        )
     kwargs = {k: coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
     try:
         return cls(**kwargs)

@@ -7,6 +7,7 @@ alpha-schedule states, the position (task, epoch, next batch, global step), the 
 the accuracy matrix, the scenario and the resolved config. Random streams are not stored: the
 trainer derives every seed from (run.seed, task, epoch, position), see `sampling.derive_seed`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,14 @@ FORMAT_VERSION = 1
 # Keys that may change between a run and its resumption: where and how a run reports and saves,
 # and data.num_workers (every sample's augmentation is seeded by its position, so the results do
 # not depend on it; tested).
-RESUME_NEUTRAL_KEYS = ("run.output_dir", "run.resume", "run.progress", "run.checkpoint_every", "run.cache_dir",
-                       "data.num_workers")
+RESUME_NEUTRAL_KEYS = (
+    "run.output_dir",
+    "run.resume",
+    "run.progress",
+    "run.checkpoint_every",
+    "run.cache_dir",
+    "data.num_workers",
+)
 
 
 class ResumeError(ValueError):
@@ -80,8 +87,9 @@ def load_trained_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None
     with torch.no_grad():
         for name, value in state.items():
             if current[name].shape != value.shape:
-                raise ResumeError(f"checkpoint entry {name} has shape {tuple(value.shape)}, "
-                                  f"the model's {tuple(current[name].shape)}")
+                raise ResumeError(
+                    f"checkpoint entry {name} has shape {tuple(value.shape)}, the model's {tuple(current[name].shape)}"
+                )
             current[name].copy_(value)
 
 
@@ -100,6 +108,7 @@ def backbone_fingerprint(model: nn.Module, frozen_backbone: bool) -> str:
 @dataclass
 class Position:
     """The next thing to do: batch `batch` of epoch `epoch` of task `task`."""
+
     task: int = 0
     epoch: int = 0
     batch: int = 0
@@ -146,13 +155,17 @@ class TrainerState:
         missing or unknown keys."""
         version = values.get("format_version")
         if version != FORMAT_VERSION:
-            raise ResumeError(f"{path}: checkpoint format {version}, this trainer reads "
-                              f"{FORMAT_VERSION}; set run.resume=false or another run.output_dir")
+            raise ResumeError(
+                f"{path}: checkpoint format {version}, this trainer reads "
+                f"{FORMAT_VERSION}; set run.resume=false or another run.output_dir"
+            )
         names = {f.name for f in fields(cls)}
         present = set(values) - {"format_version"}
         if present != names:
-            raise ResumeError(f"{path}: not a checkpoint of format {FORMAT_VERSION}: missing keys "
-                              f"{sorted(names - present)}, unknown keys {sorted(present - names)}")
+            raise ResumeError(
+                f"{path}: not a checkpoint of format {FORMAT_VERSION}: missing keys "
+                f"{sorted(names - present)}, unknown keys {sorted(present - names)}"
+            )
         state = {name: values[name] for name in names}
         state["position"] = Position(*values["position"])
         return cls(**state)
@@ -164,11 +177,15 @@ class TrainerState:
         if differences:
             raise ResumeError(f"{hint}; the config differs: " + "; ".join(differences))
         if self.scenario != scenario:
-            raise ResumeError(f"{hint}; the scenario differs (class order / task sizes): checkpoint "
-                              f"{self.scenario}, this run {scenario}")
+            raise ResumeError(
+                f"{hint}; the scenario differs (class order / task sizes): checkpoint "
+                f"{self.scenario}, this run {scenario}"
+            )
         if self.backbone_fingerprint != fingerprint:
-            raise ResumeError(f"{hint}; the frozen backbone's weights differ from the checkpoint's "
-                              f"(model.checkpoint={config['model']['checkpoint']!r})")
+            raise ResumeError(
+                f"{hint}; the frozen backbone's weights differ from the checkpoint's "
+                f"(model.checkpoint={config['model']['checkpoint']!r})"
+            )
 
     def epoch_totals_of(self, rank: int, world_size: int) -> Optional[torch.Tensor]:
         """Rank `rank`'s share of the unfinished epoch's partial sums. The same world size: its own

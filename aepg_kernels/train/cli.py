@@ -10,6 +10,7 @@ or YAML file plus `section.key=value` overrides.
 
 Multi-process data parallel: `torchrun --nproc_per_node N -m aepg_kernels.train --config ...`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,32 +29,65 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _parsers():
-    run = argparse.ArgumentParser(prog="aepg-train", description=__doc__.splitlines()[0],
-                                  epilog="compare mode: aepg-train compare --help; sweep mode: aepg-train sweep --help")
+    run = argparse.ArgumentParser(
+        prog="aepg-train",
+        description=__doc__.splitlines()[0],
+        epilog="compare mode: aepg-train compare --help; sweep mode: aepg-train sweep --help",
+    )
     _common(run)
     run.add_argument("--list-presets", action="store_true", help="print the shipped presets and exit")
-    compare = argparse.ArgumentParser(prog="aepg-train compare",
-                                      description="several losses x several seeds, a mean +- std table")
+    compare = argparse.ArgumentParser(
+        prog="aepg-train compare", description="several losses x several seeds, a mean +- std table"
+    )
     _common(compare)
     # Comma lists, so that the overrides may follow them on the command line.
-    compare.add_argument("--losses", type=aepg_kernels.utils.comma_list_argument(str), default=["ce", "aepg"],
-                         help="loss.name values, comma-separated (default: ce,aepg)")
-    compare.add_argument("--seeds", type=aepg_kernels.utils.comma_list_argument(int), default=[0, 1, 2],
-                         help="run.seed values, comma-separated (default: 0,1,2)")
-    sweep = argparse.ArgumentParser(prog="aepg-train sweep",
-                                    description="the cartesian product of a grid x seeds, paired by seed; finished "
-                                                "runs are read back, not run again")
+    compare.add_argument(
+        "--losses",
+        type=aepg_kernels.utils.comma_list_argument(str),
+        default=["ce", "aepg"],
+        help="loss.name values, comma-separated (default: ce,aepg)",
+    )
+    compare.add_argument(
+        "--seeds",
+        type=aepg_kernels.utils.comma_list_argument(int),
+        default=[0, 1, 2],
+        help="run.seed values, comma-separated (default: 0,1,2)",
+    )
+    sweep = argparse.ArgumentParser(
+        prog="aepg-train sweep",
+        description="the cartesian product of a grid x seeds, paired by seed; finished "
+        "runs are read back, not run again",
+    )
     _common(sweep)
-    sweep.add_argument("--grid", action="append", default=[], metavar="section.key=v1,v2,...",
-                       help="a key and its values, comma-separated; repeat for more keys (the product is run)")
-    sweep.add_argument("--extra", action="append", default=[], metavar="section.key=value[,section.key=value]",
-                       help="one more configuration outside the product (e.g. loss.schedule=sigmoid beside a grid "
-                            "of fixed alphas); repeatable")
-    sweep.add_argument("--seeds", type=aepg_kernels.utils.comma_list_argument(int), default=[0, 1, 2],
-                       help="run.seed values, comma-separated (default: 0,1,2)")
-    sweep.add_argument("--baseline", action="append", default=[], metavar="section.key=value",
-                       help="compare every configuration with the one having these grid values (and, if several "
-                            "do, its other grid values): paired differences over seeds; repeatable")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="section.key=v1,v2,...",
+        help="a key and its values, comma-separated; repeat for more keys (the product is run)",
+    )
+    sweep.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="section.key=value[,section.key=value]",
+        help="one more configuration outside the product (e.g. loss.schedule=sigmoid beside a grid "
+        "of fixed alphas); repeatable",
+    )
+    sweep.add_argument(
+        "--seeds",
+        type=aepg_kernels.utils.comma_list_argument(int),
+        default=[0, 1, 2],
+        help="run.seed values, comma-separated (default: 0,1,2)",
+    )
+    sweep.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="section.key=value",
+        help="compare every configuration with the one having these grid values (and, if several "
+        "do, its other grid values): paired differences over seeds; repeatable",
+    )
     return run, compare, sweep
 
 
@@ -76,15 +110,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.print_config:
         return 0
     from . import distributed
+
     try:
-        return {"run": lambda: _run(cfg), "compare": lambda: _compare(cfg, args),
-                "sweep": lambda: _sweep(cfg, args)}[mode]()
+        return {"run": lambda: _run(cfg), "compare": lambda: _compare(cfg, args), "sweep": lambda: _sweep(cfg, args)}[
+            mode
+        ]()
     finally:
         distributed.shutdown()
 
 
 def _run(cfg) -> int:
     from .runner import run  # timm, matplotlib and the data only once something runs
+
     run(cfg)
     return 0
 
@@ -93,6 +130,7 @@ def _compare(cfg, args) -> int:
     from . import distributed
     from .compare import format_compare_table, run_compare, write_compare_outputs
     from .runner import run
+
     try:
         aggregated = run_compare(cfg, args.losses, args.seeds, run)
     except ConfigError as e:  # bad loss names or seeds: checked before the first run
@@ -107,10 +145,17 @@ def _compare(cfg, args) -> int:
 
 def _sweep(cfg, args) -> int:
     from . import distributed
-    from .compare import (format_compare_table, grid_values, parse_grid, run_sweep, sweep_configurations,
-                          write_sweep_outputs)
+    from .compare import (
+        format_compare_table,
+        grid_values,
+        parse_grid,
+        run_sweep,
+        sweep_configurations,
+        write_sweep_outputs,
+    )
     from .runner import run
     from .stats import compare_to_baseline, format_difference_table, pair_baselines, write_stats_outputs
+
     try:
         grid = parse_grid(args.grid)
         if not grid and not args.extra:

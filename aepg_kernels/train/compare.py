@@ -20,6 +20,7 @@ again; an unfinished one resumes from its checkpoint (run.resume).
 The spread is the sample standard deviation over seeds (ddof=1, as papers report it); with a single
 seed it is undefined: NaN in the aggregate (null in JSON) and left out of the table.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -36,8 +37,15 @@ from .checkpoint import config_differences
 from .config import ConfigError, TrainConfig, config_to_dict, parse_overrides, with_overrides
 from .losses import LOSS_NAMES
 from .metrics import accuracy_after_each_task
-from .report import (ACCURACY_METRICS, FINAL_EPOCH_ENTROPY, METRIC_DEFINITIONS, METRIC_LABELS, SUMMARY_FILE, UNITS,
-                     run_metrics)
+from .report import (
+    ACCURACY_METRICS,
+    FINAL_EPOCH_ENTROPY,
+    METRIC_DEFINITIONS,
+    METRIC_LABELS,
+    SUMMARY_FILE,
+    UNITS,
+    run_metrics,
+)
 
 COMPARE_JSON, COMPARE_TABLE, COMPARE_PLOT = "compare.json", "compare_table.md", "compare_accuracy.png"
 SWEEP_JSON, SWEEP_TABLE, SWEEP_PLOT = "sweep.json", "sweep_table.md", "sweep_accuracy.png"
@@ -65,8 +73,9 @@ def check_compare_args(losses: Sequence[str], seeds: Sequence[int]) -> None:
         raise ConfigError(f"compare.losses: give at least one loss of {', '.join(LOSS_NAMES)}")
     unknown = [name for name in losses if name not in LOSS_NAMES]
     if unknown:
-        raise ConfigError(f"compare.losses: unknown loss {', '.join(map(repr, unknown))}; valid losses: "
-                          f"{', '.join(LOSS_NAMES)}")
+        raise ConfigError(
+            f"compare.losses: unknown loss {', '.join(map(repr, unknown))}; valid losses: {', '.join(LOSS_NAMES)}"
+        )
     if len(set(losses)) != len(losses):
         raise ConfigError(f"compare.losses: each loss once, got {list(losses)}")
     check_seeds(seeds)
@@ -87,25 +96,36 @@ def finished_summary(cfg: TrainConfig) -> Optional[dict]:
         return None
     summary = json.loads(path.read_text())
     ignored = set(RESOLVED_WEIGHT_KEYS) if cfg.model.pretrain_on is not None and not cfg.model.checkpoint else set()
-    differences = [d for d in config_differences(summary["config"], config_to_dict(cfg))
-                   if d.split(":")[0] not in ignored]
+    differences = [
+        d for d in config_differences(summary["config"], config_to_dict(cfg)) if d.split(":")[0] not in ignored
+    ]
     if differences:
-        raise ConfigError(f"{path} is the summary of another config ({'; '.join(differences)}): remove it or "
-                          f"choose another run.output_dir")
+        raise ConfigError(
+            f"{path} is the summary of another config ({'; '.join(differences)}): remove it or "
+            f"choose another run.output_dir"
+        )
     # Strict JSON wrote NaN as null.
     summary["accuracy_matrix"] = [[math.nan if v is None else v for v in row] for row in summary["accuracy_matrix"]]
     return summary
 
 
-def run_configurations(base_cfg: TrainConfig, configurations: Mapping[str, Sequence[str]], seeds: Sequence[int],
-                       run_one: RunOne, log: Callable[[str], None] = print, mode: str = "compare"
-                       ) -> Tuple[Dict[str, Dict[int, dict]], Dict[str, Dict[str, str]], Dict[str, List[int]]]:
+def run_configurations(
+    base_cfg: TrainConfig,
+    configurations: Mapping[str, Sequence[str]],
+    seeds: Sequence[int],
+    run_one: RunOne,
+    log: Callable[[str], None] = print,
+    mode: str = "compare",
+) -> Tuple[Dict[str, Dict[int, dict]], Dict[str, Dict[str, str]], Dict[str, List[int]]]:
     """Runs (or reads back, see `finished_summary`) every configuration for every seed, in that order.
     Returns ({name: {seed: fit summary}}, {name: {seed: output dir}}, {name: the seeds read back}).
     Every config is built, and so checked, before the first run."""
     check_seeds(seeds, mode)
-    configs = {(name, seed): run_config(base_cfg, name, overrides, seed)
-               for name, overrides in configurations.items() for seed in seeds}
+    configs = {
+        (name, seed): run_config(base_cfg, name, overrides, seed)
+        for name, overrides in configurations.items()
+        for seed in seeds
+    }
     results: Dict[str, Dict[int, dict]] = {name: {} for name in configurations}
     reused: Dict[str, List[int]] = {name: [] for name in configurations}
     for n, ((name, seed), cfg) in enumerate(configs.items(), start=1):
@@ -118,19 +138,27 @@ def run_configurations(base_cfg: TrainConfig, configurations: Mapping[str, Seque
             reused[name].append(seed)
         results[name][seed] = summary
         values = run_metrics(summary)
-        log(f"{mode}: {name} seed={seed}: " + ", ".join(
-            f"{METRIC_LABELS[metric]} {100 * values[metric]:.2f}%" for metric in ACCURACY_METRICS))
+        log(
+            f"{mode}: {name} seed={seed}: "
+            + ", ".join(f"{METRIC_LABELS[metric]} {100 * values[metric]:.2f}%" for metric in ACCURACY_METRICS)
+        )
     output_dirs = {name: {str(seed): configs[name, seed].run.output_dir for seed in seeds} for name in configurations}
     return results, output_dirs, reused
 
 
-def run_compare(base_cfg: TrainConfig, losses: Sequence[str], seeds: Sequence[int],
-                run_one: RunOne, log: Callable[[str], None] = print) -> dict:
+def run_compare(
+    base_cfg: TrainConfig,
+    losses: Sequence[str],
+    seeds: Sequence[int],
+    run_one: RunOne,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Calls `run_one(cfg)` (which trains and returns `ContinualTrainer.fit`'s summary) for every loss
     and seed, in that order, and returns `aggregate` of the summaries plus each run's output dir."""
     check_compare_args(losses, seeds)
-    results, output_dirs, _ = run_configurations(base_cfg, {loss: [f"loss.name={loss}"] for loss in losses}, seeds,
-                                                 run_one, log)
+    results, output_dirs, _ = run_configurations(
+        base_cfg, {loss: [f"loss.name={loss}"] for loss in losses}, seeds, run_one, log
+    )
     aggregated = aggregate(results)
     aggregated["output_dirs"] = output_dirs
     aggregated["base_config"] = config_to_dict(base_cfg)
@@ -210,8 +238,14 @@ def grid_values(assignment: Mapping[str, str]) -> Dict[str, object]:
     return {key: _leaf(key, text) for key, text in assignment.items()}
 
 
-def run_sweep(base_cfg: TrainConfig, grid: Mapping[str, Sequence], seeds: Sequence[int], run_one: RunOne,
-              extra: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
+def run_sweep(
+    base_cfg: TrainConfig,
+    grid: Mapping[str, Sequence],
+    seeds: Sequence[int],
+    run_one: RunOne,
+    extra: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> dict:
     """Every configuration of the grid, then each `extra` one (written as a name,
     `loss.schedule=sigmoid`: one outside the product), x every seed (`run_configurations`). Returns
     the aggregate per configuration ("configurations", each with its grid values) and each run's
@@ -222,12 +256,18 @@ def run_sweep(base_cfg: TrainConfig, grid: Mapping[str, Sequence], seeds: Sequen
     swept = aggregate(results, key="configurations")
     for name, entry in swept["configurations"].items():
         entry["grid_values"] = grid_values(configurations[name])
-    swept["runs"] = {name: {str(seed): {"output_dir": output_dirs[name][str(seed)], "reused": seed in reused[name],
-                                        "metrics": run_metrics(summary),
-                                        "accuracy_after_each_task":
-                                            accuracy_after_each_task(summary["accuracy_matrix"])}
-                            for seed, summary in by_seed.items()}
-                     for name, by_seed in results.items()}
+    swept["runs"] = {
+        name: {
+            str(seed): {
+                "output_dir": output_dirs[name][str(seed)],
+                "reused": seed in reused[name],
+                "metrics": run_metrics(summary),
+                "accuracy_after_each_task": accuracy_after_each_task(summary["accuracy_matrix"]),
+            }
+            for seed, summary in by_seed.items()
+        }
+        for name, by_seed in results.items()
+    }
     swept["grid"] = {k: [_value_text(v) for v in values] for k, values in grid.items()}
     swept["extra"] = list(extra)
     swept["seeds"] = list(seeds)
@@ -275,10 +315,15 @@ def aggregate(results: Mapping[str, Mapping[int, Mapping]], key: str = "losses")
             "seeds": list(by_seed),
             "metrics": {metric: mean_and_std([v[metric] for v in per_seed]) for metric in TABLE_METRICS},
             "accuracy_after_each_task": _curve_mean_and_std(
-                [accuracy_after_each_task(s["accuracy_matrix"]) for s in by_seed.values()], f"{kind} {name}"),
+                [accuracy_after_each_task(s["accuracy_matrix"]) for s in by_seed.values()], f"{kind} {name}"
+            ),
         }
-    return {key: entries, "std_definition": STD_DEFINITION, "units": UNITS,
-            "metric_definitions": {name: METRIC_DEFINITIONS[name] for name in TABLE_METRICS}}
+    return {
+        key: entries,
+        "std_definition": STD_DEFINITION,
+        "units": UNITS,
+        "metric_definitions": {name: METRIC_DEFINITIONS[name] for name in TABLE_METRICS},
+    }
 
 
 def entries_of(aggregated: Mapping) -> Tuple[str, Mapping[str, Mapping]]:
@@ -301,12 +346,23 @@ def format_compare_table(aggregated: Mapping) -> str:
     kind, entries = entries_of(aggregated)
     seeds = sorted({seed for entry in entries.values() for seed in entry["seeds"]})
     counts = sorted({len(entry["seeds"]) for entry in entries.values()})
-    header = [kind, *(f"{METRIC_LABELS[name]} (%)" for name in ACCURACY_METRICS),
-              f"{METRIC_LABELS[FINAL_EPOCH_ENTROPY]} (nats)"]
-    rows = [[name, *(_mean_pm_std(entry["metrics"][metric], 100, 2) for metric in ACCURACY_METRICS),
-             _mean_pm_std(entry["metrics"][FINAL_EPOCH_ENTROPY], 1, 3)] for name, entry in entries.items()]
-    caption = (f"{'/'.join(map(str, counts))} seed(s) per {kind} (seeds {seeds}); mean +- {STD_DEFINITION}; "
-               "metrics are means over tasks")
+    header = [
+        kind,
+        *(f"{METRIC_LABELS[name]} (%)" for name in ACCURACY_METRICS),
+        f"{METRIC_LABELS[FINAL_EPOCH_ENTROPY]} (nats)",
+    ]
+    rows = [
+        [
+            name,
+            *(_mean_pm_std(entry["metrics"][metric], 100, 2) for metric in ACCURACY_METRICS),
+            _mean_pm_std(entry["metrics"][FINAL_EPOCH_ENTROPY], 1, 3),
+        ]
+        for name, entry in entries.items()
+    ]
+    caption = (
+        f"{'/'.join(map(str, counts))} seed(s) per {kind} (seeds {seeds}); mean +- {STD_DEFINITION}; "
+        "metrics are means over tasks"
+    )
     return caption + "\n\n" + aepg_kernels.utils.markdown_table(header, rows, align=True)
 
 

@@ -5,6 +5,7 @@ the list of valid keys, so a typo never silently falls back to a default.
     cfg = load_config("imagenet_r_10task_lora", ["optim.lr=1e-3", "loss.name=ce"])
     print(config_to_yaml(cfg))
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -98,9 +99,12 @@ class ScenarioConfig:
     order_seed: Optional[int] = None  # seed of the class permutation; null: run.seed
 
     def __post_init__(self):
-        require((self.num_tasks is None) != (self.classes_per_task is None), "scenario",
-                 f"set exactly one of num_tasks / classes_per_task (the other to null), got "
-                 f"num_tasks={self.num_tasks}, classes_per_task={self.classes_per_task}")
+        require(
+            (self.num_tasks is None) != (self.classes_per_task is None),
+            "scenario",
+            f"set exactly one of num_tasks / classes_per_task (the other to null), got "
+            f"num_tasks={self.num_tasks}, classes_per_task={self.classes_per_task}",
+        )
         for key in ("num_tasks", "classes_per_task"):
             value = getattr(self, key)
             require(value is None or value >= 1, f"scenario.{key}", "must be >= 1")
@@ -120,8 +124,11 @@ class OptimConfig:
         require(all(0 <= b < 1 for b in self.betas), "optim.betas", f"need 0 <= beta < 1, got {self.betas}")
         require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         require(self.epochs >= 1, "optim.epochs", "must be >= 1")
-        require(0 <= self.peft_frozen_epochs <= self.epochs, "optim.peft_frozen_epochs",
-                 f"need 0 <= peft_frozen_epochs <= epochs ({self.epochs}), got {self.peft_frozen_epochs}")
+        require(
+            0 <= self.peft_frozen_epochs <= self.epochs,
+            "optim.peft_frozen_epochs",
+            f"need 0 <= peft_frozen_epochs <= epochs ({self.epochs}), got {self.peft_frozen_epochs}",
+        )
 
 
 @dataclass
@@ -129,6 +136,7 @@ class FeedbackConfig:
     """loss.schedule=feedback (aepg_kernels.FeedbackAlpha): alpha starts every task at alpha0 and after
     each optimizer step moves by gain (target(t) - the batch's mean p_y), clamped to [0, 1], the
     target rising linearly from target_start to target_end over the task."""
+
     target_start: float = 0.5
     target_end: float = 0.95
     gain: float = 0.5
@@ -206,7 +214,8 @@ class _ConfigDumper(yaml.SafeDumper):
 
 
 _ConfigDumper.add_representer(
-    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+)
 
 
 def config_to_yaml(cfg) -> str:
@@ -235,8 +244,9 @@ def _read_yaml(name_or_path: str, base_dir: Optional[Path] = None) -> Tuple[dict
     else:
         preset = resources.files(__package__).joinpath("presets", f"{name_or_path}.yaml")
         if not preset.is_file():
-            raise ConfigError(f"no preset named {name_or_path!r}; presets: {', '.join(list_presets())} "
-                              f"(or a path to a .yaml file)")
+            raise ConfigError(
+                f"no preset named {name_or_path!r}; presets: {', '.join(list_presets())} (or a path to a .yaml file)"
+            )
         text, where = preset.read_text(), None
     values = yaml.safe_load(text) or {}
     if not isinstance(values, dict):

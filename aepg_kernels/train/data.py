@@ -7,6 +7,7 @@ mean/std (`backbone_normalization`). Train transforms draw all their randomness 
 RNG (the trainer seeds it per sample for an exact resume); test transforms are deterministic.
 `build_data` records where the data came from, the split and the transforms in `info` (JSON-able).
 """
+
 from __future__ import annotations
 
 import math
@@ -93,7 +94,7 @@ class TensorRandomResizedCrop:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         top, left, h, w = self._crop_params(image, list(self.scale), list(RRC_RATIO))
-        crop = image[None, :, top:top + h, left:left + w]
+        crop = image[None, :, top : top + h, left : left + w]
         out = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
         if self.hflip and torch.rand(1).item() < 0.5:
             out = out.flip(-1)
@@ -101,8 +102,10 @@ class TensorRandomResizedCrop:
 
     def __repr__(self) -> str:
         flip = ", RandomHorizontalFlip(p=0.5)" if self.hflip else ""
-        return (f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={RRC_RATIO}, bilinear){flip}, "
-                f"Normalize(mean={self.mean}, std={self.std})")
+        return (
+            f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={RRC_RATIO}, bilinear){flip}, "
+            f"Normalize(mean={self.mean}, std={self.std})"
+        )
 
 
 def _image_transforms(cfg: DataConfig, mean, std, eval_resize: str):
@@ -174,8 +177,9 @@ class Relabelled(Dataset):
 # splits
 
 
-def stratified_split(targets: torch.Tensor, test_fraction: float, seed: int = SPLIT_SEED
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(
+    targets: torch.Tensor, test_fraction: float, seed: int = SPLIT_SEED
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(train indices, test indices), each sorted: per class, round(n_c * test_fraction) samples
     (at least 1 and at most n_c - 1 when n_c >= 2) drawn by a seeded permutation go to test."""
     generator = torch.Generator().manual_seed(seed)
@@ -213,13 +217,23 @@ def _digits(cfg: DataConfig, mean, std) -> ContinualData:
     train_tf = TensorRandomResizedCrop(cfg.img_size, cfg.rrc_scale, cfg.hflip, mean, std)
     mean_t, std_t = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
     test_images = (images[test_idx] - mean_t) / std_t
-    info = dict(split=f"stratified: per class round(n * {cfg.test_fraction}) to test, seed {SPLIT_SEED}",
-                transforms=dict(train=f"Resize({cfg.img_size}, bilinear) once, {train_tf!r}",
-                                test=f"Resize({cfg.img_size}, bilinear), Normalize(mean={tuple(mean)}, "
-                                     f"std={tuple(std)}) once"))
-    return _assemble("sklearn.datasets.load_digits", None, 10,
-                     LabelledSplit(TensorImages(images[train_idx], targets[train_idx], train_tf), targets[train_idx]),
-                     LabelledSplit(TensorImages(test_images, targets[test_idx]), targets[test_idx]), mean, std, info)
+    info = dict(
+        split=f"stratified: per class round(n * {cfg.test_fraction}) to test, seed {SPLIT_SEED}",
+        transforms=dict(
+            train=f"Resize({cfg.img_size}, bilinear) once, {train_tf!r}",
+            test=f"Resize({cfg.img_size}, bilinear), Normalize(mean={tuple(mean)}, std={tuple(std)}) once",
+        ),
+    )
+    return _assemble(
+        "sklearn.datasets.load_digits",
+        None,
+        10,
+        LabelledSplit(TensorImages(images[train_idx], targets[train_idx], train_tf), targets[train_idx]),
+        LabelledSplit(TensorImages(test_images, targets[test_idx]), targets[test_idx]),
+        mean,
+        std,
+        info,
+    )
 
 
 def _required_root(cfg: DataConfig) -> Path:
@@ -261,21 +275,26 @@ def _imagefolder(cfg: DataConfig, mean, std) -> ContinualData:
     class names sorted, over every listed image (`info["classes"]`). Eval: resize + center crop."""
     root = _required_root(cfg)
     if not cfg.split_file:
-        raise ConfigError("data.split_file: data.name=imagefolder needs a split file listing "
-                          "'<relative image path> <train|test>' per line")
+        raise ConfigError(
+            "data.split_file: data.name=imagefolder needs a split file listing "
+            "'<relative image path> <train|test>' per line"
+        )
     split_path = Path(cfg.split_file).expanduser()
     split_path = split_path if split_path.is_absolute() else root / split_path
     if not split_path.is_file():
-        raise FileNotFoundError(f"data.split_file: {split_path} does not exist (relative paths are read from "
-                                f"data.root={cfg.root!r})")
+        raise FileNotFoundError(
+            f"data.split_file: {split_path} does not exist (relative paths are read from data.root={cfg.root!r})"
+        )
     entries = read_split_file(split_path)
     flat = [rel for rel, _ in entries if len(Path(rel).parts) < 2]
     if flat:
         raise ValueError(f"{split_path}: image paths must start with their class folder, got {flat[:3]}")
     missing = [rel for rel, _ in entries if not (root / rel).is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} image(s) listed in {split_path} are missing under {root}, "
-                                f"e.g. {', '.join(str(root / rel) for rel in missing[:3])}")
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) listed in {split_path} are missing under {root}, "
+            f"e.g. {', '.join(str(root / rel) for rel in missing[:3])}"
+        )
     classes = sorted({Path(rel).parts[0] for rel, _ in entries})
     label_of = {name: i for i, name in enumerate(classes)}
     train_tf, test_tf = _image_transforms(cfg, mean, std, eval_resize="center_crop")
@@ -285,10 +304,12 @@ def _imagefolder(cfg: DataConfig, mean, std) -> ContinualData:
         targets = torch.tensor([label_of[Path(rel).parts[0]] for rel in chosen], dtype=torch.long)
         return LabelledSplit(ImageFiles([str(root / rel) for rel in chosen], targets, transform), targets)
 
-    info = dict(split=f"split file {split_path}", classes=classes,
-                transforms=dict(train=repr(train_tf), test=repr(test_tf)))
-    return _assemble("imagefolder", str(root), len(classes), split("train", train_tf), split("test", test_tf),
-                     mean, std, info)
+    info = dict(
+        split=f"split file {split_path}", classes=classes, transforms=dict(train=repr(train_tf), test=repr(test_tf))
+    )
+    return _assemble(
+        "imagefolder", str(root), len(classes), split("train", train_tf), split("test", test_tf), mean, std, info
+    )
 
 
 def _cifar100(cfg: DataConfig, mean, std) -> ContinualData:
@@ -302,7 +323,8 @@ def _cifar100(cfg: DataConfig, mean, std) -> ContinualData:
             f"CIFAR-100 not found: expected the folder {root / CIFAR100_FOLDER} (data.root={cfg.root!r}). Get it "
             f"from https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it into data.root "
             f"(tar xzf cifar-100-python.tar.gz -C <data.root>), or run torchvision.datasets.CIFAR100(<data.root>, "
-            f"download=True) on a machine with internet access")
+            f"download=True) on a machine with internet access"
+        )
     train_tf, test_tf = _image_transforms(cfg, mean, std, eval_resize="full")
 
     def split(train: bool, transform) -> LabelledSplit:
@@ -310,15 +332,23 @@ def _cifar100(cfg: DataConfig, mean, std) -> ContinualData:
         return LabelledSplit(Relabelled(dataset, transform), torch.tensor(dataset.targets, dtype=torch.long))
 
     info = dict(split="official train/test", transforms=dict(train=repr(train_tf), test=repr(test_tf)))
-    return _assemble("torchvision.datasets.CIFAR100", str(root), 100, split(True, train_tf), split(False, test_tf),
-                     mean, std, info)
+    return _assemble(
+        "torchvision.datasets.CIFAR100", str(root), 100, split(True, train_tf), split(False, test_tf), mean, std, info
+    )
 
 
-def _assemble(source: str, root: Optional[str], num_classes: int, train: LabelledSplit, test: LabelledSplit,
-              mean, std, info: dict) -> ContinualData:
-    info = dict(source=source, root=root, num_classes=num_classes,
-                sizes=dict(train=len(train.targets), test=len(test.targets)),
-                mean=list(mean), std=list(std), **info)
+def _assemble(
+    source: str, root: Optional[str], num_classes: int, train: LabelledSplit, test: LabelledSplit, mean, std, info: dict
+) -> ContinualData:
+    info = dict(
+        source=source,
+        root=root,
+        num_classes=num_classes,
+        sizes=dict(train=len(train.targets), test=len(test.targets)),
+        mean=list(mean),
+        std=list(std),
+        **info,
+    )
     return ContinualData(train, test, num_classes, info)
 
 
@@ -326,9 +356,11 @@ def _assemble(source: str, root: Optional[str], num_classes: int, train: Labelle
 # label noise
 
 
-LABEL_NOISE_RULE = ("symmetric: round(fraction * n) training samples, the first of a permutation seeded by "
-                    "derive_seed(run.seed, 'label_noise'), each get a label drawn uniformly from the other classes "
-                    "of its scope (all: every class; task: the classes of its task); the test split is untouched")
+LABEL_NOISE_RULE = (
+    "symmetric: round(fraction * n) training samples, the first of a permutation seeded by "
+    "derive_seed(run.seed, 'label_noise'), each get a label drawn uniformly from the other classes "
+    "of its scope (all: every class; task: the classes of its task); the test split is untouched"
+)
 
 
 class NoisyLabels(Dataset):
@@ -344,8 +376,9 @@ class NoisyLabels(Dataset):
         return self.dataset[i][0], self.labels[i]
 
 
-def symmetric_label_noise(targets: torch.Tensor, fraction: float, seed: int,
-                          groups: Optional[Sequence[Sequence[int]]] = None) -> Tuple[torch.Tensor, dict]:
+def symmetric_label_noise(
+    targets: torch.Tensor, fraction: float, seed: int, groups: Optional[Sequence[Sequence[int]]] = None
+) -> Tuple[torch.Tensor, dict]:
     """(noisy targets, record of the flips). round(fraction * n) samples, the first of a permutation
     seeded by `seed` (so a smaller fraction flips a subset of a larger one's samples), each get a
     label drawn uniformly from the other classes of its group: `groups` partitions the classes
@@ -379,13 +412,20 @@ def symmetric_label_noise(targets: torch.Tensor, fraction: float, seed: int,
         new[members] = group[pick + (pick >= torch.searchsorted(group, original[members])).long()]
     noisy = targets.clone()
     noisy[indices] = new
-    record = dict(fraction=fraction, num_samples=len(targets), num_flipped=count,
-                  indices=indices.tolist(), original_labels=original.tolist(), noisy_labels=new.tolist())
+    record = dict(
+        fraction=fraction,
+        num_samples=len(targets),
+        num_flipped=count,
+        indices=indices.tolist(),
+        original_labels=original.tolist(),
+        noisy_labels=new.tolist(),
+    )
     return noisy, record
 
 
-def add_label_noise(data: ContinualData, fraction: float, run_seed: int,
-                    groups: Optional[Sequence[Sequence[int]]] = None) -> Tuple[ContinualData, Optional[dict]]:
+def add_label_noise(
+    data: ContinualData, fraction: float, run_seed: int, groups: Optional[Sequence[Sequence[int]]] = None
+) -> Tuple[ContinualData, Optional[dict]]:
     """`data` with symmetric label noise on its train split (`symmetric_label_noise` within `groups`,
     seeded from the run's seed only: every loss of a seed sees the same flips), and the record of the
     flips (positions in the train split) for the run's outputs; `fraction` 0 returns `data` itself
@@ -394,10 +434,13 @@ def add_label_noise(data: ContinualData, fraction: float, run_seed: int,
         return data, None
     noisy, record = symmetric_label_noise(data.train.targets, fraction, derive_seed(run_seed, "label_noise"), groups)
     scope = "all" if groups is None else [list(g) for g in groups]
-    record = dict(rule=LABEL_NOISE_RULE, run_seed=run_seed, indices_are="positions in the train split",
-                  groups=scope, **record)
-    info = dict(data.info, label_noise=dict(fraction=fraction, num_flipped=record["num_flipped"],
-                                            rule=LABEL_NOISE_RULE, groups=scope))
+    record = dict(
+        rule=LABEL_NOISE_RULE, run_seed=run_seed, indices_are="positions in the train split", groups=scope, **record
+    )
+    info = dict(
+        data.info,
+        label_noise=dict(fraction=fraction, num_flipped=record["num_flipped"], rule=LABEL_NOISE_RULE, groups=scope),
+    )
     train = LabelledSplit(NoisyLabels(data.train.dataset, noisy), noisy)
     return ContinualData(train, data.test, data.num_classes, info), record
 
@@ -426,9 +469,19 @@ def load_mnist5k(img_size: int, crop: int = MNIST_SIDE) -> Tuple[torch.Tensor, t
     pixels, labels = mnist_data()
     images = torch.as_tensor(pixels, dtype=torch.float32).view(-1, 1, MNIST_SIDE, MNIST_SIDE) / MNIST_MAX_VALUE
     margin = (MNIST_SIDE - crop) // 2
-    images = images[:, :, margin:margin + crop, margin:margin + crop]
+    images = images[:, :, margin : margin + crop, margin : margin + crop]
     return _resize(images, img_size), torch.as_tensor(labels, dtype=torch.long)
 
 
-__all__ = ["ContinualData", "LabelledSplit", "NoisyLabels", "add_label_noise", "backbone_normalization", "build_data",
-           "load_mnist5k", "read_split_file", "stratified_split", "symmetric_label_noise"]
+__all__ = [
+    "ContinualData",
+    "LabelledSplit",
+    "NoisyLabels",
+    "add_label_noise",
+    "backbone_normalization",
+    "build_data",
+    "load_mnist5k",
+    "read_split_file",
+    "stratified_split",
+    "symmetric_label_noise",
+]

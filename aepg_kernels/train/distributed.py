@@ -5,6 +5,7 @@ trainer has one code path. Backends: nccl on CUDA, gloo on the CPU.
 
     rank, world_size, device = init_from_env(cfg.run.device)
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,7 @@ def is_main() -> bool:
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """"auto": this process's GPU when there is one, else the CPU; "cuda" means cuda:<local rank>."""
+    """ "auto": this process's GPU when there is one, else the CPU; "cuda" means cuda:<local rank>."""
     return aepg_kernels.utils.resolve_device(device, local_rank)
 
 
@@ -48,8 +49,10 @@ def init_from_env(device: str = "auto") -> Tuple[int, int, torch.device]:
         return 0, 1, resolve_device(device)
     missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
     if missing:
-        raise RuntimeError(f"incomplete torch.distributed environment: {present} set but {missing} missing "
-                           f"(launch with torchrun, or unset them for a single process)")
+        raise RuntimeError(
+            f"incomplete torch.distributed environment: {present} set but {missing} missing "
+            f"(launch with torchrun, or unset them for a single process)"
+        )
     resolved = resolve_device(device, int(os.environ["LOCAL_RANK"]))
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
@@ -116,7 +119,7 @@ def all_reduce_gradients(params: Iterable[nn.Parameter], weight: float = 1.0) ->
     flat = torch.cat([flat, counts])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     sizes = [g.numel() for g in grads]
-    chunks, counts = flat[:-len(params)].split(sizes), flat[-len(params):]
+    chunks, counts = flat[: -len(params)].split(sizes), flat[-len(params) :]
     # Only a rank that lacks a gradient reads the counts (a device sync); a parameter it has a
     # gradient for has one on some rank by definition.
     nobody = set()

@@ -1,4 +1,5 @@
 """Class-incremental evaluation: argmax over every class seen so far, per sample."""
+
 from __future__ import annotations
 
 from typing import Iterable, Optional, Tuple
@@ -10,8 +11,9 @@ from .heads import predict
 
 
 @torch.no_grad()
-def predict_loader(model: nn.Module, loader: Iterable, device: Optional[torch.device] = None
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+def predict_loader(
+    model: nn.Module, loader: Iterable, device: Optional[torch.device] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(predictions, targets) over `loader` in its order, the model in eval mode (restored after)."""
     was_training = model.training
     model.eval()

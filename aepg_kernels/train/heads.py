@@ -3,6 +3,7 @@
 Label space: the scenario remaps labels so that task t owns the contiguous range
 `[lo_t, hi_t)`; the heads' concatenated logits cover every class seen so far, in that order.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -47,8 +48,9 @@ class TaskHeads(nn.Module):
         return torch.cat([head(features) for head in self.heads], dim=-1)
 
 
-def local_loss(criterion: nn.Module, logits: torch.Tensor, targets: torch.Tensor, class_range: Tuple[int, int],
-               **kwargs):
+def local_loss(
+    criterion: nn.Module, logits: torch.Tensor, targets: torch.Tensor, class_range: Tuple[int, int], **kwargs
+):
     """The criterion over the current task's classes only: the logits are sliced to
     `[lo, hi)` (not masked: -inf logits would put 0 * -inf into entropy terms) and the targets
     shifted into it, so p_y is the probability within the task. `kwargs` go to the criterion

@@ -2,6 +2,7 @@
 `LossConfig` validates `loss.name` against, and likewise `SCHEDULES` for aEPG's `loss.schedule`.
 Built on the public `aepg_kernels` API only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,14 +25,16 @@ ScheduleBuilder = Callable[["LossConfig", int, Optional[torch.device]], ak.Alpha
 @dataclass(frozen=True)
 class RegisteredLoss:
     """An entry of LOSSES: what the loss computes, in one line, and how to build it from the config."""
+
     description: str
     build: LossBuilder
 
 
 def _feedback_schedule(cfg: LossConfig, total_steps: int, device: Optional[torch.device]) -> ak.AlphaSchedule:
     f = cfg.feedback
-    return ak.FeedbackAlpha(total_steps, target_start=f.target_start, target_end=f.target_end, gain=f.gain,
-                            alpha0=f.alpha0, device=device)
+    return ak.FeedbackAlpha(
+        total_steps, target_start=f.target_start, target_end=f.target_end, gain=f.gain, alpha0=f.alpha0, device=device
+    )
 
 
 SCHEDULES: Dict[str, ScheduleBuilder] = {  # loss.schedule, of aepg only
@@ -56,8 +59,10 @@ def _aepg(cfg: LossConfig, total_steps: int, device: Optional[torch.device]) -> 
 
 def _policy_loss(options: Callable[[LossConfig], dict]) -> LossBuilder:
     """A builder of `ak.PolicyLoss` with the keyword arguments `options(cfg)`."""
+
     def build(cfg: LossConfig, _total_steps: int, _device: Optional[torch.device]) -> nn.Module:
         return ak.PolicyLoss(**options(cfg), backend=cfg.backend)
+
     return build
 
 
@@ -65,14 +70,21 @@ LOSSES: Dict[str, RegisteredLoss] = {
     "ce": RegisteredLoss("cross-entropy", _policy_loss(lambda cfg: {})),
     "epg": RegisteredLoss("EPG, 1 - p_y", _policy_loss(lambda cfg: dict(ce_weight=0.0, epg_weight=1.0))),
     "aepg": RegisteredLoss("alpha CE + (1 - alpha) EPG, alpha from loss.schedule", _aepg),
-    "cp": RegisteredLoss("CE - beta H, beta = loss.entropy_weight (confidence penalty)",
-                         _policy_loss(lambda cfg: dict(entropy_weight=-cfg.entropy_weight))),
-    "ep": RegisteredLoss("CE + beta H, beta = loss.entropy_weight (entropy penalty)",
-                         _policy_loss(lambda cfg: dict(entropy_weight=cfg.entropy_weight))),
-    "ls": RegisteredLoss("CE with label smoothing loss.label_smoothing",
-                         _policy_loss(lambda cfg: dict(label_smoothing=cfg.label_smoothing))),
-    "focal": RegisteredLoss("focal loss, gamma = loss.focal_gamma",
-                            _policy_loss(lambda cfg: dict(focal_gamma=cfg.focal_gamma))),
+    "cp": RegisteredLoss(
+        "CE - beta H, beta = loss.entropy_weight (confidence penalty)",
+        _policy_loss(lambda cfg: dict(entropy_weight=-cfg.entropy_weight)),
+    ),
+    "ep": RegisteredLoss(
+        "CE + beta H, beta = loss.entropy_weight (entropy penalty)",
+        _policy_loss(lambda cfg: dict(entropy_weight=cfg.entropy_weight)),
+    ),
+    "ls": RegisteredLoss(
+        "CE with label smoothing loss.label_smoothing",
+        _policy_loss(lambda cfg: dict(label_smoothing=cfg.label_smoothing)),
+    ),
+    "focal": RegisteredLoss(
+        "focal loss, gamma = loss.focal_gamma", _policy_loss(lambda cfg: dict(focal_gamma=cfg.focal_gamma))
+    ),
 }
 LOSS_NAMES = tuple(LOSSES)
 

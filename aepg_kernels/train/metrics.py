@@ -4,6 +4,7 @@ R[t][i] is the accuracy on task i's test set after training on tasks 0..t (entri
 not measured and ignored). Every metric is a mean over tasks (each task weighs the same, whatever
 the size of its test set), in the unit of R (fractions or percent).
 """
+
 from __future__ import annotations
 
 import math

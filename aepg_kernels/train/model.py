@@ -1,4 +1,5 @@
 """The continual model: a stock timm ViT (no downloads) with PEFT wrappers and per-task heads."""
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,8 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
             raise FileNotFoundError(
                 f"model.pretrained=true needs a local weight file for {cfg.name!r}: download it (e.g. "
                 f"model.safetensors of the hf-hub repo timm/{cfg.name}) and pass model.checkpoint=<path>, "
-                f"or set model.pretrained=false for random weights")
+                f"or set model.pretrained=false for random weights"
+            )
         if not os.path.isfile(cfg.checkpoint):
             raise FileNotFoundError(f"model.checkpoint={cfg.checkpoint!r} does not exist (weights for {cfg.name!r})")
         overlay = dict(file=cfg.checkpoint)

@@ -1,4 +1,5 @@
 """The optimizer of a task: built afresh at the start of every task, over what the task trains."""
+
 from __future__ import annotations
 
 from typing import Sequence

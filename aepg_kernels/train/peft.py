@@ -10,6 +10,7 @@ and owns only its new parameters:
 - Prompt: `model.pos_drop` -> `PromptTokens`, L learned tokens inserted after the class token,
   after the position embedding (input-level, so `blocks` does not apply).
 """
+
 from __future__ import annotations
 
 import math
@@ -86,8 +87,9 @@ class PrefixAttention(PeftModule):
     def __init__(self, base: nn.Module, length: int):
         super().__init__()
         if not all(hasattr(base, a) for a in ("qkv", "num_heads", "head_dim", "proj")):
-            raise TypeError(f"Prefix needs timm's Attention (qkv, num_heads, head_dim, proj), "
-                            f"got {type(base).__name__}")
+            raise TypeError(
+                f"Prefix needs timm's Attention (qkv, num_heads, head_dim, proj), got {type(base).__name__}"
+            )
         self.base = base
         attn_dim = base.num_heads * base.head_dim
         factory = dict(device=base.qkv.weight.device, dtype=base.qkv.weight.dtype)
@@ -169,8 +171,9 @@ def _insert_prompt_tokens(model: nn.Module, length: int) -> PromptTokens:
     if getattr(model, "dynamic_img_size", False):
         raise ValueError("prompt tokens need a fixed image size (dynamic_img_size resamples by prefix count)")
     weight = model.patch_embed.proj.weight
-    model.pos_drop = PromptTokens(model.pos_drop, length, model.embed_dim, model.num_prefix_tokens,
-                                  device=weight.device, dtype=weight.dtype)
+    model.pos_drop = PromptTokens(
+        model.pos_drop, length, model.embed_dim, model.num_prefix_tokens, device=weight.device, dtype=weight.dtype
+    )
     # Prompts count as prefix tokens, so average pooling and patch dropout skip them, as the class token.
     model.num_prefix_tokens += length
     return model.pos_drop

@@ -9,6 +9,7 @@ does from ImageNet weights.
 The cache file is named by a hash of the model (name, kwargs), the input size and the recipe
 below, so changing any of them trains a new backbone instead of reusing a stale one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,18 +74,23 @@ def ensure_pretrained_backbone(cfg: TrainConfig, log: Callable[[str], None] = pr
     if path.is_file():
         log(f"pretrained backbone: {path} (cached)")
         return str(path)
-    log(f"pretraining {cfg.model.name} on MNIST-5k at {cfg.data.img_size}x{cfg.data.img_size} (once; cached in "
-        f"{path.parent})")
+    log(
+        f"pretraining {cfg.model.name} on MNIST-5k at {cfg.data.img_size}x{cfg.data.img_size} (once; cached in "
+        f"{path.parent})"
+    )
     state_dict, report = pretrain_backbone(cfg.model, cfg.data.img_size, log)
     ak.utils.write_json(path.with_suffix(".json"), report, "pretrain report")
     ak.utils.write_atomically(path, lambda f: torch.save(state_dict, f))
-    log(f"pretrained backbone: held-out MNIST accuracy {report['held_out_accuracy']:.4f} "
-        f"in {report['seconds']:.0f} s -> {path}")
+    log(
+        f"pretrained backbone: held-out MNIST accuracy {report['held_out_accuracy']:.4f} "
+        f"in {report['seconds']:.0f} s -> {path}"
+    )
     return str(path)
 
 
-def pretrain_backbone(model: ModelConfig, img_size: int, log: Callable[[str], None] = print
-                      ) -> Tuple[Dict[str, torch.Tensor], dict]:
+def pretrain_backbone(
+    model: ModelConfig, img_size: int, log: Callable[[str], None] = print
+) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Trains the whole backbone + a linear head on MNIST-5k with cross-entropy (`RECIPE`);
     returns the backbone's state dict (no head) and a JSON-able report."""
     start = time.perf_counter()
@@ -100,18 +106,31 @@ def pretrain_backbone(model: ModelConfig, img_size: int, log: Callable[[str], No
         classifier = nn.Sequential(backbone, nn.Linear(backbone.num_features, MNIST_CLASSES))
         losses = _train(classifier, images[train_idx], labels[train_idx], log)
         held_out = _accuracy(classifier, images[test_idx], labels[test_idx])
-    report = dict(model=model.name, kwargs=model.kwargs, img_size=img_size, recipe=RECIPE,
-                  recipe_version=RECIPE_VERSION, mean=list(mean), std=list(std), train_size=len(train_idx),
-                  held_out_size=len(test_idx), held_out_accuracy=held_out, epoch_losses=losses,
-                  seconds=time.perf_counter() - start, torch_threads=torch.get_num_threads())
+    report = dict(
+        model=model.name,
+        kwargs=model.kwargs,
+        img_size=img_size,
+        recipe=RECIPE,
+        recipe_version=RECIPE_VERSION,
+        mean=list(mean),
+        std=list(std),
+        train_size=len(train_idx),
+        held_out_size=len(test_idx),
+        held_out_accuracy=held_out,
+        epoch_losses=losses,
+        seconds=time.perf_counter() - start,
+        torch_threads=torch.get_num_threads(),
+    )
     return {k: v.detach().clone() for k, v in backbone.state_dict().items()}, report
 
 
 def _check_input_size(backbone: nn.Module, img_size: int) -> None:
     expected = tuple(getattr(backbone.patch_embed, "img_size", None) or (img_size, img_size))
     if expected != (img_size, img_size) and not getattr(backbone, "dynamic_img_size", False):
-        raise ValueError(f"data.img_size={img_size} but the backbone takes {expected[0]}x{expected[1]} inputs: "
-                         f"set model.kwargs.img_size={img_size} (or data.img_size={expected[0]})")
+        raise ValueError(
+            f"data.img_size={img_size} but the backbone takes {expected[0]}x{expected[1]} inputs: "
+            f"set model.kwargs.img_size={img_size} (or data.img_size={expected[0]})"
+        )
 
 
 def _normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -166,6 +185,8 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def _accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     classifier.eval()
-    correct = sum((classifier(x).argmax(1) == y).sum().item()
-                  for x, y in zip(images.split(EVAL_BATCH_SIZE), labels.split(EVAL_BATCH_SIZE), strict=True))
+    correct = sum(
+        (classifier(x).argmax(1) == y).sum().item()
+        for x, y in zip(images.split(EVAL_BATCH_SIZE), labels.split(EVAL_BATCH_SIZE), strict=True)
+    )
     return correct / len(labels)

@@ -6,6 +6,7 @@ so a reader of the JSON never has to guess which "average" a number is. Files ar
 `aepg_kernels.utils` (atomically; strict JSON, where NaN, an unmeasured or undefined value, is
 null; figures on their own Agg canvas).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -38,15 +39,17 @@ METRIC_LABELS = {  # short column / legend labels
     FINAL_EPOCH_ENTROPY: "final-epoch entropy",
 }
 
-ACCURACY_MATRIX_DEFINITION = ("R[t][i]: accuracy on task i's test set after training tasks 0..t, argmax over "
-                              "every class seen so far; null where i > t (not measured)")
+ACCURACY_MATRIX_DEFINITION = (
+    "R[t][i]: accuracy on task i's test set after training tasks 0..t, argmax over "
+    "every class seen so far; null where i > t (not measured)"
+)
 HISTORY_FIELDS = {
     "task": "task index (0-based)",
     "epoch": "epoch within the task (0-based)",
     "peft_trainable": "false in the head-only epochs (PEFT frozen)",
     "loss": "mean training loss over the epoch's samples",
     "entropy": "mean over the epoch's training samples of the prediction entropy over the current task's "
-               "classes, in nats (natural log)",
+    "classes, in nats (natural log)",
     "sample_weight": "mean over the epoch's training samples of the factor of (p - e_y) in the loss gradient",
     "alpha": "mean aEPG alpha over the epoch's samples (null for other losses)",
 }
@@ -67,9 +70,11 @@ def final_epoch_entropy(history: Sequence[Mapping]) -> float:
     return sum(last_epoch.values()) / len(last_epoch) if last_epoch else math.nan
 
 
-METRIC_DEFINITIONS = {"accuracy_after_each_task": _definition(metrics.accuracy_after_each_task),
-                      **{name: _definition(f) for name, f in ACCURACY_METRICS.items()},
-                      FINAL_EPOCH_ENTROPY: _definition(final_epoch_entropy)}
+METRIC_DEFINITIONS = {
+    "accuracy_after_each_task": _definition(metrics.accuracy_after_each_task),
+    **{name: _definition(f) for name, f in ACCURACY_METRICS.items()},
+    FINAL_EPOCH_ENTROPY: _definition(final_epoch_entropy),
+}
 
 
 def run_metrics(summary: Mapping) -> Dict[str, float]:
@@ -102,15 +107,21 @@ def summary_record(cfg, summary: Mapping, extra_info: Mapping) -> dict:
     return aepg_kernels.utils.to_jsonable(record, "summary")
 
 
-def write_run_outputs(output_dir, cfg, summary: Mapping, extra_info: Optional[Mapping] = None,
-                      label_noise: Optional[Mapping] = None) -> Dict[str, Path]:
+def write_run_outputs(
+    output_dir, cfg, summary: Mapping, extra_info: Optional[Mapping] = None, label_noise: Optional[Mapping] = None
+) -> Dict[str, Path]:
     """Writes summary.json, config.yaml and the three plots into `output_dir` (created if needed),
     and noise.json (the flipped training labels) when `label_noise` is given; returns their paths by
     name ("summary", "config", "accuracy_matrix", "accuracy_per_task", "entropy", "label_noise")."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"summary": out / SUMMARY_FILE, "config": out / CONFIG_FILE, "accuracy_matrix": out / MATRIX_PLOT,
-             "accuracy_per_task": out / PER_TASK_PLOT, "entropy": out / ENTROPY_PLOT}
+    paths = {
+        "summary": out / SUMMARY_FILE,
+        "config": out / CONFIG_FILE,
+        "accuracy_matrix": out / MATRIX_PLOT,
+        "accuracy_per_task": out / PER_TASK_PLOT,
+        "entropy": out / ENTROPY_PLOT,
+    }
     record = summary_record(cfg, summary, extra_info or {})
     aepg_kernels.utils.write_json(paths["summary"], record, "summary")
     aepg_kernels.utils.write_text(paths["config"], config_to_yaml(cfg))
@@ -136,8 +147,10 @@ def format_run_summary(summary: Mapping) -> str:
     """The accuracy matrix and the four accuracy metrics in %, a few lines for the terminal."""
     R = summary["accuracy_matrix"]
     T = len(R)
-    lines = ["accuracy matrix R[t][i] (%): row t = after training task t, column i = task i",
-             "        " + "".join(f"{f'task {i}':>9}" for i in range(T))]
+    lines = [
+        "accuracy matrix R[t][i] (%): row t = after training task t, column i = task i",
+        "        " + "".join(f"{f'task {i}':>9}" for i in range(T)),
+    ]
     for t, row in enumerate(R):
         lines.append(f"after {t:<2}" + "".join(f"{_percent(row[i]) if i <= t else '':>9}" for i in range(T)))
     values = run_metrics(summary)
@@ -165,8 +178,15 @@ def plot_accuracy_matrix(R: Sequence[Sequence[float]], path) -> None:
         for t in range(T):
             for i in range(t + 1):
                 if not math.isnan(percent[t][i]):
-                    ax.text(i, t, f"{percent[t][i]:.1f}", ha="center", va="center", fontsize=8,
-                            color="white" if percent[t][i] < 50 else "black")
+                    ax.text(
+                        i,
+                        t,
+                        f"{percent[t][i]:.1f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if percent[t][i] < 50 else "black",
+                    )
     ax.set_xticks(range(T))
     ax.set_yticks(range(T))
     ax.set_xlabel("evaluated task i")
@@ -182,8 +202,14 @@ def plot_accuracy_per_task(R: Sequence[Sequence[float]], path) -> None:
     figure, (ax,) = aepg_kernels.utils.new_figure()
     tasks = list(range(T))
     for i in range(T):
-        ax.plot(tasks[i:], [percent[t][i] for t in range(i, T)], marker=".", linewidth=0.8, alpha=0.6,
-                label=f"task {i}" if T <= 10 else None)
+        ax.plot(
+            tasks[i:],
+            [percent[t][i] for t in range(i, T)],
+            marker=".",
+            linewidth=0.8,
+            alpha=0.6,
+            label=f"task {i}" if T <= 10 else None,
+        )
     A = [100 * a for a in metrics.accuracy_after_each_task(R)]
     ax.plot(tasks, A, marker="o", color="black", linewidth=2.2, label="A_t (mean over seen tasks)")
     ax.set_xticks(tasks)
@@ -218,8 +244,9 @@ def plot_entropy(history: Sequence[Mapping], path) -> None:
                 ax.axvspan(n - 0.5, n + 0.5, color="gray", alpha=0.12, linewidth=0)
     for ax in (ax_entropy, ax_weight):
         ax.grid(alpha=0.3)
-    ax_entropy.set_title("training entropy and sample weight per epoch (dashed: task boundary, "
-                         "shaded: PEFT frozen)", fontsize=9)
+    ax_entropy.set_title(
+        "training entropy and sample weight per epoch (dashed: task boundary, shaded: PEFT frozen)", fontsize=9
+    )
     if not history:
         ax_entropy.text(0.5, 0.5, "no training history", ha="center", va="center", transform=ax_entropy.transAxes)
     aepg_kernels.utils.save_figure(figure, path)

@@ -3,6 +3,7 @@ PEFT, data with the backbone's normalisation, class-incremental scenario, traini
 
     summary = run(load_config("demo_digits", ["loss.name=ce"]))
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,11 +50,15 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     scenario = ClassIncrementalScenario.from_config(cfg.scenario, data.train.targets, seed=cfg.run.seed)
     groups = None if cfg.data.label_noise_scope == "all" else scenario.tasks()
     if groups is not None and cfg.data.label_noise > 0 and min(scenario.task_sizes) < 2:
-        raise ConfigError(f"data.label_noise_scope: 'task' needs >= 2 classes in every task, got task sizes "
-                          f"{list(scenario.task_sizes)}")
+        raise ConfigError(
+            f"data.label_noise_scope: 'task' needs >= 2 classes in every task, got task sizes "
+            f"{list(scenario.task_sizes)}"
+        )
     data, label_noise = add_label_noise(data, cfg.data.label_noise, cfg.run.seed, groups)
-    log(f"{data.info.get('source', cfg.data.name)}: {len(data.train.targets)} train / {len(data.test.targets)} "
-        f"test images, {scenario.num_classes} classes in {scenario.num_tasks} tasks")
+    log(
+        f"{data.info.get('source', cfg.data.name)}: {len(data.train.targets)} train / {len(data.test.targets)} "
+        f"test images, {scenario.num_classes} classes in {scenario.num_tasks} tasks"
+    )
     trainer = ContinualTrainer(model, scenario, cfg, device=device, log=log)
     summary = trainer.fit(data.train.dataset, data.train.targets, data.test.dataset, data.test.targets)
     if distributed.is_main():

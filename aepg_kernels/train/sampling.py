@@ -8,6 +8,7 @@ exactly what an uninterrupted one does, whatever the number of workers or proces
 - `SeededSamples`: each sample read with the CPU RNG seeded by its position in the epoch, so its
   random augmentation depends on that position only.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -78,11 +79,22 @@ class EpochBatches(Sampler):
     batch_size except maybe the last batch, whose share may be empty). `start` skips the first
     batches without reading them (a resumed epoch)."""
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, task: int, epoch: int,
-                 rank: int = 0, world_size: int = 1, start: int = 0):
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        task: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+    ):
         if batch_size % world_size:
-            raise ValueError(f"data.batch_size={batch_size} must be a multiple of the number of processes "
-                             f"(world size {world_size}): each rank takes batch_size / world_size rows")
+            raise ValueError(
+                f"data.batch_size={batch_size} must be a multiple of the number of processes "
+                f"(world size {world_size}): each rank takes batch_size / world_size rows"
+            )
         self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
         self.num_batches = math.ceil(num_samples / batch_size)
         if not 0 <= start <= self.num_batches:

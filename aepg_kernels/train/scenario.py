@@ -5,6 +5,7 @@ into consecutive tasks. Labels are remapped to their position in that order, so 
 contiguous range `[lo_t, hi_t)` of the growing classifier. The order is stored (`state_dict`) so
 a run can be reproduced exactly and compared across methods.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,8 +35,15 @@ class ClassIncrementalScenario:
             raise ValueError(f"task_sizes {self.task_sizes} must be >= 1 and sum to {len(self.class_order)} classes")
 
     @classmethod
-    def create(cls, labels: Sequence[int], *, num_tasks: Optional[int] = None, classes_per_task: Optional[int] = None,
-               order: str = "natural", seed: Optional[int] = None) -> "ClassIncrementalScenario":
+    def create(
+        cls,
+        labels: Sequence[int],
+        *,
+        num_tasks: Optional[int] = None,
+        classes_per_task: Optional[int] = None,
+        order: str = "natural",
+        seed: Optional[int] = None,
+    ) -> "ClassIncrementalScenario":
         """From the set of class labels. Give exactly one of `num_tasks` (classes spread as evenly as
         possible, the first tasks taking one more when it does not divide) or `classes_per_task`
         (the last task takes the remainder). `order="permuted"` needs a `seed`."""
@@ -71,8 +79,13 @@ class ClassIncrementalScenario:
     @classmethod
     def from_config(cls, cfg, targets, seed: int) -> "ClassIncrementalScenario":
         """From a `ScenarioConfig`; `seed` (the run's) orders the classes unless cfg.order_seed is set."""
-        return cls.from_targets(targets, num_tasks=cfg.num_tasks, classes_per_task=cfg.classes_per_task,
-                                order=cfg.class_order, seed=seed if cfg.order_seed is None else cfg.order_seed)
+        return cls.from_targets(
+            targets,
+            num_tasks=cfg.num_tasks,
+            classes_per_task=cfg.classes_per_task,
+            order=cfg.class_order,
+            seed=seed if cfg.order_seed is None else cfg.order_seed,
+        )
 
     @property
     def num_tasks(self) -> int:

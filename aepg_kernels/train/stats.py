@@ -15,6 +15,7 @@ With n seeds the bootstrap cannot be wider than the range of the d and is too na
 the t interval is the one the tables show. Wins count the seeds where the configuration is better
 by more than TIE_TOLERANCE (higher accuracy, lower forgetting); entropy has no better side.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,11 @@ BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 TIE_TOLERANCE = 1e-9  # accuracies are ratios of counts: equal runs give equal values
 HIGHER_IS_BETTER: Dict[str, Optional[bool]] = {
-    "final_accuracy": True, "average_incremental_accuracy": True, "forgetting_max_based": False,
-    "backward_transfer": True, FINAL_EPOCH_ENTROPY: None,
+    "final_accuracy": True,
+    "average_incremental_accuracy": True,
+    "forgetting_max_based": False,
+    "backward_transfer": True,
+    FINAL_EPOCH_ENTROPY: None,
 }
 STATS_METRICS = ("final_accuracy", "average_incremental_accuracy", "forgetting_max_based", FINAL_EPOCH_ENTROPY)
 STATS_TABLE, ENTROPY_PLOT = "sweep_stats.md", "sweep_entropy.png"
@@ -48,9 +52,14 @@ def t_quantile(q: float, dof: int) -> float:
     return float(t.ppf(q, dof))
 
 
-def paired_difference(values: Sequence[float], baseline: Sequence[float], higher_is_better: Optional[bool] = True,
-                      confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
-                      seed: int = BOOTSTRAP_SEED) -> Dict[str, object]:
+def paired_difference(
+    values: Sequence[float],
+    baseline: Sequence[float],
+    higher_is_better: Optional[bool] = True,
+    confidence: float = CONFIDENCE,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> Dict[str, object]:
     """Statistics of d = values - baseline (paired: the same seed at the same position): mean, sample
     std, the paired-t and bootstrap intervals of the mean, the two-sided paired-t p-value, and the
     seeds won / tied / lost (None where the metric has no better side). NaN where n < 2."""
@@ -70,8 +79,15 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float], higher
         p_value = float(2 * t.sf(abs(mean) / se, n - 1)) if se > 0 else (1.0 if mean == 0 else 0.0)
         draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
         bootstrap = np.quantile(d[draws].mean(axis=1), [(1 - confidence) / 2, (1 + confidence) / 2]).tolist()
-    record = {"n": n, "mean": mean, "std": std, "t_interval": t_interval, "bootstrap_interval": bootstrap,
-              "t_p_value": p_value, "differences": d.tolist()}
+    record = {
+        "n": n,
+        "mean": mean,
+        "std": std,
+        "t_interval": t_interval,
+        "bootstrap_interval": bootstrap,
+        "t_p_value": p_value,
+        "differences": d.tolist(),
+    }
     if higher_is_better is None:
         record.update(wins=None, ties=None, losses=None)
     else:
@@ -100,14 +116,18 @@ def pair_baselines(values: Mapping[str, Mapping[str, object]], baseline: Sequenc
     wanted = grid_values({item.partition("=")[0]: item.partition("=")[2] for item in baseline})
     matching = [name for name, v in values.items() if all(k in v and v[k] == x for k, x in wanted.items())]
     if not matching:
-        raise ConfigError(f"sweep.baseline: no configuration has {', '.join(baseline)}; configurations: "
-                          f"{', '.join(values)}")
+        raise ConfigError(
+            f"sweep.baseline: no configuration has {', '.join(baseline)}; configurations: {', '.join(values)}"
+        )
     out = {}
     for name, v in values.items():
         if name in matching:
             continue
-        candidates = matching if len(matching) == 1 else [
-            m for m in matching if all(values[m].get(k) == x for k, x in v.items() if k not in wanted)]
+        candidates = (
+            matching
+            if len(matching) == 1
+            else [m for m in matching if all(values[m].get(k) == x for k, x in v.items() if k not in wanted)]
+        )
         if len(candidates) == 1:
             out[name] = candidates[0]
     if not out:
@@ -125,8 +145,9 @@ def _by_seed(entry: Mapping, metric: str) -> Dict[int, float]:
     return dict(zip(entry["seeds"], entry["metrics"][metric]["values"], strict=True))
 
 
-def compare_to_baseline(aggregated: Mapping, baseline: Sequence[str], metrics: Sequence[str] = STATS_METRICS,
-                        **options) -> Dict[str, dict]:
+def compare_to_baseline(
+    aggregated: Mapping, baseline: Sequence[str], metrics: Sequence[str] = STATS_METRICS, **options
+) -> Dict[str, dict]:
     """Per configuration (not itself a baseline): its baseline, the seeds both ran, and
     `paired_difference` of each metric over those seeds. `options` go to paired_difference."""
     _, entries = entries_of(aggregated)
@@ -138,8 +159,9 @@ def compare_to_baseline(aggregated: Mapping, baseline: Sequence[str], metrics: S
             seeds = sorted(mine.keys() & theirs.keys())
             if not seeds:
                 break
-            per_metric[metric] = paired_difference([mine[s] for s in seeds], [theirs[s] for s in seeds],
-                                                   HIGHER_IS_BETTER.get(metric), **options)
+            per_metric[metric] = paired_difference(
+                [mine[s] for s in seeds], [theirs[s] for s in seeds], HIGHER_IS_BETTER.get(metric), **options
+            )
         if seeds:
             out[name] = {"baseline": base, "seeds": seeds, "metrics": per_metric}
     return out
@@ -162,8 +184,17 @@ def _number(value, scale: float, digits: int, sign: bool = False) -> str:
 def format_difference_table(comparisons: Mapping[str, Mapping], metrics: Sequence[str] = STATS_METRICS) -> str:
     """One row per (configuration, metric): the mean paired difference against its baseline with its
     95% paired-t and bootstrap intervals, the paired-t p-value and wins / ties / losses over seeds."""
-    header = ["configuration", "baseline", "metric", "n", "mean difference", "95% CI (paired t)",
-              "95% CI (bootstrap)", "p (paired t)", "wins / ties / losses"]
+    header = [
+        "configuration",
+        "baseline",
+        "metric",
+        "n",
+        "mean difference",
+        "95% CI (paired t)",
+        "95% CI (bootstrap)",
+        "p (paired t)",
+        "wins / ties / losses",
+    ]
     rows = []
     for name, comparison in comparisons.items():
         for metric in metrics:
@@ -171,16 +202,28 @@ def format_difference_table(comparisons: Mapping[str, Mapping], metrics: Sequenc
                 continue
             stat = comparison["metrics"][metric]
             scale, digits, unit = _scale(metric)
-            interval = lambda pair: (f"[{_number(pair[0], scale, digits, True)}, "
-                                     f"{_number(pair[1], scale, digits, True)}]")
+            interval = lambda pair: (
+                f"[{_number(pair[0], scale, digits, True)}, {_number(pair[1], scale, digits, True)}]"
+            )
             record = "-" if stat["wins"] is None else f"{stat['wins']} / {stat['ties']} / {stat['losses']}"
             p = stat["t_p_value"]
-            rows.append([name, comparison["baseline"], f"{METRIC_LABELS[metric]} ({unit})", str(stat["n"]),
-                         _number(stat["mean"], scale, digits, True), interval(stat["t_interval"]),
-                         interval(stat["bootstrap_interval"]), "n/a" if p is None or math.isnan(p) else f"{p:.3f}",
-                         record])
-    caption = ("paired over seeds: difference = configuration - baseline, per seed; accuracies in points (%), "
-               f"entropy in nats; wins: better by more than {TIE_TOLERANCE:g} (higher accuracy, lower forgetting)")
+            rows.append(
+                [
+                    name,
+                    comparison["baseline"],
+                    f"{METRIC_LABELS[metric]} ({unit})",
+                    str(stat["n"]),
+                    _number(stat["mean"], scale, digits, True),
+                    interval(stat["t_interval"]),
+                    interval(stat["bootstrap_interval"]),
+                    "n/a" if p is None or math.isnan(p) else f"{p:.3f}",
+                    record,
+                ]
+            )
+    caption = (
+        "paired over seeds: difference = configuration - baseline, per seed; accuracies in points (%), "
+        f"entropy in nats; wins: better by more than {TIE_TOLERANCE:g} (higher accuracy, lower forgetting)"
+    )
     return caption + "\n\n" + aepg_kernels.utils.markdown_table(header, rows, align=True)
 
 
@@ -195,8 +238,11 @@ def numeric_grid_keys(aggregated: Mapping) -> List[str]:
     for name, entry in entries.items():
         for key, value in entry_grid_values(name, entry).items():
             seen.setdefault(key, set()).add(value)
-    return [k for k, v in seen.items()
-            if len(v) > 1 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)]
+    return [
+        k
+        for k, v in seen.items()
+        if len(v) > 1 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    ]
 
 
 def plot_metric_versus(aggregated: Mapping, key: str, path, metric: str = "final_accuracy") -> None:

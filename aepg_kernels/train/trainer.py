@@ -21,6 +21,7 @@ Data parallel (torchrun, see distributed.py): every rank takes an equal share of
 of data.batch_size rows, gradients are averaged with one all_reduce per step, the epoch statistics
 and the evaluation counts are summed over ranks, so every rank holds the same parameters and results.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import aepg_kernels as ak
 
 from . import distributed
-from .checkpoint import (Position, ResumeError, TrainerState, backbone_fingerprint, checkpoint_path, load_checkpoint,
-                         load_trained_state, save_checkpoint, trained_state)
+from .checkpoint import (
+    Position,
+    ResumeError,
+    TrainerState,
+    backbone_fingerprint,
+    checkpoint_path,
+    load_checkpoint,
+    load_trained_state,
+    save_checkpoint,
+    trained_state,
+)
 from .config import TrainConfig, config_to_dict
 from .evaluation import predict_loader
 from .heads import local_loss
@@ -59,8 +69,14 @@ class ContinualTrainer:
     `run.resume` is set. With torch.distributed initialised (distributed.init_from_env), every rank
     runs the same calls on its share of the data."""
 
-    def __init__(self, model: ContinualViT, scenario: ClassIncrementalScenario, cfg: TrainConfig,
-                 device: Optional[torch.device] = None, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        model: ContinualViT,
+        scenario: ClassIncrementalScenario,
+        cfg: TrainConfig,
+        device: Optional[torch.device] = None,
+        log: Callable[[str], None] = print,
+    ):
         self.model, self.scenario, self.cfg, self.log = model, scenario, cfg, log
         self.device = torch.device(device) if device is not None else distributed.resolve_device(cfg.run.device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
@@ -93,14 +109,20 @@ class ContinualTrainer:
         return build_optimizer(self.model.trainable_parameters(), self.cfg.optim)
 
     def _batches(self, train_set: Dataset, task: int, epoch: int, start: int = 0) -> EpochBatches:
-        return EpochBatches(len(train_set), self.cfg.data.batch_size, self.cfg.run.seed, task, epoch,
-                            self.rank, self.world_size, start)
+        return EpochBatches(
+            len(train_set), self.cfg.data.batch_size, self.cfg.run.seed, task, epoch, self.rank, self.world_size, start
+        )
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         # An own generator: the loader's worker base seed must not draw from the global RNG.
         generator = torch.Generator().manual_seed(self.cfg.run.seed)
-        return DataLoader(dataset, num_workers=self.cfg.data.num_workers, generator=generator,
-                          pin_memory=self.device.type == "cuda", **kwargs)
+        return DataLoader(
+            dataset,
+            num_workers=self.cfg.data.num_workers,
+            generator=generator,
+            pin_memory=self.device.type == "cuda",
+            **kwargs,
+        )
 
     # -- training ------------------------------------------------------------------------------
 
@@ -114,16 +136,22 @@ class ContinualTrainer:
         class_range = self.scenario.class_range(task)
         frozen_epochs = cfg.optim.peft_frozen_epochs if task > 0 else 0
         show_bar = cfg.run.progress and distributed.is_main()
-        with ak.utils.progress_bar(cfg.optim.epochs * num_batches, show_bar,
-                                   initial=self.position.epoch * num_batches + self.position.batch,
-                                   desc=f"task {task + 1}/{self.scenario.num_tasks}", unit="step",
-                                   leave=False) as bar:
+        with ak.utils.progress_bar(
+            cfg.optim.epochs * num_batches,
+            show_bar,
+            initial=self.position.epoch * num_batches + self.position.batch,
+            desc=f"task {task + 1}/{self.scenario.num_tasks}",
+            unit="step",
+            leave=False,
+        ) as bar:
             for epoch in range(self.position.epoch, cfg.optim.epochs):
                 peft_trainable = epoch >= frozen_epochs
                 self.model.set_peft_trainable(peft_trainable)
                 if epoch in (0, frozen_epochs) and self.position.batch == 0:
-                    self.log(f"task {task} epoch {epoch}: {self.model.num_trainable_parameters()} trainable "
-                             f"parameters{'' if peft_trainable else ' (PEFT frozen)'}")
+                    self.log(
+                        f"task {task} epoch {epoch}: {self.model.num_trainable_parameters()} trainable "
+                        f"parameters{'' if peft_trainable else ' (PEFT frozen)'}"
+                    )
                 stats = self._train_epoch(task, epoch, train_set, class_range, bar)
                 self.history.append({"task": task, "epoch": epoch, "peft_trainable": peft_trainable, **stats})
                 bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.4f}")
@@ -146,8 +174,7 @@ class ContinualTrainer:
         self.model.train()
         batches = self._batches(train_set, task, epoch, start=self.position.batch)
         samples = SeededSamples(train_set, self.cfg.run.seed, "sample", task, epoch)
-        loader = self._loader(samples, batch_sampler=batches,
-                              collate_fn=collate_or_none)
+        loader = self._loader(samples, batch_sampler=batches, collate_fn=collate_or_none)
         trained = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
         # Sums over this rank's rows stay on the device: no host synchronisation per step.
         totals = torch.zeros(len(EPOCH_MEANS), device=self.device)
@@ -183,8 +210,14 @@ class ContinualTrainer:
             loss, stats = local_loss(self.criterion, logits, y, class_range, return_stats=True)
             loss.backward()
             n = len(y)
-            sums = torch.stack([loss.detach().float() * n, stats.entropy.sum(), stats.sample_weight.sum(),
-                                torch.as_tensor(alpha, dtype=torch.float32, device=self.device) * n])
+            sums = torch.stack(
+                [
+                    loss.detach().float() * n,
+                    stats.entropy.sum(),
+                    stats.sample_weight.sum(),
+                    torch.as_tensor(alpha, dtype=torch.float32, device=self.device) * n,
+                ]
+            )
         distributed.all_reduce_gradients(trained, weight=share)
         self.optimizer.step()
         if self._feedback:
@@ -244,15 +277,23 @@ class ContinualTrainer:
     def _state(self, epoch_totals: Optional[torch.Tensor]) -> TrainerState:
         mid_task = self.position.task_started
         return TrainerState(
-            config=config_to_dict(self.cfg), scenario=self.scenario.state_dict(),
-            backbone_fingerprint=self._fingerprint(), world_size=self.world_size, position=self.position,
-            global_step=self.global_step, num_heads=len(self.model.heads.heads),
+            config=config_to_dict(self.cfg),
+            scenario=self.scenario.state_dict(),
+            backbone_fingerprint=self._fingerprint(),
+            world_size=self.world_size,
+            position=self.position,
+            global_step=self.global_step,
+            num_heads=len(self.model.heads.heads),
             model=trained_state(self.model, self.cfg.peft.freeze_backbone),
-            accuracy_matrix=self.accuracy_matrix.state_dict(), history=self.history,
-            trainable_per_task=self.trainable_per_task, timing=self.timing,
+            accuracy_matrix=self.accuracy_matrix.state_dict(),
+            history=self.history,
+            trainable_per_task=self.trainable_per_task,
+            timing=self.timing,
             optimizer=self.optimizer.state_dict() if mid_task else None,
             schedule=self.schedule.state_dict() if mid_task and self.schedule is not None else None,
-            epoch_totals=epoch_totals, task_seconds=time.perf_counter() - self._task_clock if mid_task else 0.0)
+            epoch_totals=epoch_totals,
+            task_seconds=time.perf_counter() - self._task_clock if mid_task else 0.0,
+        )
 
     def resume(self) -> bool:
         """Restores the run from run.output_dir's checkpoint if there is one; True if it did."""
@@ -262,8 +303,10 @@ class ContinualTrainer:
             return False
         state.check_resumable(config_to_dict(self.cfg), self.scenario.state_dict(), self._fingerprint(), path)
         if len(self.model.heads.heads):
-            raise ResumeError(f"resuming from {path} needs a model without heads (the checkpoint rebuilds them), "
-                              f"got {len(self.model.heads.heads)}")
+            raise ResumeError(
+                f"resuming from {path} needs a model without heads (the checkpoint rebuilds them), "
+                f"got {len(self.model.heads.heads)}"
+            )
         self._restore(state)
         p = self.position
         self.log(f"resumed from {path}: task {p.task} epoch {p.epoch} batch {p.batch} (step {self.global_step})")
@@ -286,8 +329,9 @@ class ContinualTrainer:
 
     # -- the run -------------------------------------------------------------------------------
 
-    def fit(self, train_set: Dataset, train_targets, test_set: Dataset, test_targets,
-            stop_after_steps: Optional[int] = None) -> Dict[str, object]:
+    def fit(
+        self, train_set: Dataset, train_targets, test_set: Dataset, test_targets, stop_after_steps: Optional[int] = None
+    ) -> Dict[str, object]:
         """Runs every task (resuming first when run.resume and a checkpoint exists); returns the
         metric summary with the class order, per-epoch history and seconds per task.
         `stop_after_steps`: raise TrainingInterrupted after that many optimizer steps (tests)."""
@@ -306,6 +350,10 @@ class ContinualTrainer:
             self.position = Position(task + 1)
             self.optimizer = None
             self.save_checkpoint()
-        return {**self.accuracy_matrix.summary(), "scenario": self.scenario.state_dict(),
-                "trainable_parameters_per_task": self.trainable_per_task, "history": self.history,
-                "timing": self.timing}
+        return {
+            **self.accuracy_matrix.summary(),
+            "scenario": self.scenario.state_dict(),
+            "trainable_parameters_per_task": self.trainable_per_task,
+            "history": self.history,
+            "timing": self.timing,
+        }

@@ -12,10 +12,10 @@
 
 namespace aepg::cpu {
 
-#define AEPG_DECLARE_KERNELS(capability)    \
-  namespace capability {                    \
-  void forward(const KernelArgs& args);     \
-  void backward(const KernelArgs& args);    \
+#define AEPG_DECLARE_KERNELS(capability) \
+  namespace capability {                 \
+  void forward(const KernelArgs& args);  \
+  void backward(const KernelArgs& args); \
   }
 #ifdef AEPG_CPU_AVX2
 AEPG_DECLARE_KERNELS(AVX2)
@@ -43,32 +43,41 @@ static Isa isa() {
 void forward(const KernelArgs& args) {
   switch (isa()) {
 #ifdef AEPG_CPU_AVX512
-    case Isa::kAvx512: return AVX512::forward(args);
+    case Isa::kAvx512:
+      return AVX512::forward(args);
 #endif
 #ifdef AEPG_CPU_AVX2
-    case Isa::kAvx2: return AVX2::forward(args);
+    case Isa::kAvx2:
+      return AVX2::forward(args);
 #endif
-    default: return DEFAULT::forward(args);
+    default:
+      return DEFAULT::forward(args);
   }
 }
 
 void backward(const KernelArgs& args) {
   switch (isa()) {
 #ifdef AEPG_CPU_AVX512
-    case Isa::kAvx512: return AVX512::backward(args);
+    case Isa::kAvx512:
+      return AVX512::backward(args);
 #endif
 #ifdef AEPG_CPU_AVX2
-    case Isa::kAvx2: return AVX2::backward(args);
+    case Isa::kAvx2:
+      return AVX2::backward(args);
 #endif
-    default: return DEFAULT::backward(args);
+    default:
+      return DEFAULT::backward(args);
   }
 }
 
 const char* capability() {
   switch (isa()) {
-    case Isa::kAvx512: return "AVX512";
-    case Isa::kAvx2: return "AVX2";
-    default: return "DEFAULT";
+    case Isa::kAvx512:
+      return "AVX512";
+    case Isa::kAvx2:
+      return "AVX2";
+    default:
+      return "DEFAULT";
   }
 }
 

@@ -55,11 +55,15 @@ using at::vec::Vectorized;
 // The lane-wise max and sum, as reduce_rows and vec_reduce_all take them.
 struct LaneMax {
   template <class V>
-  AEPG_ALWAYS_INLINE V operator()(const V& a, const V& b) const { return at::vec::maximum(a, b); }
+  AEPG_ALWAYS_INLINE V operator()(const V& a, const V& b) const {
+    return at::vec::maximum(a, b);
+  }
 };
 struct LaneSum {
   template <class V>
-  AEPG_ALWAYS_INLINE V operator()(const V& a, const V& b) const { return a + b; }
+  AEPG_ALWAYS_INLINE V operator()(const V& a, const V& b) const {
+    return a + b;
+  }
 };
 
 // Sum of the lanes (a shuffle tree where ATen has one).
@@ -113,7 +117,8 @@ struct ElementTargets {
 
 // Of the W lanes at column k, the first `count` (W: all); lanes past the row read 0.
 template <class T>
-AEPG_ALWAYS_INLINE ElementTargets<Vectorized<T>> element_targets(const Row<T>& row, int64_t k, int count, const LossParams<T>& p) {
+AEPG_ALWAYS_INLINE ElementTargets<Vectorized<T>> element_targets(const Row<T>& row, int64_t k, int count,
+                                                                 const LossParams<T>& p) {
   using V = Vectorized<T>;
   constexpr int W = V::size();
   auto load = [&](const T* ptr) AEPG_LAMBDA_INLINE { return count == W ? V::loadu(ptr) : V::loadu(ptr, count); };
@@ -306,7 +311,7 @@ inline const T* row_in_acc(const scalar_t* x, int64_t n, T* buffer) {
 // as exp(log p_k) (backward, e == nullptr).
 template <class T>
 AEPG_ALWAYS_INLINE void grad_row(const Row<T>& row, const T* e, T inv_s, T m, T log_s, int64_t y, int64_t n,
-                     const GradCoefficients<T>& c, const LossParams<T>& p, Prefetcher& pf, T* out) {
+                                 const GradCoefficients<T>& c, const LossParams<T>& p, Prefetcher& pf, T* out) {
   using V = Vectorized<T>;
   auto chunk = [&](int64_t k, int count) AEPG_LAMBDA_INLINE {
     constexpr int W = V::size();
@@ -400,9 +405,7 @@ constexpr int kBlockRows = 16;
 // 552 -> 676 ns a row), so rows longer than kMaxBlockCols go one at a time, results in scalars.
 constexpr int64_t kMaxBlockCols = 256;
 
-inline int block_rows(const KernelArgs& args) {
-  return args.grad && args.n_cols > kMaxBlockCols ? 1 : kBlockRows;
-}
+inline int block_rows(const KernelArgs& args) { return args.grad && args.n_cols > kMaxBlockCols ? 1 : kBlockRows; }
 
 // Per-row values of a block, one array per field so that phase 2 loads a vector of rows.
 template <class T>
@@ -475,7 +478,8 @@ AEPG_NOINLINE void short_rows_sums(const KernelArgs& args, Block<T>& b, int64_t 
     reduce_rows<T, R>(u, b.u, LaneSum()), reduce_rows<T, R>(pq, b.pq, LaneSum());
     reduce_rows<T, R>(wq, b.wq, LaneSum());
   }
-  if (p.smoothing || p.prob_target) reduce_rows<T, R>(zs, b.zs, LaneSum()), reduce_rows<T, R>(wq_smooth, b.wq_smooth, LaneSum());
+  if (p.smoothing || p.prob_target)
+    reduce_rows<T, R>(zs, b.zs, LaneSum()), reduce_rows<T, R>(wq_smooth, b.wq_smooth, LaneSum());
 }
 
 // Rows j .. j + lanes of a block's array as V: a vector of rows, or one row's scalar (V = T).
@@ -537,8 +541,8 @@ AEPG_ALWAYS_INLINE void block_results(const KernelArgs& args, Block<T>& b, int64
     store(st.loss, loss + i0 + j);
     for_each_stat(st, [&](int stat, const V& v) AEPG_LAMBDA_INLINE { store(v, stats + stat * args.n_rows + i0 + j); });
     if (!args.grad) continue;
-    const GradCoefficients<V> c = grad_coefficients(V(g_scale), r.entropy, r.p_target, r.logp_y, r.aux,
-                                                    r.sample_weight, r.row_weight, p);
+    const GradCoefficients<V> c =
+        grad_coefficients(V(g_scale), r.entropy, r.p_target, r.logp_y, r.aux, r.sample_weight, r.row_weight, p);
     store(c.c_p, b.c_p + j), store(c.c_e, b.c_e + j), store(c.c_w, b.c_w + j), store(c.g_y, b.g_y + j);
     store(c.entropy, b.entropy + j), store(r.log_s, b.log_s + j), store(V(T(1)) / sums.s, b.inv_s + j);
   }
@@ -565,7 +569,9 @@ void forward_rows(const KernelArgs& args, const LossParams<T>& params, int64_t b
   const T g_scale = mean_scale<T>(args);
   Block<T> b{};  // lanes past a partial block read zeros or earlier rows, never garbage
   auto x_of = [&](int64_t i) { return static_cast<const scalar_t*>(args.logits) + i * args.logits_stride; };
-  auto q_of = [&](int64_t i) { return args.prob_target ? static_cast<const T*>(args.target) + i * args.q_stride : nullptr; };
+  auto q_of = [&](int64_t i) {
+    return args.prob_target ? static_cast<const T*>(args.target) + i * args.q_stride : nullptr;
+  };
   auto z_of = [&](int r) { return same ? nullptr : z_buffer.data() + (args.grad || short_rows ? r * n : 0); };
   auto e_of = [&](int r) { return args.grad ? e_buffer.data() + r * n : nullptr; };
 
@@ -644,9 +650,9 @@ void backward_rows(const KernelArgs& args, const LossParams<T>& params, int64_t 
     const T aux = stats[kAux * n_rows + i];  // 1 - p_y for index targets
     const T logp_y = target.y >= 0 ? log_p_target(row.z[target.y] - m, log_s, aux) : T(0);
     const T g_row = grad_loss[i * args.grad_loss_stride] * g_scale;
-    const GradCoefficients<T> c = grad_coefficients(
-        g_row, stats[kEntropy * n_rows + i], stats[kPTarget * n_rows + i], logp_y, aux,
-        stats[kSampleWeight * n_rows + i], stats[kRowWeight * n_rows + i], p);
+    const GradCoefficients<T> c =
+        grad_coefficients(g_row, stats[kEntropy * n_rows + i], stats[kPTarget * n_rows + i], logp_y, aux,
+                          stats[kSampleWeight * n_rows + i], stats[kRowWeight * n_rows + i], p);
     T* values = same ? reinterpret_cast<T*>(out) : g_buffer.data();
     grad_row(row, static_cast<const T*>(nullptr), T(0), m, log_s, target.y, n, c, p, pf, values);
     store_grad_row(out, values, target, n, false);
@@ -668,10 +674,14 @@ template <class T, class Go>
 inline void template_mode(Mode mode, const Go& go) {
   if constexpr (!std::is_same_v<T, double>) {
     switch (mode) {
-      case Mode::kPlain: return go(std::integral_constant<Mode, Mode::kPlain>());
-      case Mode::kEntropy: return go(std::integral_constant<Mode, Mode::kEntropy>());
-      case Mode::kEntropyTerm: return go(std::integral_constant<Mode, Mode::kEntropyTerm>());
-      default: break;
+      case Mode::kPlain:
+        return go(std::integral_constant<Mode, Mode::kPlain>());
+      case Mode::kEntropy:
+        return go(std::integral_constant<Mode, Mode::kEntropy>());
+      case Mode::kEntropyTerm:
+        return go(std::integral_constant<Mode, Mode::kEntropyTerm>());
+      default:
+        break;
     }
   }
   go(std::integral_constant<Mode, Mode::kGeneric>());
@@ -696,11 +706,16 @@ void run_rows(const KernelArgs& args) {
     template_mode<T>(mode_of<T>(args, p), go);
   };
   switch (args.dtype) {
-    case c10::ScalarType::Float: return run(float(), float());
-    case c10::ScalarType::Double: return run(double(), double());
-    case c10::ScalarType::Half: return run(c10::Half(), float());
-    case c10::ScalarType::BFloat16: return run(c10::BFloat16(), float());
-    default: TORCH_CHECK(false, "aepg: unsupported logits dtype ", args.dtype);
+    case c10::ScalarType::Float:
+      return run(float(), float());
+    case c10::ScalarType::Double:
+      return run(double(), double());
+    case c10::ScalarType::Half:
+      return run(c10::Half(), float());
+    case c10::ScalarType::BFloat16:
+      return run(c10::BFloat16(), float());
+    default:
+      TORCH_CHECK(false, "aepg: unsupported logits dtype ", args.dtype);
   }
 }
 

@@ -61,11 +61,15 @@ __device__ __forceinline__ void store_pack(scalar_t* ptr, int64_t col, const T* 
 
 struct MaxOp {
   template <class T>
-  __device__ T operator()(T a, T b) const { return a > b ? a : b; }
+  __device__ T operator()(T a, T b) const {
+    return a > b ? a : b;
+  }
 };
 struct SumOp {
   template <class T>
-  __device__ T operator()(T a, T b) const { return a + b; }
+  __device__ T operator()(T a, T b) const {
+    return a + b;
+  }
 };
 
 // All-reduce over a group of G threads: shuffles within the group (G <= 32), then, for a group
@@ -306,7 +310,8 @@ int sm_count(int device) {
 
 // Blocks for `units` units of work: enough to fill the GPU, then grid-stride.
 unsigned grid_for(int64_t units, int device, int blocks_per_sm = 8) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(units, int64_t(sm_count(device)) * blocks_per_sm)));
+  return static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>(units, int64_t(sm_count(device)) * blocks_per_sm)));
 }
 
 template <class scalar_t>
@@ -359,11 +364,16 @@ void backward_vec(const KernelArgs& args, cudaStream_t stream) {
 template <class Fn>
 void dispatch_dtype(c10::ScalarType dtype, const Fn& fn) {
   switch (dtype) {
-    case c10::ScalarType::Float: return fn(float(), float());
-    case c10::ScalarType::Double: return fn(double(), double());
-    case c10::ScalarType::Half: return fn(c10::Half(), float());
-    case c10::ScalarType::BFloat16: return fn(c10::BFloat16(), float());
-    default: TORCH_CHECK(false, "aepg: unsupported dtype ", dtype);
+    case c10::ScalarType::Float:
+      return fn(float(), float());
+    case c10::ScalarType::Double:
+      return fn(double(), double());
+    case c10::ScalarType::Half:
+      return fn(c10::Half(), float());
+    case c10::ScalarType::BFloat16:
+      return fn(c10::BFloat16(), float());
+    default:
+      TORCH_CHECK(false, "aepg: unsupported dtype ", dtype);
   }
 }
 

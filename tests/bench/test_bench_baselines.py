@@ -1,4 +1,5 @@
 """The baselines a user would pick: the lean composite (and which implementations run by default)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,9 +37,14 @@ def test_lean_composite_equals_the_float64_reference(loss, mode):
         torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("options", [dict(label_smoothing=0.1), dict(focal_gamma=2.0),
-                                     dict(label_smoothing=0.2, focal_gamma=1.5, ce_weight=0.7, epg_weight=0.3,
-                                          entropy_weight=-0.05)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(label_smoothing=0.1),
+        dict(focal_gamma=2.0),
+        dict(label_smoothing=0.2, focal_gamma=1.5, ce_weight=0.7, epg_weight=0.3, entropy_weight=-0.05),
+    ],
+)
 def test_lean_label_smoothing_and_focal_match_the_package(options):
     gen = torch.Generator().manual_seed(0)
     x = (3 * torch.randn(50, 23, generator=gen, dtype=torch.float64)).requires_grad_()
@@ -67,8 +73,10 @@ def test_lean_eager_is_the_default_baseline_and_reference_an_extra_row():
     assert names[0] == implementations.BASELINE == "lean-eager"
     assert {"lean-compile", "reference", "F.cross_entropy"} <= set(names)
     assert "reference-compile" not in names  # only when named: each case compiles
-    assert [impl.name for impl in implementations.select(CPU, ["reference-compile"])] == ["lean-eager",
-                                                                                        "reference-compile"]
+    assert [impl.name for impl in implementations.select(CPU, ["reference-compile"])] == [
+        "lean-eager",
+        "reference-compile",
+    ]
     assert implementations.REFERENCE.label == "reference (package eager)"
     assert implementations.LEAN_COMPILE.compiled and implementations.REFERENCE_COMPILE.compiled
     assert set(implementations.SPEEDUP_BASELINES.values()) <= set(implementations.ALL_NAMES)

@@ -1,4 +1,5 @@
 """aepg-bench end to end on the CPU (tiny shapes) and its argument errors."""
+
 import json
 import subprocess
 import sys
@@ -20,8 +21,22 @@ def test_cpu_run_writes_json_and_png(tmp_path, capsys):
     out = tmp_path / "run.json"
     fused = ["cpu"] if "cpu" in ak.available_backends() else []
     impls = ",".join(["lean-eager", "reference", "F.cross_entropy", "triton"] + fused)
-    rc = commands.main(["--device", "cpu", "--shapes", "8x10,16x33", "--losses", "ce,aepg",
-                   "--modes", "fwd,fwd+bwd,fwd+bwd/rows", "--implementations", impls, "--out", str(out)])
+    rc = commands.main(
+        [
+            "--device",
+            "cpu",
+            "--shapes",
+            "8x10,16x33",
+            "--losses",
+            "ce,aepg",
+            "--modes",
+            "fwd,fwd+bwd,fwd+bwd/rows",
+            "--implementations",
+            impls,
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0
     document = json.loads(out.read_text())
@@ -38,13 +53,20 @@ def test_cpu_run_writes_json_and_png(tmp_path, capsys):
         case = Case(r["loss"], r["mode"], r["dtype"], r["n"], r["c"])
         assert r["gbps"] == pytest.approx(bandwidth.minimal_bytes(case) / r["seconds"] / 1e9)
         assert r["check"]["passed"] and r["peak_extra_bytes"] is None
-    assert all(r["status"] == output.NOT_APPLICABLE for r in records
-               if r["implementation"] == "F.cross_entropy" and r["loss"] != "ce")
+    assert all(
+        r["status"] == output.NOT_APPLICABLE
+        for r in records
+        if r["implementation"] == "F.cross_entropy" and r["loss"] != "ce"
+    )
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
     for r in timed:
         if r["loss"] == "ce":
-            ce_seconds = next(o["seconds"] for o in timed if o["implementation"] == "F.cross_entropy"
-                              and (o["mode"], o["n"], o["c"]) == (r["mode"], r["n"], r["c"]))
+            ce_seconds = next(
+                o["seconds"]
+                for o in timed
+                if o["implementation"] == "F.cross_entropy"
+                and (o["mode"], o["n"], o["c"]) == (r["mode"], r["n"], r["c"])
+            )
             assert r["speedup_vs_torch_ce"] == pytest.approx(ce_seconds / r["seconds"])
         else:
             assert r["speedup_vs_torch_ce"] is None
@@ -56,8 +78,18 @@ def test_cpu_run_writes_json_and_png(tmp_path, capsys):
 
 def test_compile_runs_and_is_checked(tmp_path):
     out = tmp_path / "compile.json"
-    argv = ["--device", "cpu", "--shapes", "8x10", "--modes", "fwd", "--implementations", "lean-compile",
-            "--out", str(out)]
+    argv = [
+        "--device",
+        "cpu",
+        "--shapes",
+        "8x10",
+        "--modes",
+        "fwd",
+        "--implementations",
+        "lean-compile",
+        "--out",
+        str(out),
+    ]
     assert commands.main(argv) == 0
     records = {r["implementation"]: r for r in json.loads(out.read_text())["records"]}
     assert set(records) == {"lean-eager", "lean-compile"}  # lean-eager always runs: the baseline
@@ -66,20 +98,23 @@ def test_compile_runs_and_is_checked(tmp_path):
     assert compiled["speedup_vs_lean_compile"] == 1.0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--losses", "nll"], "--losses: unknown"),
-    (["--shapes", "10"], "--shapes: expected NxC"),
-    (["--implementations", "apex"], "--implementations: unknown"),
-    (["--implementations", "eager"], "'eager' is now lean-eager"),
-    (["--suite", "overhead", "--implementations", "reference"], "--suite overhead has fixed rows"),
-    (["--suite", "overhead", "--repeats", "0"], "--repeats must be >= 1"),
-    (["--repeats", "3"], "--repeats: for --suite overhead only"),
-    (["--threads", "0"], "--threads must be >= 1"),
-    (["--max-seconds", "0"], "--max-seconds must be > 0"),
-    (["--suite", "nightly"], "invalid choice"),
-    (["trainer-step", "--classes", "ten"], "--classes: expected a comma list of integers"),
-    (["trainer-step", "--batch", "0"], "--batch must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--losses", "nll"], "--losses: unknown"),
+        (["--shapes", "10"], "--shapes: expected NxC"),
+        (["--implementations", "apex"], "--implementations: unknown"),
+        (["--implementations", "eager"], "'eager' is now lean-eager"),
+        (["--suite", "overhead", "--implementations", "reference"], "--suite overhead has fixed rows"),
+        (["--suite", "overhead", "--repeats", "0"], "--repeats must be >= 1"),
+        (["--repeats", "3"], "--repeats: for --suite overhead only"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--max-seconds", "0"], "--max-seconds must be > 0"),
+        (["--suite", "nightly"], "invalid choice"),
+        (["trainer-step", "--classes", "ten"], "--classes: expected a comma list of integers"),
+        (["trainer-step", "--batch", "0"], "--batch must be >= 1"),
+    ],
+)
 def test_argument_errors_name_the_argument(argv, message, capsys):
     with pytest.raises(SystemExit) as error:
         commands.main(argv)
@@ -89,8 +124,10 @@ def test_argument_errors_name_the_argument(argv, message, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
 def test_gpu_only_requests_fail_clearly_without_a_gpu(capsys):
-    for argv, message in ((["--suite", "gpu"], "--suite gpu: the full GPU sweep needs a CUDA device"),
-                          (["--device", "cuda"], "--device cuda: no CUDA device")):
+    for argv, message in (
+        (["--suite", "gpu"], "--suite gpu: the full GPU sweep needs a CUDA device"),
+        (["--device", "cuda"], "--device cuda: no CUDA device"),
+    ):
         with pytest.raises(SystemExit):
             commands.main(argv)
         assert message in capsys.readouterr().err
@@ -105,20 +142,42 @@ def test_time_budget_skips_the_remaining_cases_and_says_so():
 
 
 def test_python_dash_m_lists_the_quick_suite():
-    out = subprocess.run([sys.executable, "-m", "aepg_kernels.bench", "--list"], capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-m", "aepg_kernels.bench", "--list"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert "aepg fwd+bwd fp32 4096x1000" in out
 
 
 def test_trainer_step_on_a_tiny_vit(tmp_path, capsys):
     out = tmp_path / "step.json"
-    rc = commands.main(["trainer-step", "--device", "cpu", "--model", "vit_tiny_patch16_224", "--image-size", "32",
-                   "--steps", "1", "--warmup", "0", "--classes", "5,300", "--out", str(out)])
+    rc = commands.main(
+        [
+            "trainer-step",
+            "--device",
+            "cpu",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--image-size",
+            "32",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--classes",
+            "5,300",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     assert "(CPU: batch 2 instead of 256" in capsys.readouterr().out
     records = json.loads(out.read_text())["records"]
-    assert [(r["classes"], r["loss_backend"]) for r in records] == [(5, "fused"), (5, "eager"),
-                                                                     (300, "fused"), (300, "eager")]
+    assert [(r["classes"], r["loss_backend"]) for r in records] == [
+        (5, "fused"),
+        (5, "eager"),
+        (300, "fused"),
+        (300, "eager"),
+    ]
     assert all(r["status"] == "ok" and r["step_ms"] > 0 and r["batch"] == 2 for r in records)
     assert records[0]["speedup_vs_eager"] == pytest.approx(records[1]["step_ms"] / records[0]["step_ms"])
 
@@ -149,8 +208,9 @@ def test_an_interrupted_run_writes_what_it_measured_and_exits_130(tmp_path, monk
         return run_case(*args, **kwargs)
 
     monkeypatch.setattr(measure, "run_case", interrupted_after_one_case)
-    rc = commands.main(["--device", "cpu", "--shapes", "8x10,8x11,8x12", "--implementations", "lean-eager",
-                   "--out", str(out)])
+    rc = commands.main(
+        ["--device", "cpu", "--shapes", "8x10,8x11,8x12", "--implementations", "lean-eager", "--out", str(out)]
+    )
     assert rc == output.INTERRUPTED == 130
     document = json.loads(out.read_text())
     assert document["complete"] is False and "KeyboardInterrupt" in document["interrupted"]
@@ -172,6 +232,7 @@ def test_compile_runs_only_on_target_shapes_when_the_suite_says_so():
 def test_implementations_share_the_rotation_of_input_copies():
     """Each implementation goes on from the copy where the previous one stopped."""
     from aepg_kernels.bench import inputs as bench_inputs, timing
+
     case = Case("ce", "fwd", "fp32", 8, 10)
     inputs = bench_inputs.make_inputs(case, torch.device("cpu"), rotations=5)
     assert len({x.data_ptr() for x in inputs.logits}) == 5

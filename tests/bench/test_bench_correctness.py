@@ -1,4 +1,5 @@
 """The gate before timing: a wrong implementation gets no number."""
+
 import pytest
 import torch
 
@@ -31,8 +32,9 @@ def wrong_gradient_only(case):
 
 
 def missing_entropy_term(case):
-    return lambda x, y: ak.policy_loss(x, y, ce_weight=0.5, epg_weight=0.5, reduction=MODES[case.mode].reduction,
-                                       backend="eager")
+    return lambda x, y: ak.policy_loss(
+        x, y, ce_weight=0.5, epg_weight=0.5, reduction=MODES[case.mode].reduction, backend="eager"
+    )
 
 
 def test_gate_rejects_wrong_loss_wrong_gradient_and_missing_term():
@@ -48,6 +50,7 @@ def test_gate_rejects_wrong_loss_wrong_gradient_and_missing_term():
 def test_gate_reports_a_crash_as_a_failed_check():
     def broken(x, y):
         raise RuntimeError("kernel exploded")
+
     result = gate(Case("ce", "fwd+bwd", "fp32", 8, 5), broken)
     assert not result.passed and "kernel exploded" in result.message
 
@@ -85,6 +88,7 @@ def test_runner_gives_no_time_to_an_implementation_that_fails_the_gate():
         assert records[name]["check"]["loss_error"] < 1e-6  # against the float64 reference
     assert records["lean-eager"]["speedup_vs_lean_eager"] == 1.0
     assert records["reference"]["speedup_vs_lean_eager"] == pytest.approx(
-        records["lean-eager"]["seconds"] / records["reference"]["seconds"])
+        records["lean-eager"]["seconds"] / records["reference"]["seconds"]
+    )
     assert records["reference"]["label"] == "reference (package eager)" and "label" not in records["lean-eager"]
     assert records["wrong"]["speedup_vs_lean_eager"] is None and records["reference"]["speedup_vs_torch_ce"] is None

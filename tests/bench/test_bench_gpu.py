@@ -1,5 +1,6 @@
 """aepg-bench's GPU metrics on a real card (skipped without CUDA): every metric of a launch-bound
 case is measured, our fused backends do not synchronise the host and add at most the gradient."""
+
 import pytest
 import torch
 

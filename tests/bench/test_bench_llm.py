@@ -1,5 +1,6 @@
 """aepg-bench --suite llm: its cases and shapes, the targets, the gate, and a tiny end-to-end run
 (N=64, H=16, V=256) that writes the JSON (every implementation, ratios, gate) and the markdown."""
+
 import json
 
 import pytest
@@ -7,7 +8,6 @@ import torch
 
 from aepg_kernels.bench import commands, llm
 from aepg_kernels.bench.sweeps import SUITES, parse_head_shapes
-
 
 pytestmark = pytest.mark.usefixtures("restore_intra_op_threads")  # the commands set the thread count
 
@@ -33,8 +33,14 @@ def test_list(capsys):
 
 def test_ratio_verdicts_use_the_ce_baseline_of_the_same_shape():
     def record(loss, **impls):
-        return {"loss": loss, "dtype": "fp32", "shape": "8x4x16", "label": loss,
-                "impls": {name: {"status": "ok", "min_s": s, "peak_extra_bytes": b} for name, (s, b) in impls.items()}}
+        return {
+            "loss": loss,
+            "dtype": "fp32",
+            "shape": "8x4x16",
+            "label": loss,
+            "impls": {name: {"status": "ok", "min_s": s, "peak_extra_bytes": b} for name, (s, b) in impls.items()},
+        }
+
     ce = record("ce", eager=(2.0, 800), aepg=(1.0, 50), **{"F.linear_cross_entropy": (4.0, 100)})
     dft = record("dft", eager=(1.0, 800), aepg=(1.5, 200))
     llm.add_ratios([ce, dft])
@@ -56,8 +62,9 @@ def test_a_wrong_implementation_fails_the_gate_and_gets_no_time(monkeypatch):
 
 def test_tiny_llm_run_writes_json_and_markdown(tmp_path, capsys):
     out = tmp_path / "llm.json"
-    rc = commands.main(["--suite", "llm", "--shapes", "64x16x256", "--threads", "2", "--repeats", "2",
-                        "--out", str(out)])
+    rc = commands.main(
+        ["--suite", "llm", "--shapes", "64x16x256", "--threads", "2", "--repeats", "2", "--out", str(out)]
+    )
     printed = capsys.readouterr().out
     assert rc == 0
     document = json.loads(out.read_text())
@@ -66,8 +73,14 @@ def test_tiny_llm_run_writes_json_and_markdown(tmp_path, capsys):
         assert key in document["machine"]
     assert {"liger", "cce"} <= set(document["not_run"])  # CUDA only
     records = document["records"]
-    assert [(r["loss"], r["dtype"]) for r in records] == [("ce", "fp32"), ("dft", "fp32"), ("ce", "bf16"),
-                                                          ("dft", "bf16"), ("aepg", "fp32"), ("aepg", "bf16")]
+    assert [(r["loss"], r["dtype"]) for r in records] == [
+        ("ce", "fp32"),
+        ("dft", "fp32"),
+        ("ce", "bf16"),
+        ("dft", "bf16"),
+        ("aepg", "fp32"),
+        ("aepg", "bf16"),
+    ]
     for r in records:
         expected = {"eager", "compile", "aepg"} | ({"F.linear_cross_entropy"} if r["loss"] == "ce" else set())
         timed = {name for name, row in r["impls"].items() if row["status"] == "ok"}
@@ -88,8 +101,7 @@ def test_tiny_llm_run_writes_json_and_markdown(tmp_path, capsys):
 
 
 def test_bad_names_are_usage_errors():
-    for argv in (["--losses", "epg"], ["--implementations", "liger-kernel"], ["--shapes", "64x16"],
-                 ["--modes", "fwd"]):
+    for argv in (["--losses", "epg"], ["--implementations", "liger-kernel"], ["--shapes", "64x16"], ["--modes", "fwd"]):
         with pytest.raises(SystemExit) as error:
             commands.main(["--suite", "llm", *argv])
         assert error.value.code == 2

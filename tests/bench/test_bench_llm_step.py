@@ -1,6 +1,7 @@
 """aepg-bench --suite llm-step: shapes, usage errors, the gate (a wrong loss gets no time), and a
 tiny end-to-end run (B=2, S=16, H=16, V=1000) that writes the JSON (every row, its gate, memory,
 times and ratios) and the markdown table."""
+
 import json
 
 import pytest
@@ -29,8 +30,14 @@ def test_shapes_parse_as_b_s_h_v():
 def test_list_and_bad_options(capsys):
     assert commands.main(["--suite", "llm-step", "--list"]) == 0
     assert capsys.readouterr().out.strip() == "fp32 4x512x256x128256 (2 layers)"
-    for argv in (["--losses", "ce"], ["--dtypes", "bf16"], ["--modes", "fwd"], ["--implementations", "liger"],
-                 ["--shapes", "64x16x256"], ["--repeats", "0"]):
+    for argv in (
+        ["--losses", "ce"],
+        ["--dtypes", "bf16"],
+        ["--modes", "fwd"],
+        ["--implementations", "liger"],
+        ["--shapes", "64x16x256"],
+        ["--repeats", "0"],
+    ):
         with pytest.raises(SystemExit) as error:
             commands.main(["--suite", "llm-step", *argv])
         assert error.value.code == 2
@@ -44,11 +51,13 @@ def test_labels_mask_the_prompt():
 def test_a_wrong_loss_fails_the_gate_and_gets_no_time():
     """aEPG with alpha 0.3 gated against the eager aEPG formula with alpha 0.5: its gradients differ."""
     by_name = {impl.name: impl for impl in llm_step.IMPLS}
-    wrong = llm_step.StepImpl("aepg-aepg", "aepg", llm_step.model_loss, llm_step.EAGER_AEPG,
-                              patch={"loss": "aepg", "alpha": 0.3})
+    wrong = llm_step.StepImpl(
+        "aepg-aepg", "aepg", llm_step.model_loss, llm_step.EAGER_AEPG, patch={"loss": "aepg", "alpha": 0.3}
+    )
     case = llm_step.StepCase(1, 8, 16, 64)
-    record = llm_step.run_case(case, [by_name["transformers"], by_name["aepg-ce"], wrong], torch.device("cpu"),
-                               repeats=1)
+    record = llm_step.run_case(
+        case, [by_name["transformers"], by_name["aepg-ce"], wrong], torch.device("cpu"), repeats=1
+    )
     row = record["impls"]["aepg-aepg"]
     assert row["status"] == "failed check" and "seconds" not in row and not row["gate"]["gradients_passed"]
     assert record["impls"]["aepg-ce"]["status"] == "ok" and record["impls"]["aepg-ce"]["gate"]["passed"]
@@ -69,8 +78,14 @@ def test_tiny_run_writes_json_and_markdown(tmp_path, capsys):
     assert record["shape"] == TINY and record["tokens"] == 32 and record["counted_tokens"] == 2 * (16 - 4)
     assert record["reference_check"]["max_error"] < 1e-5
     assert list(record["impls"]) == list(llm_step.IMPL_NAMES)
-    references = {"transformers": None, "trl-nll": "transformers", "trl-dft": llm_step.EAGER_DFT,
-                  "aepg-ce": "transformers", "aepg-dft": "trl-dft", "aepg-aepg": llm_step.EAGER_AEPG}
+    references = {
+        "transformers": None,
+        "trl-nll": "transformers",
+        "trl-dft": llm_step.EAGER_DFT,
+        "aepg-ce": "transformers",
+        "aepg-dft": "trl-dft",
+        "aepg-aepg": llm_step.EAGER_AEPG,
+    }
     for name, row in record["impls"].items():
         assert row["status"] == "ok", (name, row)
         assert row["gate"]["passed"] and row["gate"]["max_error"] <= row["gate"]["tolerance"] == 1e-4

@@ -1,4 +1,5 @@
 """The terminal table, where the output goes, the JSON document and the PNG plot."""
+
 import json
 
 import pytest
@@ -10,9 +11,21 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def record(impl, c, gbps, status="ok", n=4096, **extra):
-    return {"loss": "aepg", "mode": "fwd+bwd", "dtype": "fp32", "n": n, "c": c, "implementation": impl,
-            "status": status, "reason": "" if status == "ok" else "cross entropy only", "ms": 1.5, "gbps": gbps,
-            "percent_of_copy": 50.0, "speedup_vs_lean_eager": 2.0, **extra}
+    return {
+        "loss": "aepg",
+        "mode": "fwd+bwd",
+        "dtype": "fp32",
+        "n": n,
+        "c": c,
+        "implementation": impl,
+        "status": status,
+        "reason": "" if status == "ok" else "cross entropy only",
+        "ms": 1.5,
+        "gbps": gbps,
+        "percent_of_copy": 50.0,
+        "speedup_vs_lean_eager": 2.0,
+        **extra,
+    }
 
 
 def test_rows_line_up_with_the_header_and_missing_values_print_as_dash():
@@ -30,8 +43,11 @@ def test_a_row_without_a_time_says_why():
 
 
 def test_summary_counts_what_got_no_number():
-    records = [record("a", 10, 1.0), record("b", 10, None, status="skipped"),
-               dict(record("c", 10, None, status="failed check"), reason="differs from eager: loss error 1")]
+    records = [
+        record("a", 10, 1.0),
+        record("b", 10, None, status="skipped"),
+        dict(record("c", 10, None, status="failed check"), reason="differs from eager: loss error 1"),
+    ]
     assert output.summary_lines(records) == ["1 failed check: differs from eager", "1 skipped: cross entropy only"]
 
 
@@ -53,8 +69,13 @@ def test_json_carries_the_schema_and_stays_strict(tmp_path):
 
 
 def test_plot_takes_the_largest_n_per_class_count(tmp_path):
-    records = [record("cpu", 100, 5.0, n=256), record("cpu", 100, 9.0, n=65536), record("cpu", 1000, 7.0),
-               record("eager", 100, 1.0), record("liger", 100, None, status="skipped")]
+    records = [
+        record("cpu", 100, 5.0, n=256),
+        record("cpu", 100, 9.0, n=65536),
+        record("cpu", 1000, 7.0),
+        record("eager", 100, 1.0),
+        record("liger", 100, None, status="skipped"),
+    ]
     groups = output._plot_groups(records)
     assert groups == {("aepg", "fwd+bwd", "fp32"): {"cpu": {100: 9.0, 1000: 7.0}, "eager": {100: 1.0}}}
     path = output.write_plot(tmp_path / "p.png", records, copy_gbps=20.0, title="test")

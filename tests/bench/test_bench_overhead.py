@@ -1,5 +1,6 @@
 """aepg-bench --suite overhead: its cases, the target verdicts, the interleaved timing, the gate,
 the JSON and markdown it writes (a tiny end-to-end run), and the host-time loop."""
+
 import json
 
 import pytest
@@ -18,8 +19,9 @@ def test_overhead_suite_is_every_shape_in_both_modes_fp32():
     suite = SUITES["overhead"]()
     assert suite.kind == "overhead" and all(SUITES[name]().kind == "kernels" for name in ("quick", "cpu", "gpu"))
     assert OVERHEAD_SHAPES == ((8, 10), (32, 10), (32, 100), (256, 100), (256, 1000), (1024, 1000), (4096, 1000))
-    assert [(c.mode, c.n, c.c) for c in suite.cases] == ([("fwd+bwd", n, c) for n, c in OVERHEAD_SHAPES]
-                                                         + [("fwd", n, c) for n, c in OVERHEAD_SHAPES])
+    assert [(c.mode, c.n, c.c) for c in suite.cases] == (
+        [("fwd+bwd", n, c) for n, c in OVERHEAD_SHAPES] + [("fwd", n, c) for n, c in OVERHEAD_SHAPES]
+    )
     assert {c.dtype for c in suite.cases} == {"fp32"} and {c.loss for c in suite.cases} == {"ce"}
 
 
@@ -29,11 +31,21 @@ def test_list_names_the_eval_mode(capsys):
     assert lines[0] == "fwd+bwd fp32 8x10" and lines[-1] == "eval forward fp32 4096x1000" and len(lines) == 14
 
 
-@pytest.mark.parametrize("target, ratio, expected", [
-    (POLICY, 0.8, "met"), (POLICY, 1.0, "met"), (POLICY, 1.0001, "within noise"), (POLICY, 1.10, "within noise"),
-    (POLICY, 1.1001, "failed"), (POLICY, 4.0, "failed"), (POLICY, None, "not measured"),
-    (AEPG, 1.25, "met"), (AEPG, 1.2501, "failed"), (AEPG, None, "not measured"),
-])
+@pytest.mark.parametrize(
+    "target, ratio, expected",
+    [
+        (POLICY, 0.8, "met"),
+        (POLICY, 1.0, "met"),
+        (POLICY, 1.0001, "within noise"),
+        (POLICY, 1.10, "within noise"),
+        (POLICY, 1.1001, "failed"),
+        (POLICY, 4.0, "failed"),
+        (POLICY, None, "not measured"),
+        (AEPG, 1.25, "met"),
+        (AEPG, 1.2501, "failed"),
+        (AEPG, None, "not measured"),
+    ],
+)
 def test_verdict_thresholds(target, ratio, expected):
     assert (POLICY.row, POLICY.met, POLICY.noise) == ("ak.PolicyLoss", 1.0, 1.10)
     assert (AEPG.row, AEPG.met) == ("aEPG", 1.25)
@@ -45,9 +57,10 @@ def test_one_failure_anywhere_fails_the_target():
     assert overhead.overall_verdict(["met", "within noise", "not measured"]) == "within noise"
     assert overhead.overall_verdict(["met", "within noise", "failed"]) == "failed"
     assert overhead.overall_verdict(["not measured"]) == "not measured"
-    records = [{"mode_title": "fwd+bwd", "n": 8, "c": 10, "verdicts": {"ak.PolicyLoss": "met", "aEPG": "failed"}},
-               {"mode_title": "eval forward", "n": 8, "c": 10,
-                "verdicts": {"ak.PolicyLoss": "within noise", "aEPG": "met"}}]
+    records = [
+        {"mode_title": "fwd+bwd", "n": 8, "c": 10, "verdicts": {"ak.PolicyLoss": "met", "aEPG": "failed"}},
+        {"mode_title": "eval forward", "n": 8, "c": 10, "verdicts": {"ak.PolicyLoss": "within noise", "aEPG": "met"}},
+    ]
     summary = overhead.target_summary(records)
     assert summary["ak.PolicyLoss"]["overall"] == "within noise" and summary["ak.PolicyLoss"]["failed_at"] == []
     assert summary["aEPG"]["overall"] == "failed" and summary["aEPG"]["failed_at"] == ["fwd+bwd 8x10"]
@@ -79,6 +92,7 @@ def test_a_wrong_row_fails_the_gate_gets_no_time_and_fails_the_run(tmp_path, mon
     def doubled(device):
         good = torch.nn.CrossEntropyLoss()
         return lambda x, y: 2 * good(x, y)
+
     rows = list(overhead.ROWS)
     rows[1] = overhead.Row("ak.PolicyLoss", doubled, "ce", checked_against="nn.CrossEntropyLoss")
     monkeypatch.setattr(overhead, "ROWS", tuple(rows))
@@ -87,8 +101,20 @@ def test_a_wrong_row_fails_the_gate_gets_no_time_and_fails_the_run(tmp_path, mon
     assert record["status"] == "failed check" and wrong["status"] == "failed check" and "us" not in wrong
     assert not wrong["check"]["passed"] and wrong["check"]["against"] == "nn.CrossEntropyLoss"
     assert record["verdicts"]["ak.PolicyLoss"] == "not measured" and record["rows"]["aEPG"]["us"] > 0
-    rc = commands.main(["--suite", "overhead", "--shapes", "8x10", "--modes", "fwd", "--repeats", "2",
-                   "--out", str(tmp_path / "o.json")])
+    rc = commands.main(
+        [
+            "--suite",
+            "overhead",
+            "--shapes",
+            "8x10",
+            "--modes",
+            "fwd",
+            "--repeats",
+            "2",
+            "--out",
+            str(tmp_path / "o.json"),
+        ]
+    )
     assert rc == 1
 
 
@@ -105,7 +131,11 @@ def test_tiny_overhead_run_writes_json_and_markdown(tmp_path, capsys):
     assert set(document["settings"]["rows"]) == {"nn.CrossEntropyLoss", "ak.PolicyLoss", "aEPG"}
     records = document["records"]
     assert [(r["mode_title"], r["n"], r["c"]) for r in records] == [
-        ("fwd+bwd", 8, 10), ("fwd+bwd", 32, 10), ("eval forward", 8, 10), ("eval forward", 32, 10)]
+        ("fwd+bwd", 8, 10),
+        ("fwd+bwd", 32, 10),
+        ("eval forward", 8, 10),
+        ("eval forward", 32, 10),
+    ]
     for r in records:
         assert r["status"] == "ok"
         for name, row in r["rows"].items():

@@ -13,6 +13,7 @@ The Triton variants compile in a child process when the suite runs under TRITON_
 reports are cached in build/resources-cache keyed by the sources and compiler versions: the first
 run compiles (about 2 minutes for Triton, 1 for the CUDA file, on 2 cores), later runs read JSON.
 """
+
 import shutil
 
 import pytest
@@ -25,6 +26,7 @@ LOW = ("fp32", "bf16", "fp16")
 
 
 # ---- occupancy: hand-computed cases -----------------------------------------------------------
+
 
 def test_occupancy_limited_by_threads():
     # 32 regs -> 1024 per warp; 16384 / 1024 = 16 warps per sub-partition, 64 per SM; 256 threads: 8 blocks
@@ -64,9 +66,9 @@ def test_occupancy_limited_by_shared_memory_and_blocks():
 
 
 def test_occupancy_zero_when_a_block_cannot_fit():
-    assert res.occupancy(256, 128, 0)["blocks_per_sm"] == 0           # over 255 registers per thread
-    assert res.occupancy(32, 128, 228 * 1024)["blocks_per_sm"] == 0   # over 227 KiB per block
-    assert res.occupancy(128, 1024, 0)["blocks_per_sm"] == 0          # 128 x 1024 registers > 65536
+    assert res.occupancy(256, 128, 0)["blocks_per_sm"] == 0  # over 255 registers per thread
+    assert res.occupancy(32, 128, 228 * 1024)["blocks_per_sm"] == 0  # over 227 KiB per block
+    assert res.occupancy(128, 1024, 0)["blocks_per_sm"] == 0  # 128 x 1024 registers > 65536
     with pytest.raises(ValueError):
         res.occupancy(32, 2048, 0)
 
@@ -87,15 +89,18 @@ ptxas info    : Used 13 registers, used 0 barriers
 
 def test_parse_ptxas():
     info = res.parse_ptxas(PTXAS)
-    assert info["_Z1kPf"] == dict(registers=64, spill_stores=24, spill_loads=32, stack_frame=24,
-                                  cumulative_stack=24, static_shared=128)
+    assert info["_Z1kPf"] == dict(
+        registers=64, spill_stores=24, spill_loads=32, stack_frame=24, cumulative_stack=24, static_shared=128
+    )
     assert info["scale"]["registers"] == 13 and info["scale"]["static_shared"] == 0
 
 
 def test_ptx_loads():
-    ptx = ("ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n ld.global.L1::evict_last.v2.f64 {%fd1, %fd2}, [%rd2];\n"
-           "ld.global.nc.v4.u32 {%r5, %r6, %r7, %r8}, [%rd3];\n ld.global.b16 %rs1, [%rd4];\n"
-           "@%p1 ld.global.f32 %f1, [%rd5];\n ld.param.u64 %rd6, [p];")
+    ptx = (
+        "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n ld.global.L1::evict_last.v2.f64 {%fd1, %fd2}, [%rd2];\n"
+        "ld.global.nc.v4.u32 {%r5, %r6, %r7, %r8}, [%rd3];\n ld.global.b16 %rs1, [%rd4];\n"
+        "@%p1 ld.global.f32 %f1, [%rd5];\n ld.param.u64 %rd6, [p];"
+    )
     assert res.ptx_loads(ptx) == {"v4": 2, "v2": 1, "scalar": 2}
 
 
@@ -107,6 +112,7 @@ def test_ptx_entries():
 
 def test_triton_variants_follow_the_launcher():
     from aepg_kernels.backends.triton import launch
+
     variants = res.triton_variants()
     for v in variants:
         if v.kernel == "policy_loss_fwd_kernel":
@@ -176,7 +182,8 @@ def _check(records):
     assert low
     unexpected = {f"{_key(r)}: {sorted(_kinds(r))}" for r in low if _kinds(r) != KNOWN.get(_key(r), set())}
     assert not unexpected, "findings differ from KNOWN (new defect, or a fixed one to delist):\n" + "\n".join(
-        sorted(unexpected))
+        sorted(unexpected)
+    )
 
 
 def test_triton_findings_are_the_known_ones(triton_records):

@@ -1,11 +1,25 @@
 """Sweep definitions, skip rules and the formulas of aepg-bench (pure arithmetic, no timing)."""
-import pytest
 
+import pytest
 import torch
 
 from aepg_kernels.bench import bandwidth, measure
-from aepg_kernels.bench.sweeps import (CLASSIFICATION_C, DTYPES, LLM_C, LOSSES, MODES, SUITES, Case, check_names,
-                                       fits, logits_bytes, memory_needed, parse_shapes, rotations, target)
+from aepg_kernels.bench.sweeps import (
+    CLASSIFICATION_C,
+    DTYPES,
+    LLM_C,
+    LOSSES,
+    MODES,
+    SUITES,
+    Case,
+    check_names,
+    fits,
+    logits_bytes,
+    memory_needed,
+    parse_shapes,
+    rotations,
+    target,
+)
 
 GB = 10**9
 
@@ -40,8 +54,12 @@ def test_targets_are_the_issue_shapes_in_fwd_bwd():
     assert target(Case("ce", "fwd+bwd", "fp32", 8192, 128256)) is None  # fp32 at that shape is not a target
     assert target(Case("aepg", "fwd+bwd", "bf16", 4096, 100)) == "classification"
     assert target(Case("aepg", "fwd+bwd", "fp32", 65536, 21843)) == "classification"
-    for case in (Case("aepg", "fwd+bwd", "bf16", 256, 1000), Case("aepg", "fwd+bwd", "bf16", 4096, 10),
-                 Case("aepg", "fwd", "bf16", 4096, 1000), Case("aepg", "fwd+bwd/rows", "bf16", 4096, 1000)):
+    for case in (
+        Case("aepg", "fwd+bwd", "bf16", 256, 1000),
+        Case("aepg", "fwd+bwd", "bf16", 4096, 10),
+        Case("aepg", "fwd", "bf16", 4096, 1000),
+        Case("aepg", "fwd+bwd/rows", "bf16", 4096, 1000),
+    ):
         assert target(case) is None, case
     assert not SUITES["quick"]().compile_targets_only and not SUITES["cpu"]().compile_targets_only
 

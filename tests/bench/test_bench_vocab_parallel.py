@@ -2,6 +2,7 @@
 C=500, the logits op; N=64, H=16, V=50 the linear op) through the command line: the gate passes,
 the JSON record has its fields, the bytes per call do not change with C at equal N (the O(N)
 collectives), and shard_sizes passed saves the one collective that gathers them."""
+
 import json
 
 import pytest
@@ -17,10 +18,19 @@ pytestmark = pytest.mark.usefixtures("restore_intra_op_threads")  # the commands
 
 def test_list_and_bad_options(capsys):
     assert commands.main(["--suite", "vocab-parallel", "--list", "--shapes", "64x50,64x16x50", "--losses", "ce"]) == 0
-    assert capsys.readouterr().out.split("\n")[:2] == ["policy_loss CE fp32 64x50",
-                                                       "linear_policy_loss CE fp32 64x16x50"]
-    for argv in (["--dtypes", "bf16"], ["--implementations", "eager"], ["--shapes", "64x1"], ["--shapes", "64"],
-                 ["--losses", "dft"], ["--repeats", "0"], ["--threads", "2"]):
+    assert capsys.readouterr().out.split("\n")[:2] == [
+        "policy_loss CE fp32 64x50",
+        "linear_policy_loss CE fp32 64x16x50",
+    ]
+    for argv in (
+        ["--dtypes", "bf16"],
+        ["--implementations", "eager"],
+        ["--shapes", "64x1"],
+        ["--shapes", "64"],
+        ["--losses", "dft"],
+        ["--repeats", "0"],
+        ["--threads", "2"],
+    ):
         with pytest.raises(SystemExit) as error:
             commands.main(["--suite", "vocab-parallel", *argv])
         assert error.value.code == 2
@@ -28,8 +38,23 @@ def test_list_and_bad_options(capsys):
 
 def test_tiny_run_gates_and_bytes_are_independent_of_c(tmp_path):
     out = tmp_path / "vp.json"
-    assert commands.main(["--suite", "vocab-parallel", "--shapes", "64x50,64x500,64x16x50", "--losses", "aepg",
-                     "--repeats", "2", "--out", str(out)]) == 0
+    assert (
+        commands.main(
+            [
+                "--suite",
+                "vocab-parallel",
+                "--shapes",
+                "64x50,64x500,64x16x50",
+                "--losses",
+                "aepg",
+                "--repeats",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     document = json.loads(out.read_text())
     assert document["complete"] and document["machine"]["cpu"] and document["settings"]["world_size"] == 2
     assert "| sharded / auto |" in out.with_suffix(".md").read_text()

@@ -1,5 +1,6 @@
 """aepg-bench device-check without a GPU: the plan's order and budgets, the refusal and its
 reason, the dry run's partial JSON, and a child cut at its budget."""
+
 import json
 import sys
 import time
@@ -16,16 +17,32 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 
 def test_plan_order_and_budgets_fit_eight_minutes_with_the_build():
     steps = device_check.plan()
-    assert [s.name for s in steps] == ["environment", "gpu-tests", "op-tests", "gpu-sweep", "perf-model", "llm",
-                                       "trainer-step", "other-tests"]
+    assert [s.name for s in steps] == [
+        "environment",
+        "gpu-tests",
+        "op-tests",
+        "gpu-sweep",
+        "perf-model",
+        "llm",
+        "trainer-step",
+        "other-tests",
+    ]
     budgets = {s.name: s.budget_seconds for s in steps}
-    assert budgets == {"environment": 15, "gpu-tests": 40, "op-tests": 60, "gpu-sweep": 190, "perf-model": 10,
-                       "llm": 45, "trainer-step": 45, "other-tests": 60}
+    assert budgets == {
+        "environment": 15,
+        "gpu-tests": 40,
+        "op-tests": 60,
+        "gpu-sweep": 190,
+        "perf-model": 10,
+        "llm": 45,
+        "trainer-step": 45,
+        "other-tests": 60,
+    }
     assert device_check.TOTAL_SECONDS == 480  # 8 minutes of the 15-minute device budget, the build included
     assert "timeout -k 10 150" in (CHECKOUT / "benchmarks" / "device_check.sh").read_text()  # the build at most
     # Everything up to the sweep and its measured / predicted fits after a build of 120 s (the
     # upper end of the 60-120 s expected), each step using its whole budget.
-    up_to_model = sum(s.budget_seconds for s in steps[:[s.name for s in steps].index("perf-model") + 1])
+    up_to_model = sum(s.budget_seconds for s in steps[: [s.name for s in steps].index("perf-model") + 1])
     assert 120 + up_to_model + device_check.FINAL_RESERVE_S <= device_check.TOTAL_SECONDS
     assert [s.name for s in steps if not s.needs_gpu] == ["environment", "perf-model"]
     assert all(s.min_seconds <= s.budget_seconds for s in steps)
@@ -72,8 +89,11 @@ def test_dry_run_runs_the_cpu_steps_and_records_the_others(tmp_path, capsys, mon
     steps = {s["name"]: s for s in document["steps"]}
     assert [s["name"] for s in document["steps"]] == [s.name for s in device_check.plan()]
     assert steps["environment"]["status"] == steps["perf-model"]["status"] == "ok"
-    assert all(s["status"] == "skipped" and s["reason"] == "dry run: needs a CUDA device"
-               for s in document["steps"] if s["name"] not in ("environment", "perf-model"))
+    assert all(
+        s["status"] == "skipped" and s["reason"] == "dry run: needs a CUDA device"
+        for s in document["steps"]
+        if s["name"] not in ("environment", "perf-model")
+    )
     for key in ("cpu", "torch", "triton", "aepg_kernels", "date", "native", "nvidia_smi"):
         assert key in document["machine"]
     model = json.loads((tmp_path / "perf-model.json").read_text())
@@ -97,11 +117,13 @@ def test_partial_json_survives_a_step_cut_at_its_budget(tmp_path, capsys, monkey
         seen.update(json.loads((out / device_check.SUMMARY).read_text()))
         return {}
 
-    steps = [Step("first", "in-process", 5, False, function=first, min_seconds=1),
-             Step("second", "in-process", 5, False, function=second, min_seconds=1),
-             Step("sleeper", "a child that overruns", 3, False, argv=_sleeper(60), min_seconds=1),
-             Step("broken", "raises", 5, False, function=lambda out, dry: 1 / 0, min_seconds=1),
-             Step("late", "after the deadline", 5, False, argv=_sleeper(0), min_seconds=60)]
+    steps = [
+        Step("first", "in-process", 5, False, function=first, min_seconds=1),
+        Step("second", "in-process", 5, False, function=second, min_seconds=1),
+        Step("sleeper", "a child that overruns", 3, False, argv=_sleeper(60), min_seconds=1),
+        Step("broken", "raises", 5, False, function=lambda out, dry: 1 / 0, min_seconds=1),
+        Step("late", "after the deadline", 5, False, argv=_sleeper(0), min_seconds=60),
+    ]
     start = time.monotonic()
     rc = device_check.main(["--dry-run", "--out", str(tmp_path), "--total-seconds", "30"], steps=steps)
     assert time.monotonic() - start < 20  # the sleeper was cut at its 3 s budget

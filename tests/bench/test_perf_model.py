@@ -1,5 +1,6 @@
 """The static performance model: bytes floor and bound by hand, the memory / SFU switch, the
 kernel path rule, the JSON and markdown, measured / predicted from a sweep's JSON."""
+
 import json
 
 import pytest
@@ -81,13 +82,28 @@ def test_document_schema_without_measurements(tmp_path, capsys):
     assert set(document["gpus"]) == {"h100-sxm", "h200"} and set(document["paths"]) == {"forward", "fused", "recompute"}
     assert len(document["records"]) == len(gpu_suite().cases)
     for record in document["records"]:
-        assert {"loss", "mode", "dtype", "n", "c", "path", "floor_bytes", "path_bytes", "exp_per_element",
-                "log_per_element", "transcendentals", "bounds", "measured"} <= set(record)
+        assert {
+            "loss",
+            "mode",
+            "dtype",
+            "n",
+            "c",
+            "path",
+            "floor_bytes",
+            "path_bytes",
+            "exp_per_element",
+            "log_per_element",
+            "transcendentals",
+            "bounds",
+            "measured",
+        } <= set(record)
         for bound in record["bounds"].values():
             assert {"floor_us", "memory_us", "sfu_us", "launch_us", "bound_us", "bound_by"} <= set(bound)
             assert bound["bound_us"] >= bound["floor_us"]
-        assert record["measured"] == {"cuda": {"status": "not measured on GPU"},
-                                      "triton": {"status": "not measured on GPU"}}
+        assert record["measured"] == {
+            "cuda": {"status": "not measured on GPU"},
+            "triton": {"status": "not measured on GPU"},
+        }
     table = out.with_suffix(".md").read_text()
     assert sum(line.startswith("| ") for line in table.splitlines()) == len(document["records"]) + 1  # + header
     assert "- cuda: not measured on GPU" in table
@@ -96,11 +112,15 @@ def test_document_schema_without_measurements(tmp_path, capsys):
 
 def test_measured_over_predicted_from_a_sweep_document():
     case = Case("aepg", "fwd+bwd", "bf16", 65536, 1000)
-    sweep = {"machine": {"card": "NVIDIA H200", "date": "2026-12-02"}, "complete": True, "records": [
-        {**case.__dict__, "implementation": "cuda", "status": "ok", "seconds": 100e-6},
-        {**case.__dict__, "implementation": "triton", "status": "failed check", "reason": "loss off"},
-        {**case.__dict__, "implementation": "lean-eager", "status": "ok", "seconds": 1e-3},
-    ]}
+    sweep = {
+        "machine": {"card": "NVIDIA H200", "date": "2026-12-02"},
+        "complete": True,
+        "records": [
+            {**case.__dict__, "implementation": "cuda", "status": "ok", "seconds": 100e-6},
+            {**case.__dict__, "implementation": "triton", "status": "failed check", "reason": "loss off"},
+            {**case.__dict__, "implementation": "lean-eager", "status": "ok", "seconds": 1e-3},
+        ],
+    }
     document = perf_model.build_document(sweep, cases=[case])
     record = document["records"][0]
     predicted = record["bounds"]["h200"]["bound_us"]

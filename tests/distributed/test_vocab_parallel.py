@@ -1,6 +1,7 @@
 """Vocab-parallel policy_loss over gloo (spawned CPU processes): on every rank the loss and stats
 equal the single-process op on the whole logits, and the gradient equals that op's gradient on
 this rank's shard; bad shard sizes and targets raise on every rank (no rank left waiting)."""
+
 import datetime
 import itertools
 
@@ -18,8 +19,9 @@ TOL32 = dict(rtol=2e-6, atol=1e-7)  # fp32: a few ulps of the row sums
 LOSSES = {
     "ce": dict(),
     "epg": dict(ce_weight=0.0, epg_weight=1.0),
-    "aepg-tensor": dict(ce_weight=torch.tensor(0.3, dtype=torch.float64),
-                        epg_weight=torch.tensor(0.7, dtype=torch.float64)),
+    "aepg-tensor": dict(
+        ce_weight=torch.tensor(0.3, dtype=torch.float64), epg_weight=torch.tensor(0.7, dtype=torch.float64)
+    ),
     "entropy": dict(ce_weight=0.5, epg_weight=0.5, entropy_weight=0.2),
     "smoothing": dict(label_smoothing=0.1, entropy_weight=-0.1),
     "focal": dict(focal_gamma=2.0, epg_weight=0.5),
@@ -53,8 +55,14 @@ def _compare(rank, sizes, logits, target, weight, kwargs, tol, failures, label):
     want, want_stats = ak.policy_loss(full, target, weight=weight, backend="eager", return_stats=True, **kwargs)
     local = logits[:, shard].clone().requires_grad_()
     local_target = target[:, shard] if target.is_floating_point() else target
-    got, got_stats = ak.policy_loss(local, local_target, weight=None if weight is None else weight[shard],
-                                    process_group=dist.group.WORLD, return_stats=True, **kwargs)
+    got, got_stats = ak.policy_loss(
+        local,
+        local_target,
+        weight=None if weight is None else weight[shard],
+        process_group=dist.group.WORLD,
+        return_stats=True,
+        **kwargs,
+    )
     grad_out = torch.rand_like(want) if want.dim() else torch.ones_like(want)
     (want * grad_out).sum().backward()
     (got * grad_out).sum().backward()
@@ -86,16 +94,26 @@ def _linear_cases(rank, sizes, failures):
     w0, b0 = torch.randn(v, 8, generator=g, dtype=torch.float64), torch.randn(v, generator=g, dtype=torch.float64)
     target = torch.randint(0, v, (3, 4), generator=g)
     target[0, 0] = -100
-    for label, kwargs in (("linear aEPG softcap", dict(ce_weight=0.4, epg_weight=0.6, softcap=3.0, logit_scale=0.5)),
-                          ("linear DFT token_weight", dict(ce_weight=0.0, epg_weight=1.0, loss_value="dft",
-                                                            token_weight=torch.rand(3, 4, generator=g,
-                                                                                    dtype=torch.float64)))):
+    for label, kwargs in (
+        ("linear aEPG softcap", dict(ce_weight=0.4, epg_weight=0.6, softcap=3.0, logit_scale=0.5)),
+        (
+            "linear DFT token_weight",
+            dict(
+                ce_weight=0.0,
+                epg_weight=1.0,
+                loss_value="dft",
+                token_weight=torch.rand(3, 4, generator=g, dtype=torch.float64),
+            ),
+        ),
+    ):
         leaves = [t.clone().requires_grad_() for t in (x0, w0, b0)]
-        want, want_stats = ak.linear_policy_loss(leaves[0], leaves[1], target, linear_bias=leaves[2],
-                                                 backend="eager", return_stats=True, **kwargs)
+        want, want_stats = ak.linear_policy_loss(
+            leaves[0], leaves[1], target, linear_bias=leaves[2], backend="eager", return_stats=True, **kwargs
+        )
         mine = [t.clone().requires_grad_() for t in (x0, w0[shard], b0[shard])]
-        got, got_stats = ak.linear_policy_loss(mine[0], mine[1], target, linear_bias=mine[2],
-                                               process_group=dist.group.WORLD, return_stats=True, **kwargs)
+        got, got_stats = ak.linear_policy_loss(
+            mine[0], mine[1], target, linear_bias=mine[2], process_group=dist.group.WORLD, return_stats=True, **kwargs
+        )
         want.backward()
         got.backward()
         try:
@@ -112,6 +130,7 @@ def _dtensor_case(rank, world_size, c, failures):
     """A DTensor sharded on the classes (torchtitan's loss_parallel) takes the same path."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+
     mesh = init_device_mesh("cpu", (world_size,))
     logits, target, _ = _case_inputs(6, c, [c], 13, torch.float64, prob=False)
     full = logits.clone().requires_grad_()
@@ -130,8 +149,13 @@ def _dtensor_case(rank, world_size, c, failures):
 
 def _worker(rank, world_size, init_file, sizes):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
     failures = []
     try:
         c = sum(sizes)
@@ -140,28 +164,65 @@ def _worker(rank, world_size, init_file, sizes):
             if prob and name in ("focal", "dft"):
                 continue
             logits, target, weight = _case_inputs(9, c, sizes, seed, dtype=torch.float64, prob=prob)
-            _compare(rank, sizes, logits, target, weight if weighted else None, dict(kwargs, reduction=reduction), TOL,
-                     failures, f"{name} {reduction} weighted={weighted} prob={prob}")
+            _compare(
+                rank,
+                sizes,
+                logits,
+                target,
+                weight if weighted else None,
+                dict(kwargs, reduction=reduction),
+                TOL,
+                failures,
+                f"{name} {reduction} weighted={weighted} prob={prob}",
+            )
         logits, target, weight = _case_inputs(9, c, sizes, 7, torch.float32, prob=False)
         aepg32 = dict(ce_weight=0.3, epg_weight=0.7, entropy_weight=0.1, label_smoothing=0.05)
         _compare(rank, sizes, logits, target, weight, aepg32, TOL32, failures, "fp32 aEPG")
         token_weight = torch.rand(9, dtype=torch.float64)
         logits, target, _ = _case_inputs(9, c, sizes, 8, torch.float64, prob=False)
-        _compare(rank, sizes, logits, target, None, dict(token_weight=token_weight, ce_weight=0.0, epg_weight=1.0,
-                                                         loss_value="dft"), TOL, failures, "dft token_weight")
+        _compare(
+            rank,
+            sizes,
+            logits,
+            target,
+            None,
+            dict(token_weight=token_weight, ce_weight=0.0, epg_weight=1.0, loss_value="dft"),
+            TOL,
+            failures,
+            "dft token_weight",
+        )
         _compare(rank, sizes, logits, torch.full_like(target, -100), None, {}, TOL, failures, "all rows ignored")
-        _compare(rank, sizes, logits, torch.full_like(target, sizes[0]), None, dict(epg_weight=1.0), TOL, failures,
-                 "every target on rank 1's shard")
+        _compare(
+            rank,
+            sizes,
+            logits,
+            torch.full_like(target, sizes[0]),
+            None,
+            dict(epg_weight=1.0),
+            TOL,
+            failures,
+            "every target on rank 1's shard",
+        )
         # shard sizes passed: the same result with one collective less; wrong ones raise on every rank
         shard = _shards(sizes, rank)
         got = ak.policy_loss(logits[:, shard], target, process_group=dist.group.WORLD, shard_sizes=list(sizes))
         torch.testing.assert_close(got, ak.policy_loss(logits, target, backend="eager"), **TOL)
         wrong = list(sizes)
         wrong[0], wrong[-1] = wrong[0] + 1, wrong[-1] - 1
-        _expect_error(ValueError, "do not match", lambda: ak.policy_loss(
-            logits[:, shard], target, process_group=dist.group.WORLD, shard_sizes=wrong), failures, "wrong sizes")
-        _expect_error(IndexError, f"out of bounds for C={c}", lambda: ak.policy_loss(
-            logits[:, shard], torch.full_like(target, c), process_group=dist.group.WORLD), failures, "target >= C")
+        _expect_error(
+            ValueError,
+            "do not match",
+            lambda: ak.policy_loss(logits[:, shard], target, process_group=dist.group.WORLD, shard_sizes=wrong),
+            failures,
+            "wrong sizes",
+        )
+        _expect_error(
+            IndexError,
+            f"out of bounds for C={c}",
+            lambda: ak.policy_loss(logits[:, shard], torch.full_like(target, c), process_group=dist.group.WORLD),
+            failures,
+            "target >= C",
+        )
         _linear_cases(rank, sizes, failures)
         _dtensor_case(rank, len(sizes), c, failures)
         dist.barrier()  # every rank got here: nothing left waiting
@@ -171,8 +232,9 @@ def _worker(rank, world_size, init_file, sizes):
         raise AssertionError("\n".join(failures[:10]))
 
 
-@pytest.mark.parametrize("sizes", [(6, 6), (5, 6), (1, 500, 502)],
-                         ids=["2-ranks-even", "2-ranks-uneven", "3-ranks-one-class-shard"])
+@pytest.mark.parametrize(
+    "sizes", [(6, 6), (5, 6), (1, 500, 502)], ids=["2-ranks-even", "2-ranks-uneven", "3-ranks-one-class-shard"]
+)
 def test_vocab_parallel_policy_loss_equals_the_whole_op(tmp_path, sizes):
     mp.spawn(_worker, args=(len(sizes), str(tmp_path / "store"), sizes), nprocs=len(sizes), join=True)
 

@@ -1,4 +1,5 @@
 """patch_causal_lm, ForCausalLMPolicyLoss and AlphaScheduleCallback on tiny random models (CPU)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +8,13 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import aepg_kernels as ak  # noqa: E402
-from aepg_kernels.integrations.transformers import (AlphaScheduleCallback, ForCausalLMPolicyLoss,  # noqa: E402
-                                                    get_patch, patch_causal_lm, unpatch_causal_lm)
+from aepg_kernels.integrations.transformers import (  # noqa: E402
+    AlphaScheduleCallback,
+    ForCausalLMPolicyLoss,
+    get_patch,
+    patch_causal_lm,
+    unpatch_causal_lm,
+)
 from tests.integrations.tiny_lms import ARCHITECTURES, VOCAB, batch, grads, tiny_lm  # noqa: E402
 
 # fp32 end to end: the fused op and F.cross_entropy differ by summation order only (a few ulps of
@@ -155,6 +161,7 @@ def test_aepg_follows_its_schedule_and_unpatch_restores():
 def test_a_deep_copy_is_patched_on_its_own():
     """copy.deepcopy of a patched model (a reference or EMA model) computes with its own weights."""
     import copy
+
     model = tiny_lm("llama")
     input_ids, labels = batch()
     patch = patch_causal_lm(model, "ce")
@@ -162,8 +169,10 @@ def test_a_deep_copy_is_patched_on_its_own():
     with torch.no_grad():
         for p in twin.parameters():
             p.mul_(0.5)
-        want = F.cross_entropy(twin.lm_head(twin.model(input_ids=input_ids).last_hidden_state)[:, :-1].flatten(0, 1),
-                               labels[:, 1:].flatten())
+        want = F.cross_entropy(
+            twin.lm_head(twin.model(input_ids=input_ids).last_hidden_state)[:, :-1].flatten(0, 1),
+            labels[:, 1:].flatten(),
+        )
         got = twin(input_ids=input_ids, labels=labels).loss
     assert get_patch(twin) is not patch and get_patch(twin).model is twin and patch.calls == 0
     torch.testing.assert_close(got, want, rtol=RTOL, atol=0)
@@ -198,8 +207,9 @@ def test_loss_function_for_users_who_keep_logits():
         torch.testing.assert_close(got, want, rtol=RTOL, atol=0)
     model.loss_function = ForCausalLMPolicyLoss("ce")
     out = model(input_ids=input_ids, labels=labels)
-    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()),
-                               rtol=RTOL, atol=0)
+    torch.testing.assert_close(
+        out.loss, F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()), rtol=RTOL, atol=0
+    )
 
 
 def test_token_stats_per_mode():
@@ -227,22 +237,29 @@ def test_token_stats_per_mode():
 
 # --- refusals ------------------------------------------------------------------------------------
 
+
 def test_refuses_unsupported_models():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="supports the \\*ForCausalLM models of"):
         patch_causal_lm(gpt2)
     with pytest.raises(TypeError, match="needs a transformers \\*ForCausalLM model"):
         patch_causal_lm(torch.nn.Linear(2, 2))
-    olmo = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
-                                                                  num_attention_heads=2, intermediate_size=16))
+    olmo = transformers.Olmo2ForCausalLM(
+        transformers.Olmo2Config(
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+        )
+    )
     with pytest.raises(ValueError, match="model_type 'olmo2'"):
         patch_causal_lm(olmo)
 
 
 @pytest.mark.parametrize("where", ["target_modules", "modules_to_save"])
 def test_refuses_a_peft_wrapped_lm_head(where):
-    kwargs = ({"target_modules": ["q_proj", "lm_head"]} if where == "target_modules"
-              else {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]})
+    kwargs = (
+        {"target_modules": ["q_proj", "lm_head"]}
+        if where == "target_modules"
+        else {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}
+    )
     model = peft.get_peft_model(tiny_lm("llama"), peft.LoraConfig(r=2, **kwargs))
     with pytest.raises(ValueError, match="not a plain nn.Linear"):
         patch_causal_lm(model)
@@ -279,6 +296,7 @@ def test_refuses_what_it_cannot_honour():
 
 # --- the Trainer ---------------------------------------------------------------------------------
 
+
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, n=16, seq_len=9):
         self.input_ids, self.labels = batch(batch_size=n, seq_len=seq_len)
@@ -305,9 +323,18 @@ def test_trainer_steps_the_schedule_per_optimizer_step(tmp_path):
     model = tiny_lm("llama")
     schedule = ak.LinearAnneal(100)
     patch = patch_causal_lm(model, "aepg", schedule=schedule)
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
-                                          gradient_accumulation_steps=2, learning_rate=3e-2, logging_steps=2,
-                                          save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-2,
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[_Reporter])
     AlphaScheduleCallback(schedule, patch, task_steps=50).attach(trainer)
     assert trainer.model_accepts_loss_kwargs
@@ -329,8 +356,11 @@ def test_callback_refuses_a_trainer_that_bypassed_the_patch():
     with pytest.raises(RuntimeError, match="without calling the patched forward"):
         callback.on_log(None, state, None, logs={})
     with pytest.raises(ValueError, match="label_smoothing_factor"):
-        callback.on_train_begin(transformers.TrainingArguments(output_dir="unused", label_smoothing_factor=0.1,
-                                                               report_to=[], use_cpu=True), state, None)
+        callback.on_train_begin(
+            transformers.TrainingArguments(output_dir="unused", label_smoothing_factor=0.1, report_to=[], use_cpu=True),
+            state,
+            None,
+        )
 
 
 def test_patched_step_peak_memory_is_far_below_the_models():
@@ -338,13 +368,23 @@ def test_patched_step_peak_memory_is_far_below_the_models():
     (N, V) fp32 logits, their log-softmax and their gradient (>= 1.5 GB); the patched step holds a
     64 MiB chunk and its gradient. Measured on the resident set (aepg-bench's sampler)."""
     from aepg_kernels.bench.llm import peak_extra_bytes
-    model = tiny_lm("llama", vocab_size=128256, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+
+    model = tiny_lm(
+        "llama",
+        vocab_size=128256,
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
     input_ids = torch.randint(0, 128256, (4, 256))
 
     def step():
         model.zero_grad(set_to_none=True)
         model(input_ids=input_ids, labels=input_ids).loss.backward()
+
     step()  # warm-up: the parameters' gradients exist in both measurements
     unpatched, _ = peak_extra_bytes(step, torch.device("cpu"))
     patch_causal_lm(model, "dft")

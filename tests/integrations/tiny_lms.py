@@ -1,11 +1,21 @@
 """Tiny random causal LMs of every architecture the transformers patch supports (offline, CPU)."""
+
 import torch
 import transformers
 
 VOCAB = 97
-_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-               eos_token_id=2)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 # model_type -> (config class, *ForCausalLM class, config overrides): the overrides exercise the
 # logit transforms (softcap, scale) with values far from 1 and the MoE routers' auxiliary loss.
@@ -18,12 +28,23 @@ ARCHITECTURES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 2.0}),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 3.0}),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
-                {"num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True,
-                 "router_aux_loss_coef": 0.1}),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
-                   "output_router_logits": True, "router_aux_loss_coef": 0.1}),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True, "router_aux_loss_coef": 0.1},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {
+            "head_dim": 8,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 24,
+            "output_router_logits": True,
+            "router_aux_loss_coef": 0.1,
+        },
+    ),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
 }

@@ -83,10 +83,10 @@ int main() {
       aepg::rescale(parts[t], maxima[t], m_row);
       aepg::add(merged, parts[t]);
     }
-    const double got[] = {merged.s, merged.t, merged.s_other, merged.u, merged.pq, merged.zs, merged.wq,
-                          merged.wq_smooth};
-    const double want[] = {direct.s, direct.t, direct.s_other, direct.u, direct.pq, direct.zs, direct.wq,
-                           direct.wq_smooth};
+    const double got[] = {merged.s,  merged.t,  merged.s_other, merged.u,
+                          merged.pq, merged.zs, merged.wq,      merged.wq_smooth};
+    const double want[] = {direct.s,  direct.t,  direct.s_other, direct.u,
+                           direct.pq, direct.zs, direct.wq,      direct.wq_smooth};
     if (std::isnan(direct.s)) {  // a NaN logit: S must stay NaN (T may or may not; H is NaN either way)
       if (!std::isnan(merged.s)) {
         std::printf("trial %d: a NaN logit was lost, S = %.17g (n=%d threads=%d block=%d)\n", trial, merged.s, n,

@@ -1,5 +1,6 @@
 """Fixtures of the trainer's tests: one intra-op thread, and the demo's MNIST pretraining shrunk
 (a few hundred images, one epoch) so that a test that pretrains takes about a second."""
+
 import functools
 
 import pytest

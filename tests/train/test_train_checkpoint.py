@@ -1,17 +1,35 @@
 """The checkpoint format: TrainerState to a dict and back, and the refusal of other formats."""
+
 import pytest
 import torch
 
-from aepg_kernels.train.checkpoint import (FORMAT_VERSION, Position, ResumeError, TrainerState, load_checkpoint,
-                                           save_checkpoint)
+from aepg_kernels.train.checkpoint import (
+    FORMAT_VERSION,
+    Position,
+    ResumeError,
+    TrainerState,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def state(**changes):
-    values = dict(config={"run": {"seed": 0}}, scenario={"class_order": [1, 0], "task_sizes": [1, 1]},
-                  backbone_fingerprint="abc", world_size=2, position=Position(1, 0, 3), global_step=7, num_heads=2,
-                  model={"heads.heads.0.weight": torch.ones(1, 4)}, accuracy_matrix={"values": [[1.0]]},
-                  history=[{"task": 0, "epoch": 0, "loss": 0.5}], trainable_per_task=[10], timing=[1.5],
-                  epoch_totals=torch.tensor([[1.0, 2.0], [3.0, 4.0]]), task_seconds=0.25)
+    values = dict(
+        config={"run": {"seed": 0}},
+        scenario={"class_order": [1, 0], "task_sizes": [1, 1]},
+        backbone_fingerprint="abc",
+        world_size=2,
+        position=Position(1, 0, 3),
+        global_step=7,
+        num_heads=2,
+        model={"heads.heads.0.weight": torch.ones(1, 4)},
+        accuracy_matrix={"values": [[1.0]]},
+        history=[{"task": 0, "epoch": 0, "loss": 0.5}],
+        trainable_per_task=[10],
+        timing=[1.5],
+        epoch_totals=torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        task_seconds=0.25,
+    )
     return TrainerState(**{**values, **changes})
 
 
@@ -30,10 +48,27 @@ def test_format_1_keys():
     """The keys of format 1, as every checkpoint written so far holds them: a change of the format
     must change FORMAT_VERSION (and this list) with it."""
     assert FORMAT_VERSION == 1
-    assert sorted(state().to_dict()) == sorted([
-        "config", "scenario", "backbone_fingerprint", "world_size", "position", "global_step", "num_heads", "model",
-        "optimizer", "schedule", "epoch_totals", "task_seconds", "accuracy_matrix", "history", "trainable_per_task",
-        "timing", "format_version"])
+    assert sorted(state().to_dict()) == sorted(
+        [
+            "config",
+            "scenario",
+            "backbone_fingerprint",
+            "world_size",
+            "position",
+            "global_step",
+            "num_heads",
+            "model",
+            "optimizer",
+            "schedule",
+            "epoch_totals",
+            "task_seconds",
+            "accuracy_matrix",
+            "history",
+            "trainable_per_task",
+            "timing",
+            "format_version",
+        ]
+    )
 
 
 def test_other_formats_are_refused(tmp_path):

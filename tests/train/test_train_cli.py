@@ -1,6 +1,7 @@
 """`aepg-train` end to end: a run and a compare from the shipped demo preset, through the command
 line, with the demo's MNIST pretraining shrunk (conftest.py's small_recipe) and few epochs; and the
 real embedded demo (slow): CE vs aEPG, 3 seeds, every run far above chance."""
+
 import json
 
 import pytest
@@ -13,15 +14,27 @@ METRICS = ("final_accuracy", "average_incremental_accuracy", "forgetting_max_bas
 
 
 def _args(tmp_path, *extra):
-    return ["--config", "demo_digits", f"run.output_dir={tmp_path / 'out'}", f"run.cache_dir={tmp_path / 'cache'}",
-            *SHORT, *extra]
+    return [
+        "--config",
+        "demo_digits",
+        f"run.output_dir={tmp_path / 'out'}",
+        f"run.cache_dir={tmp_path / 'cache'}",
+        *SHORT,
+        *extra,
+    ]
 
 
 def test_run_writes_every_output(tmp_path, small_recipe, capsys):
     assert cli_main(_args(tmp_path, "loss.name=ce")) == 0
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} >= {"summary.json", "config.yaml", "checkpoint.pt", "accuracy_matrix.png",
-                                              "accuracy_per_task.png", "entropy.png"}
+    assert {p.name for p in out.iterdir()} >= {
+        "summary.json",
+        "config.yaml",
+        "checkpoint.pt",
+        "accuracy_matrix.png",
+        "accuracy_per_task.png",
+        "entropy.png",
+    }
     record = json.loads((out / "summary.json").read_text())
     assert set(METRICS) <= set(record["metrics"])
     R = record["accuracy_matrix"]
@@ -59,8 +72,17 @@ def test_compare_writes_a_table_of_every_loss(tmp_path, small_recipe, capsys):
 
 
 def test_compare_overrides_may_follow_the_lists(tmp_path, capsys):
-    argv = ["compare", "--config", "demo_digits", "--losses", "ce,aepg", "--seeds", "3,4", "--print-config",
-            "optim.lr=1e-3"]
+    argv = [
+        "compare",
+        "--config",
+        "demo_digits",
+        "--losses",
+        "ce,aepg",
+        "--seeds",
+        "3,4",
+        "--print-config",
+        "optim.lr=1e-3",
+    ]
     assert cli_main(argv) == 0
     assert "lr: 0.001" in capsys.readouterr().out
 
@@ -76,16 +98,26 @@ def test_embedded_demo_learns_far_above_chance(tmp_path, capsys):
     """The demo of docs/trainer.md as shipped (MNIST pretraining included, cached under tmp_path): CE vs aEPG
     over 3 seeds. Chance is 10%; a frozen MNIST backbone with LoRA keeps every run above 3x that.
     Nothing here compares the two losses: the demo is not tuned to make one win."""
-    assert cli_main(["compare", "--config", "demo_digits", f"run.output_dir={tmp_path / 'demo'}",
-                     f"run.cache_dir={tmp_path / 'cache'}", "run.progress=false"]) == 0
+    assert (
+        cli_main(
+            [
+                "compare",
+                "--config",
+                "demo_digits",
+                f"run.output_dir={tmp_path / 'demo'}",
+                f"run.cache_dir={tmp_path / 'cache'}",
+                "run.progress=false",
+            ]
+        )
+        == 0
+    )
     aggregated = json.loads((tmp_path / "demo" / "compare.json").read_text())
     for loss in ("ce", "aepg"):
         finals = aggregated["losses"][loss]["metrics"]["final_accuracy"]["values"]
         assert len(finals) == 3 and min(finals) > 0.3, (loss, finals)
 
 
-def test_sweep_runs_the_grid_with_label_noise_and_reads_finished_runs_back(tmp_path, small_recipe, capsys,
-                                                                           monkeypatch):
+def test_sweep_runs_the_grid_with_label_noise_and_reads_finished_runs_back(tmp_path, small_recipe, capsys, monkeypatch):
     argv = ["sweep", *_args(tmp_path, "loss.name=ce"), "--grid", "data.label_noise=0,0.2", "--seeds", "0"]
     assert cli_main(argv) == 0
     out = tmp_path / "out"
@@ -124,7 +156,12 @@ def test_task_scoped_noise_flips_within_the_runs_tasks(tmp_path, small_recipe):
     assert noise["groups"] == [order[:5], order[5:]]  # two tasks of the permuted order
     task_of = {c: order.index(c) // 5 for c in order}
     assert all(task_of[a] == task_of[b] for a, b in zip(noise["original_labels"], noise["noisy_labels"]))
-    single = _args(tmp_path / "single", "data.label_noise=0.2", "data.label_noise_scope=task",
-                   "scenario.num_tasks=null", "scenario.classes_per_task=3")  # the last task has one class
+    single = _args(
+        tmp_path / "single",
+        "data.label_noise=0.2",
+        "data.label_noise_scope=task",
+        "scenario.num_tasks=null",
+        "scenario.classes_per_task=3",
+    )  # the last task has one class
     with pytest.raises(ConfigError, match="data.label_noise_scope: 'task' needs >= 2 classes in every task"):
         cli_main(single)

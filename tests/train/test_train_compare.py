@@ -1,4 +1,5 @@
 """`compare` mode (compare.py): configs per loss x seed, aggregation, table, outputs; no training."""
+
 import json
 import math
 import statistics
@@ -8,8 +9,7 @@ import numpy as np
 import pytest
 
 from aepg_kernels.train import AccuracyMatrix, ConfigError, load_config, metrics
-from aepg_kernels.train.compare import (aggregate, format_compare_table, mean_and_std, run_compare,
-                                        write_compare_outputs)
+from aepg_kernels.train.compare import aggregate, format_compare_table, mean_and_std, run_compare, write_compare_outputs
 from aepg_kernels.train.losses import LOSS_NAMES
 from aepg_kernels.utils import new_figure, save_figure
 
@@ -21,23 +21,37 @@ def two_task_summary(r00, r10, r11, last_entropies=(0.5, 0.5)):
     matrix = AccuracyMatrix(2)
     for (t, i), acc in {(0, 0): r00, (1, 0): r10, (1, 1): r11}.items():
         matrix.record(t, i, acc)
-    history = [{"task": t, "epoch": 0, "peft_trainable": True, "loss": 1.0, "entropy": h, "sample_weight": 0.5,
-                "alpha": math.nan} for t, h in enumerate(last_entropies)]
+    history = [
+        {
+            "task": t,
+            "epoch": 0,
+            "peft_trainable": True,
+            "loss": 1.0,
+            "entropy": h,
+            "sample_weight": 0.5,
+            "alpha": math.nan,
+        }
+        for t, h in enumerate(last_entropies)
+    ]
     return {**matrix.summary(), "history": history}
 
 
 # Known per-seed values: final accuracy (r10 + r11) / 2 is 0.70, 0.80, 0.90 for CE.
 RESULTS = {
-    "ce": {0: two_task_summary(0.9, 0.6, 0.8, (0.4, 0.2)), 1: two_task_summary(0.8, 0.7, 0.9, (0.4, 0.4)),
-           2: two_task_summary(1.0, 0.8, 1.0, (0.4, 0.6))},
+    "ce": {
+        0: two_task_summary(0.9, 0.6, 0.8, (0.4, 0.2)),
+        1: two_task_summary(0.8, 0.7, 0.9, (0.4, 0.4)),
+        2: two_task_summary(1.0, 0.8, 1.0, (0.4, 0.6)),
+    },
     "aepg": {0: two_task_summary(0.9, 0.9, 0.9), 1: two_task_summary(0.9, 0.85, 0.95)},
 }
 
 
 @pytest.fixture
 def base_cfg(tmp_path):
-    return load_config(None, ["optim.lr=1e-3", "optim.epochs=2", "optim.peft_frozen_epochs=1",
-                              f"run.output_dir={tmp_path / 'cmp'}"])
+    return load_config(
+        None, ["optim.lr=1e-3", "optim.epochs=2", "optim.peft_frozen_epochs=1", f"run.output_dir={tmp_path / 'cmp'}"]
+    )
 
 
 def test_mean_and_std_match_numpy_and_statistics():
@@ -56,10 +70,12 @@ def test_aggregate_per_metric_per_loss():
     assert list(aggregated["losses"]) == ["ce", "aepg"]
     ce = aggregated["losses"]["ce"]
     assert ce["seeds"] == [0, 1, 2]
-    for name, function in [("final_accuracy", metrics.final_accuracy),
-                           ("average_incremental_accuracy", metrics.average_incremental_accuracy),
-                           ("forgetting_max_based", metrics.forgetting),
-                           ("backward_transfer", metrics.backward_transfer)]:
+    for name, function in [
+        ("final_accuracy", metrics.final_accuracy),
+        ("average_incremental_accuracy", metrics.average_incremental_accuracy),
+        ("forgetting_max_based", metrics.forgetting),
+        ("backward_transfer", metrics.backward_transfer),
+    ]:
         values = [function(s["accuracy_matrix"]) for s in RESULTS["ce"].values()]
         assert ce["metrics"][name]["values"] == pytest.approx(values), name
         assert ce["metrics"][name]["mean"] == pytest.approx(np.mean(values)), name
@@ -116,11 +132,20 @@ def test_run_compare_runs_every_loss_and_seed_with_its_own_config(base_cfg):
     aggregated = run_compare(base_cfg, ["ce", "aepg"], [0, 5], fake_run_one, log=logged.append)
     assert [(c.loss.name, c.run.seed) for c in calls] == [("ce", 0), ("ce", 5), ("aepg", 0), ("aepg", 5)]
     base = Path(base_cfg.run.output_dir)
-    assert [Path(c.run.output_dir) for c in calls] == [base / "ce/seed0", base / "ce/seed5",
-                                                       base / "aepg/seed0", base / "aepg/seed5"]
+    assert [Path(c.run.output_dir) for c in calls] == [
+        base / "ce/seed0",
+        base / "ce/seed5",
+        base / "aepg/seed0",
+        base / "aepg/seed5",
+    ]
     for c in calls:  # everything else is the base config's
-        assert (c.optim, c.model, c.peft, c.data, c.scenario) == (base_cfg.optim, base_cfg.model, base_cfg.peft,
-                                                                  base_cfg.data, base_cfg.scenario)
+        assert (c.optim, c.model, c.peft, c.data, c.scenario) == (
+            base_cfg.optim,
+            base_cfg.model,
+            base_cfg.peft,
+            base_cfg.data,
+            base_cfg.scenario,
+        )
         assert c.loss.schedule == base_cfg.loss.schedule and c.run.device == base_cfg.run.device
     assert base_cfg.loss.name == "aepg" and base_cfg.run.seed == 0 and Path(base_cfg.run.output_dir) == base
     assert calls[0].model is not calls[1].model  # copies: one run cannot change another's config
@@ -129,14 +154,17 @@ def test_run_compare_runs_every_loss_and_seed_with_its_own_config(base_cfg):
     assert len(logged) == 8 and "run 3/4: aepg seed=0" in logged[4]
 
 
-@pytest.mark.parametrize("losses, seeds, message", [
-    (["ce", "entropy"], [0], "compare.losses: unknown loss 'entropy'; valid losses: " + ", ".join(LOSS_NAMES)),
-    (["ce", "ce"], [0], r"compare.losses: each loss once"),
-    ([], [0], "compare.losses: give at least one loss"),
-    (["ce"], [0, 1, 0], r"compare.seeds: seeds must be distinct, \[0\] repeated"),
-    (["ce"], [], "compare.seeds: give at least one seed"),
-    (["ce"], [0, "1"], "compare.seeds: seeds must be integers"),
-])
+@pytest.mark.parametrize(
+    "losses, seeds, message",
+    [
+        (["ce", "entropy"], [0], "compare.losses: unknown loss 'entropy'; valid losses: " + ", ".join(LOSS_NAMES)),
+        (["ce", "ce"], [0], r"compare.losses: each loss once"),
+        ([], [0], "compare.losses: give at least one loss"),
+        (["ce"], [0, 1, 0], r"compare.seeds: seeds must be distinct, \[0\] repeated"),
+        (["ce"], [], "compare.seeds: give at least one seed"),
+        (["ce"], [0, "1"], "compare.seeds: seeds must be integers"),
+    ],
+)
 def test_run_compare_rejects_bad_arguments_before_any_run(base_cfg, losses, seeds, message):
     def never(cfg):
         raise AssertionError("run_one must not be called")

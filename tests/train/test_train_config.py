@@ -2,8 +2,13 @@ import pytest
 
 from aepg_kernels.train import ConfigError, config_from_dict, config_to_yaml, list_presets, load_config
 
-PRESETS = ["cifar100_10task_lora", "demo_digits", "imagenet_r_10task_adapter", "imagenet_r_10task_lora",
-           "imagenet_r_10task_prefix"]
+PRESETS = [
+    "cifar100_10task_lora",
+    "demo_digits",
+    "imagenet_r_10task_adapter",
+    "imagenet_r_10task_lora",
+    "imagenet_r_10task_prefix",
+]
 
 
 def test_presets_ship_and_load():
@@ -26,16 +31,24 @@ def test_paper_settings():
 
 
 def test_overrides():
-    cfg = load_config("demo_digits", ["optim.lr=1e-3", "peft.blocks=[0, 2]", "loss.name=ce",
-                                      "scenario.num_tasks=null", "scenario.classes_per_task=5", "model.kwargs.depth=6"])
+    cfg = load_config(
+        "demo_digits",
+        [
+            "optim.lr=1e-3",
+            "peft.blocks=[0, 2]",
+            "loss.name=ce",
+            "scenario.num_tasks=null",
+            "scenario.classes_per_task=5",
+            "model.kwargs.depth=6",
+        ],
+    )
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
     assert cfg.peft.blocks == [0, 2] and cfg.loss.name == "ce" and cfg.scenario.classes_per_task == 5
     assert cfg.model.kwargs["depth"] == 6 and cfg.model.kwargs["embed_dim"] == 64  # merged, not replaced
 
 
 def test_extends_a_file(tmp_path):
-    (tmp_path / "mine.yaml").write_text("extends: imagenet_r_10task_lora\n"
-                                        "optim: {epochs: 3, peft_frozen_epochs: 2}\n")
+    (tmp_path / "mine.yaml").write_text("extends: imagenet_r_10task_lora\noptim: {epochs: 3, peft_frozen_epochs: 2}\n")
     (tmp_path / "child.yaml").write_text("extends: mine.yaml\nloss: {name: ep}\n")
     cfg = load_config(str(tmp_path / "child.yaml"))
     assert (cfg.optim.epochs, cfg.loss.name, cfg.peft.kind) == (3, "ep", "lora")
@@ -48,20 +61,23 @@ def test_unknown_keys_list_the_valid_ones():
         config_from_dict({"optimizer": {}})
 
 
-@pytest.mark.parametrize("override, match", [
-    ("optim.lr=fast", r"optim\.lr: must be a float"),
-    ("optim.epochs=2.5", r"optim\.epochs: must be int, got float"),
-    ("peft.freeze_backbone=1", r"peft\.freeze_backbone: must be bool"),
-    ("peft.kind=vpt", r"peft\.kind: must be one of \['lora', 'adapter', 'prefix', 'prompt', 'none'\]"),
-    ("peft.blocks=3", r"peft\.blocks: must be a list"),
-    ("peft.blocks=[0, a]", r"peft\.blocks\[1\]: must be int"),
-    ("optim.betas=[0.9]", r"optim\.betas: must have 2 items"),
-    ("optim.peft_frozen_epochs=60", r"peft_frozen_epochs <= epochs"),
-    ("scenario.classes_per_task=5", r"exactly one of num_tasks / classes_per_task"),
-    ("loss.schedule=constant", r"loss\.alpha: the constant schedule needs"),
-    ("run=3", r"run: must be a mapping"),
-    ("optim.lr", r"not of the form section\.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("optim.lr=fast", r"optim\.lr: must be a float"),
+        ("optim.epochs=2.5", r"optim\.epochs: must be int, got float"),
+        ("peft.freeze_backbone=1", r"peft\.freeze_backbone: must be bool"),
+        ("peft.kind=vpt", r"peft\.kind: must be one of \['lora', 'adapter', 'prefix', 'prompt', 'none'\]"),
+        ("peft.blocks=3", r"peft\.blocks: must be a list"),
+        ("peft.blocks=[0, a]", r"peft\.blocks\[1\]: must be int"),
+        ("optim.betas=[0.9]", r"optim\.betas: must have 2 items"),
+        ("optim.peft_frozen_epochs=60", r"peft_frozen_epochs <= epochs"),
+        ("scenario.classes_per_task=5", r"exactly one of num_tasks / classes_per_task"),
+        ("loss.schedule=constant", r"loss\.alpha: the constant schedule needs"),
+        ("run=3", r"run: must be a mapping"),
+        ("optim.lr", r"not of the form section\.key=value"),
+    ],
+)
 def test_bad_values(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config("demo_digits", [override])
@@ -79,5 +95,6 @@ def test_unknown_preset_or_file(tmp_path):
 
 def test_resolved_config_round_trips():
     import yaml
+
     cfg = load_config("imagenet_r_10task_adapter", ["run.seed=3"])
     assert config_from_dict(yaml.safe_load(config_to_yaml(cfg))) == cfg

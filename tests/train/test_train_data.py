@@ -1,5 +1,6 @@
 """The trainer's data layer: digits split and items, transforms' randomness, normalisation from the
 backbone's config, ImageFolder with a split file, and the missing-path errors."""
+
 import random
 
 import numpy as np
@@ -22,6 +23,7 @@ def digits():
 
 def test_digits_split_is_stratified_disjoint_and_complete():
     from sklearn.datasets import load_digits
+
     targets = torch.as_tensor(load_digits().target)
     train, test = stratified_split(targets, 0.3)
     assert len(set(train.tolist()) & set(test.tolist())) == 0
@@ -36,6 +38,7 @@ def test_digits_split_is_stratified_disjoint_and_complete():
 
 def test_digits_data_sizes_targets_and_info(digits):
     from sklearn.datasets import load_digits
+
     targets = torch.as_tensor(load_digits().target)
     train_idx, test_idx = stratified_split(targets, DIGITS_CFG.test_fraction)
     assert digits.num_classes == 10
@@ -48,6 +51,7 @@ def test_digits_data_sizes_targets_and_info(digits):
     assert info["mean"] == list(MEAN) and info["std"] == list(STD)
     assert "RandomResizedCrop" in info["transforms"]["train"] and "HorizontalFlip" in info["transforms"]["train"]
     import json
+
     json.dumps(info)  # JSON-able
 
 
@@ -59,6 +63,7 @@ def test_digits_split_is_deterministic(digits):
 
 def test_digits_items_shape_range_and_normalisation(digits):
     from sklearn.datasets import load_digits
+
     x, y = digits.test.dataset[0]
     assert x.shape == (1, 16, 16) and x.dtype == torch.float32 and isinstance(y, int)
     assert y == int(digits.test.targets[0])
@@ -112,9 +117,9 @@ def test_backbone_normalization_per_channel():
 
 
 def test_backbone_normalization_of_a_timm_vit():
+    from aepg_kernels.train import create_backbone
     from tests.train.tiny_vit import TINY_VIT
 
-    from aepg_kernels.train import create_backbone
     backbone = create_backbone(TINY_VIT)
     expected = tuple(float(v) for v in backbone.pretrained_cfg["mean"])
     assert backbone_normalization(backbone, 3)[0] == expected
@@ -125,13 +130,21 @@ def test_backbone_normalization_of_a_timm_vit():
 # ImageFolder
 
 COLOURS = {"ant": (255, 0, 0), "bee": (0, 255, 0), "cat": (0, 0, 255)}  # one uniform colour per class
-SPLIT = [("cat/c0.png", "train"), ("ant/a0.png", "train"), ("ant/a1.png", "test"), ("bee/b 0.png", "train"),
-         ("bee/b1.png", "test"), ("cat/c1.png", "test"), ("ant/a2.png", "train")]
+SPLIT = [
+    ("cat/c0.png", "train"),
+    ("ant/a0.png", "train"),
+    ("ant/a1.png", "test"),
+    ("bee/b 0.png", "train"),
+    ("bee/b1.png", "test"),
+    ("cat/c1.png", "test"),
+    ("ant/a2.png", "train"),
+]
 
 
 @pytest.fixture
 def image_root(tmp_path):
     from PIL import Image
+
     root = tmp_path / "imgs"
     for rel, _ in SPLIT:
         path = root / rel
@@ -151,8 +164,9 @@ def test_imagefolder_targets_split_and_items(image_root):
     data = build_data(_folder_cfg(image_root), mean, std)
     classes = sorted(COLOURS)
     assert data.num_classes == 3 and data.info["classes"] == classes
-    expected = {which: [classes.index(rel.split("/")[0]) for rel, s in SPLIT if s == which]
-                for which in ("train", "test")}
+    expected = {
+        which: [classes.index(rel.split("/")[0]) for rel, s in SPLIT if s == which] for which in ("train", "test")
+    }
     assert data.train.targets.tolist() == expected["train"] and data.test.targets.tolist() == expected["test"]
     assert data.info["sizes"] == {"train": 4, "test": 3}
     for split in (data.train, data.test):

@@ -2,6 +2,7 @@
 train the same run; parameters and results must be identical on both ranks, the sharded
 evaluation must equal a single-process evaluation, and training must match one process on the
 same global batch up to float rounding."""
+
 import os
 import socket
 
@@ -9,9 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from aepg_kernels.train import ClassIncrementalScenario, ContinualTrainer, config_from_dict, task_subsets
-from aepg_kernels.train import distributed
-
+from aepg_kernels.train import ClassIncrementalScenario, ContinualTrainer, config_from_dict, distributed, task_subsets
 from tests.train.tiny_vit import class_images, make_model, one_intra_op_thread
 
 # Task 0 holds 7 + 6 = 13 images (natural order): batches of 4 rows, the last one row, which rank 1
@@ -20,42 +19,56 @@ PER_CLASS = [7, 6, 8, 8, 8, 8]
 
 
 def config(output_dir):
-    return config_from_dict({
-        "optim": {"lr": 1e-3, "epochs": 2, "peft_frozen_epochs": 1},
-        "data": {"batch_size": 4, "eval_batch_size": 5, "num_workers": 0},
-        # The feedback schedule: alpha follows the global batch's mean p_y, the same on every rank.
-        "loss": {"name": "aepg", "schedule": "feedback", "feedback": {"alpha0": 0.5}, "backend": "eager"},
-        "scenario": {"num_tasks": 3, "class_order": "natural"},
-        "run": {"output_dir": str(output_dir), "progress": False, "device": "cpu"},
-    })
+    return config_from_dict(
+        {
+            "optim": {"lr": 1e-3, "epochs": 2, "peft_frozen_epochs": 1},
+            "data": {"batch_size": 4, "eval_batch_size": 5, "num_workers": 0},
+            # The feedback schedule: alpha follows the global batch's mean p_y, the same on every rank.
+            "loss": {"name": "aepg", "schedule": "feedback", "feedback": {"alpha0": 0.5}, "backend": "eager"},
+            "scenario": {"num_tasks": 3, "class_order": "natural"},
+            "run": {"output_dir": str(output_dir), "progress": False, "device": "cpu"},
+        }
+    )
 
 
 def train(output_dir, device="cpu"):
-    trainer = ContinualTrainer(make_model("lora", num_classes=()),
-                               ClassIncrementalScenario.create(range(6), num_tasks=3), config(output_dir),
-                               device=device, log=lambda _message: None)
+    trainer = ContinualTrainer(
+        make_model("lora", num_classes=()),
+        ClassIncrementalScenario.create(range(6), num_tasks=3),
+        config(output_dir),
+        device=device,
+        log=lambda _message: None,
+    )
     (train_set, train_y), (test_set, test_y) = class_images(PER_CLASS, 1), class_images(PER_CLASS, 2)
     return trainer, trainer.fit(train_set, train_y, test_set, test_y)
 
 
 def _worker(rank, world_size, port, output_dir):
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     try:
         got_rank, got_world, device = distributed.init_from_env("cpu")
         assert (got_rank, got_world, device.type) == (rank, world_size, "cpu")
         trainer, summary = train(output_dir, device)
-        torch.save({"state": trainer.model.state_dict(), "summary": summary,
-                    "evaluation": trainer.evaluate(2, _test_sets(trainer))}, os.path.join(output_dir, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "state": trainer.model.state_dict(),
+                "summary": summary,
+                "evaluation": trainer.evaluate(2, _test_sets(trainer)),
+            },
+            os.path.join(output_dir, f"rank{rank}.pt"),
+        )
     finally:
         distributed.shutdown()
 
 
 def _grads_worker(rank, world_size, port, output_dir):
     """Parameter a has a gradient on both ranks, b on rank 1 only (rank 0 had no rows), c on none."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     try:
         distributed.init_from_env("cpu")
         a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))

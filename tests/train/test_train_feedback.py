@@ -1,5 +1,6 @@
 """loss.schedule=feedback: aepg_kernels.FeedbackAlpha built from the config, fed each step's stats by
 the trainer, its alpha checkpointed: a tiny run completes, alpha moves, a resumed run replays it."""
+
 import pytest
 import torch
 
@@ -7,7 +8,6 @@ import aepg_kernels as ak
 from aepg_kernels.train import ConfigError, build_criterion, config_from_dict, load_config
 from aepg_kernels.train.checkpoint import config_differences
 from aepg_kernels.train.config import config_to_dict
-
 from tests.train.test_train_resume import fit, without_timing
 from tests.train.tiny_vit import one_intra_op_thread
 
@@ -15,13 +15,15 @@ FEEDBACK = {"target_start": 0.6, "target_end": 0.9, "gain": 0.5, "alpha0": 0.5}
 
 
 def config(output_dir, **run):
-    return config_from_dict({
-        "optim": {"lr": 1e-2, "epochs": 3, "peft_frozen_epochs": 1},
-        "data": {"batch_size": 6, "eval_batch_size": 64, "num_workers": 0},
-        "loss": {"name": "aepg", "schedule": "feedback", "feedback": FEEDBACK, "backend": "eager"},
-        "scenario": {"num_tasks": 3},
-        "run": {"output_dir": str(output_dir), "progress": False, **run},
-    })
+    return config_from_dict(
+        {
+            "optim": {"lr": 1e-2, "epochs": 3, "peft_frozen_epochs": 1},
+            "data": {"batch_size": 6, "eval_batch_size": 64, "num_workers": 0},
+            "loss": {"name": "aepg", "schedule": "feedback", "feedback": FEEDBACK, "backend": "eager"},
+            "scenario": {"num_tasks": 3},
+            "run": {"output_dir": str(output_dir), "progress": False, **run},
+        }
+    )
 
 
 def test_the_config_builds_a_feedback_alpha():

@@ -4,7 +4,6 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import aepg_kernels as ak
 from aepg_kernels.train import LossConfig, TaskHeads, accuracy, build_criterion, local_loss, predict_loader
-
 from tests.train.tiny_vit import make_model
 
 
@@ -39,9 +38,15 @@ def test_losses_by_name(name):
     p_y = p.gather(1, y[:, None]).squeeze(1)
     ce, epg, entropy = -p_y.log(), 1 - p_y, -(p * p.log()).sum(-1)
     alpha = ak.SigmoidAnneal(10).alpha  # the aepg schedule at step 0
-    expected = {"ce": ce, "epg": epg, "aepg": alpha * ce + (1 - alpha) * epg, "cp": ce - entropy, "ep": ce + entropy,
-                "ls": torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1, reduction="none"),
-                "focal": (1 - p_y) ** 2 * ce}[name]
+    expected = {
+        "ce": ce,
+        "epg": epg,
+        "aepg": alpha * ce + (1 - alpha) * epg,
+        "cp": ce - entropy,
+        "ep": ce + entropy,
+        "ls": torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1, reduction="none"),
+        "focal": (1 - p_y) ** 2 * ce,
+    }[name]
     torch.testing.assert_close(criterion(logits, y), expected.mean())
 
 

@@ -1,4 +1,5 @@
 """The loss registry: every registered name builds a criterion, and the config accepts exactly those."""
+
 import pytest
 from torch import nn
 
@@ -15,17 +16,24 @@ def test_every_registered_loss_builds():
 
 
 def test_the_config_names_the_valid_losses():
-    with pytest.raises(ConfigError, match=r"loss\.name: must be one of \['ce', 'epg', 'aepg', 'cp', 'ep', 'ls', "
-                                          r"'focal'\], got 'entropy'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"loss\.name: must be one of \['ce', 'epg', 'aepg', 'cp', 'ep', 'ls', "
+        r"'focal'\], got 'entropy'",
+    ):
         LossConfig(name="entropy")
 
 
 def test_every_registered_schedule_builds():
     from aepg_kernels.train.losses import SCHEDULES, build_schedule
+
     assert tuple(SCHEDULES) == ("sigmoid", "linear", "cosine", "constant", "feedback")
     for name in SCHEDULES:
         schedule = build_schedule(LossConfig(schedule=name, alpha=0.5), total_steps=4)
         assert 0 <= float(schedule.alpha) <= 1
-    with pytest.raises(ConfigError, match=r"loss\.schedule: must be one of \['sigmoid', 'linear', 'cosine', "
-                                          r"'constant', 'feedback'\], got 'step'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"loss\.schedule: must be one of \['sigmoid', 'linear', 'cosine', "
+        r"'constant', 'feedback'\], got 'step'",
+    ):
         LossConfig(schedule="step")

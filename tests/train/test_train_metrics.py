@@ -2,8 +2,15 @@ import math
 
 import pytest
 
-from aepg_kernels.train import (AccuracyMatrix, accuracy_after_each_task, average_incremental_accuracy,
-                                backward_transfer, final_accuracy, forgetting, summarize)
+from aepg_kernels.train import (
+    AccuracyMatrix,
+    accuracy_after_each_task,
+    average_incremental_accuracy,
+    backward_transfer,
+    final_accuracy,
+    forgetting,
+    summarize,
+)
 
 NAN = math.nan
 # R[t][i]: accuracy on task i after training task t (upper triangle not measured).

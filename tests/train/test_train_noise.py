@@ -1,4 +1,5 @@
 """data.label_noise: symmetric noise on the train split only, seeded from run.seed, recorded."""
+
 import collections
 import json
 
@@ -8,7 +9,6 @@ import torch
 from aepg_kernels.train import ConfigError, DataConfig, load_config
 from aepg_kernels.train.data import add_label_noise, build_data, symmetric_label_noise
 from aepg_kernels.train.report import write_run_outputs
-
 from tests.train.test_train_compare import two_task_summary
 
 DIGITS_CFG = DataConfig(name="digits", img_size=8, rrc_scale=(0.6, 1.0), hflip=False)
@@ -96,9 +96,14 @@ def test_one_group_is_the_plain_draw_and_task_groups_keep_each_flip_in_its_task(
             assert max(reached.values()) < 2.5 * min(reached.values()), (old, reached)
 
 
-@pytest.mark.parametrize("groups, match", [([(0, 1), (2,)], "at least 2 classes in every group"),
-                                           ([(0, 1)], "must partition the classes"),
-                                           ([(0, 1, 2), (2, 3)], "must partition the classes")])
+@pytest.mark.parametrize(
+    "groups, match",
+    [
+        ([(0, 1), (2,)], "at least 2 classes in every group"),
+        ([(0, 1)], "must partition the classes"),
+        ([(0, 1, 2), (2, 3)], "must partition the classes"),
+    ],
+)
 def test_groups_must_partition_the_classes_into_flippable_sets(groups, match):
     targets = torch.arange(3 if match.startswith("at least") else 4).repeat(10)
     with pytest.raises(ValueError, match=match):

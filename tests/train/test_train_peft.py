@@ -1,9 +1,15 @@
 import pytest
 import torch
 
-from aepg_kernels.train import (LoRAQKV, PeftConfig, PeftModule, PrefixAttention, apply_peft, count_parameters,
-                                create_backbone)
-
+from aepg_kernels.train import (
+    LoRAQKV,
+    PeftConfig,
+    PeftModule,
+    PrefixAttention,
+    apply_peft,
+    count_parameters,
+    create_backbone,
+)
 from tests.train.tiny_vit import RANK, TINY_VIT, WIDTH, images, make_model
 
 KINDS = ["lora", "adapter", "prefix", "prompt"]
@@ -100,6 +106,7 @@ def test_backbone_weights_from_a_local_checkpoint(tmp_path):
     import dataclasses
 
     import timm
+
     source = timm.create_model(TINY_VIT.name, pretrained=False, num_classes=10, **TINY_VIT.kwargs)
     path = tmp_path / "weights.pth"
     torch.save(source.state_dict(), path)
@@ -122,4 +129,3 @@ def test_prefix_is_attention_over_extra_keys_and_values():
         prefix.prefix_key.copy_(k)
         prefix.prefix_value.copy_(v)
     torch.testing.assert_close(prefix(x), attn(torch.cat([z, x], dim=1))[:, 3:])
-

@@ -1,6 +1,7 @@
 """The demo backbone's MNIST pretraining: cached by a hash of model + input size + recipe, trained
 once, written atomically, and loaded back exactly by create_backbone. The recipe is shrunk (a few
 hundred images, one epoch) so that the test takes about a second."""
+
 import dataclasses
 import json
 import pathlib
@@ -30,7 +31,8 @@ def test_pretrain_once_then_cached(tmp_path, small_recipe, monkeypatch):
     assert any("held-out MNIST accuracy" in line for line in logs)
     # No temporary file is left beside the weights.
     assert sorted(p.name for p in (tmp_path / "pretrained").iterdir()) == sorted(
-        [path.rsplit("/", 1)[1], path.rsplit("/", 1)[1][:-4] + ".json"])
+        [path.rsplit("/", 1)[1], path.rsplit("/", 1)[1][:-4] + ".json"]
+    )
 
     def no_training(*args, **kwargs):
         raise AssertionError("retrained although the weights were cached")

@@ -1,19 +1,28 @@
 """A run's outputs (report.py) on hand-made, self-consistent summaries (no training)."""
+
 import json
 import math
 
 import pytest
 
 from aepg_kernels.train import AccuracyMatrix, config_to_dict, load_config, metrics
-from aepg_kernels.train.report import (METRIC_DEFINITIONS, final_epoch_entropy, format_run_summary, run_metrics,
-                                       write_run_outputs)
+from aepg_kernels.train.report import (
+    METRIC_DEFINITIONS,
+    final_epoch_entropy,
+    format_run_summary,
+    run_metrics,
+    write_run_outputs,
+)
 from aepg_kernels.utils import new_figure, save_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ACCURACIES = {  # (t, i): R[t][i], fractions
     (0, 0): 0.90,
-    (1, 0): 0.70, (1, 1): 0.80,
-    (2, 0): 0.60, (2, 1): 0.75, (2, 2): 0.85,
+    (1, 0): 0.70,
+    (1, 1): 0.80,
+    (2, 0): 0.60,
+    (2, 1): 0.75,
+    (2, 2): 0.85,
 }
 ENTROPY = {(0, 0): 0.9, (0, 1): 0.5, (1, 0): 0.8, (1, 1): 0.4, (2, 0): 0.7, (2, 1): 0.3}  # (task, epoch)
 
@@ -22,12 +31,25 @@ def make_summary(accuracies=ACCURACIES, num_tasks=3, epochs=2, loss="ce"):
     matrix = AccuracyMatrix(num_tasks)
     for (t, i), acc in accuracies.items():
         matrix.record(t, i, acc)
-    history = [{"task": t, "epoch": e, "peft_trainable": not (t > 0 and e == 0), "loss": 1.0 / (e + 1),
-                "entropy": ENTROPY.get((t, e), 0.5), "sample_weight": 0.2 + 0.1 * e,
-                "alpha": math.nan if loss != "aepg" else 0.5}
-               for t in range(num_tasks) for e in range(epochs)]
-    return {**matrix.summary(), "scenario": {"class_order": [3, 1, 0, 2, 5, 4], "task_sizes": [2] * num_tasks},
-            "trainable_parameters_per_task": [100] * num_tasks, "history": history}
+    history = [
+        {
+            "task": t,
+            "epoch": e,
+            "peft_trainable": not (t > 0 and e == 0),
+            "loss": 1.0 / (e + 1),
+            "entropy": ENTROPY.get((t, e), 0.5),
+            "sample_weight": 0.2 + 0.1 * e,
+            "alpha": math.nan if loss != "aepg" else 0.5,
+        }
+        for t in range(num_tasks)
+        for e in range(epochs)
+    ]
+    return {
+        **matrix.summary(),
+        "scenario": {"class_order": [3, 1, 0, 2, 5, 4], "task_sizes": [2] * num_tasks},
+        "trainable_parameters_per_task": [100] * num_tasks,
+        "history": history,
+    }
 
 
 @pytest.fixture
@@ -60,8 +82,10 @@ def test_write_run_outputs_writes_every_file(tmp_path, cfg):
 
 def test_summary_json_round_trips_with_named_metrics(tmp_path, cfg):
     summary = make_summary(loss="ce")
-    extra = {"normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-             "train_transform": "RandomResizedCrop(scale=(0.05, 1.0)) + flip"}
+    extra = {
+        "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "train_transform": "RandomResizedCrop(scale=(0.05, 1.0)) + flip",
+    }
     path = write_run_outputs(tmp_path, cfg, summary, extra)["summary"]
     text = path.read_text()
 

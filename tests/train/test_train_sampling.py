@@ -1,10 +1,10 @@
 """The seeded sampling of a run: each rank's share of an epoch's order, and samples whose random
 augmentation depends on their position only."""
+
 import pytest
 import torch
 
 from aepg_kernels.train.sampling import EpochBatches, SeededSamples
-
 from tests.train.tiny_vit import class_images
 
 

@@ -31,8 +31,10 @@ def test_natural_order_is_sorted_and_remap_is_the_identity():
 def test_seeded_order_reproduces_and_seeds_differ():
     a = ClassIncrementalScenario.from_targets(TARGETS, num_tasks=10, order="permuted", seed=1993)
     assert a == ClassIncrementalScenario.from_targets(TARGETS, num_tasks=10, order="permuted", seed=1993)
-    assert a.class_order != ClassIncrementalScenario.from_targets(TARGETS, num_tasks=10, order="permuted",
-                                                                 seed=1994).class_order
+    assert (
+        a.class_order
+        != ClassIncrementalScenario.from_targets(TARGETS, num_tasks=10, order="permuted", seed=1994).class_order
+    )
     assert a.class_order != tuple(range(100))
     restored = ClassIncrementalScenario.from_state_dict(a.state_dict())
     assert restored == a
@@ -58,13 +60,16 @@ def test_train_and_test_splits():
         assert set(test_targets[test].tolist()) == set(s.task_classes(t))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(), "exactly one"),
-    (dict(num_tasks=2, classes_per_task=5), "exactly one"),
-    (dict(num_tasks=11), "num_tasks must be in"),
-    (dict(num_tasks=2, order="permuted"), "needs a seed"),
-    (dict(num_tasks=2, order="random"), "order must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(), "exactly one"),
+        (dict(num_tasks=2, classes_per_task=5), "exactly one"),
+        (dict(num_tasks=11), "num_tasks must be in"),
+        (dict(num_tasks=2, order="permuted"), "needs a seed"),
+        (dict(num_tasks=2, order="random"), "order must be"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ClassIncrementalScenario.create(range(10), **kwargs)
@@ -77,9 +82,11 @@ def test_unknown_label():
 
 def test_from_config_seeds_the_order_with_the_run_seed_unless_given():
     from aepg_kernels.train import ScenarioConfig
+
     cfg = ScenarioConfig(num_tasks=None, classes_per_task=25, class_order="permuted")
     s = ClassIncrementalScenario.from_config(cfg, TARGETS, seed=3)
     assert s == ClassIncrementalScenario.from_targets(TARGETS, classes_per_task=25, order="permuted", seed=3)
     pinned = ScenarioConfig(num_tasks=4, class_order="permuted", order_seed=1993)
-    assert ClassIncrementalScenario.from_config(pinned, TARGETS, seed=3) == \
-        ClassIncrementalScenario.from_config(pinned, TARGETS, seed=4)
+    assert ClassIncrementalScenario.from_config(pinned, TARGETS, seed=3) == ClassIncrementalScenario.from_config(
+        pinned, TARGETS, seed=4
+    )

@@ -1,5 +1,6 @@
 """stats.py: paired differences over seeds (known values -> known intervals, p-values and wins),
 baseline pairing, the difference table and the plots; synthetic run records, no training."""
+
 import math
 
 import numpy as np
@@ -7,9 +8,15 @@ import pytest
 
 from aepg_kernels.train import ConfigError
 from aepg_kernels.train.compare import aggregate
-from aepg_kernels.train.stats import (compare_to_baseline, format_difference_table, numeric_grid_keys,
-                                      paired_difference, pair_baselines, t_quantile, write_stats_outputs)
-
+from aepg_kernels.train.stats import (
+    compare_to_baseline,
+    format_difference_table,
+    numeric_grid_keys,
+    pair_baselines,
+    paired_difference,
+    t_quantile,
+    write_stats_outputs,
+)
 from tests.train.test_train_compare import PNG_SIGNATURE, two_task_summary
 
 BASE = [0.70, 0.80, 0.90, 0.60, 0.75]
@@ -58,30 +65,41 @@ def test_identical_runs_tie_and_one_seed_has_no_interval():
 
 def swept(final):
     """A sweep aggregate: {name: (grid values, {seed: final accuracy})}, 2-task runs (R[1] = final)."""
-    results = {name: {seed: two_task_summary(0.9, acc, acc) for seed, acc in by_seed.items()}
-               for name, (_, by_seed) in final.items()}
+    results = {
+        name: {seed: two_task_summary(0.9, acc, acc) for seed, acc in by_seed.items()}
+        for name, (_, by_seed) in final.items()
+    }
     aggregated = aggregate(results, key="configurations")
     for name, (values, _) in final.items():
         aggregated["configurations"][name]["grid_values"] = values
     return aggregated
 
 
-NOISE = swept({
-    "loss.name=ce,data.label_noise=0": ({"loss.name": "ce", "data.label_noise": 0}, dict(enumerate(BASE))),
-    "loss.name=ce,data.label_noise=0.2": ({"loss.name": "ce", "data.label_noise": 0.2},
-                                          {s: a - 0.1 for s, a in enumerate(BASE)}),
-    "loss.name=aepg,data.label_noise=0": ({"loss.name": "aepg", "data.label_noise": 0},
-                                          {s: a + g for s, (a, g) in enumerate(zip(BASE, GAIN))}),
-    "loss.name=aepg,data.label_noise=0.2": ({"loss.name": "aepg", "data.label_noise": 0.2},
-                                            {s: a - 0.1 + 2 * g for s, (a, g) in enumerate(zip(BASE, GAIN))}),
-})
+NOISE = swept(
+    {
+        "loss.name=ce,data.label_noise=0": ({"loss.name": "ce", "data.label_noise": 0}, dict(enumerate(BASE))),
+        "loss.name=ce,data.label_noise=0.2": (
+            {"loss.name": "ce", "data.label_noise": 0.2},
+            {s: a - 0.1 for s, a in enumerate(BASE)},
+        ),
+        "loss.name=aepg,data.label_noise=0": (
+            {"loss.name": "aepg", "data.label_noise": 0},
+            {s: a + g for s, (a, g) in enumerate(zip(BASE, GAIN))},
+        ),
+        "loss.name=aepg,data.label_noise=0.2": (
+            {"loss.name": "aepg", "data.label_noise": 0.2},
+            {s: a - 0.1 + 2 * g for s, (a, g) in enumerate(zip(BASE, GAIN))},
+        ),
+    }
+)
 
 
 def test_each_configuration_is_paired_with_the_baseline_of_its_other_grid_values():
     comparisons = compare_to_baseline(NOISE, ["loss.name=ce"])
     assert {name: c["baseline"] for name, c in comparisons.items()} == {
         "loss.name=aepg,data.label_noise=0": "loss.name=ce,data.label_noise=0",
-        "loss.name=aepg,data.label_noise=0.2": "loss.name=ce,data.label_noise=0.2"}
+        "loss.name=aepg,data.label_noise=0.2": "loss.name=ce,data.label_noise=0.2",
+    }
     clean, noisy = (comparisons[f"loss.name=aepg,data.label_noise={x}"]["metrics"]["final_accuracy"] for x in (0, 0.2))
     assert clean["mean"] == pytest.approx(0.04) and noisy["mean"] == pytest.approx(0.08)
     assert noisy["std"] == pytest.approx(0.04) and noisy["wins"] == 5
@@ -89,7 +107,9 @@ def test_each_configuration_is_paired_with_the_baseline_of_its_other_grid_values
     # with one matching configuration every other one is compared with it
     alphas = {f"a{x}": {"loss.alpha": x} for x in (0.1, 0.5)}
     assert pair_baselines({"sigmoid": {"loss.schedule": "sigmoid"}, **alphas}, ["loss.schedule=sigmoid"]) == {
-        "a0.1": "sigmoid", "a0.5": "sigmoid"}
+        "a0.1": "sigmoid",
+        "a0.5": "sigmoid",
+    }
     with pytest.raises(ConfigError, match="no configuration has loss.name=focal"):
         compare_to_baseline(NOISE, ["loss.name=focal"])
     with pytest.raises(ConfigError, match="leaves no configuration"):
@@ -97,8 +117,9 @@ def test_each_configuration_is_paired_with_the_baseline_of_its_other_grid_values
 
 
 def test_pairing_uses_the_seeds_both_ran():
-    two = swept({"ce": ({"loss.name": "ce"}, {0: 0.5, 1: 0.6, 2: 0.7}),
-                 "aepg": ({"loss.name": "aepg"}, {1: 0.7, 2: 0.7})})
+    two = swept(
+        {"ce": ({"loss.name": "ce"}, {0: 0.5, 1: 0.6, 2: 0.7}), "aepg": ({"loss.name": "aepg"}, {1: 0.7, 2: 0.7})}
+    )
     comparison = compare_to_baseline(two, ["loss.name=ce"])["aepg"]
     assert comparison["seeds"] == [1, 2]
     assert comparison["metrics"]["final_accuracy"]["differences"] == pytest.approx([0.1, 0.0])
@@ -107,8 +128,11 @@ def test_pairing_uses_the_seeds_both_ran():
 def test_difference_table_and_plots(tmp_path):
     comparisons = compare_to_baseline(NOISE, ["loss.name=ce"])
     table = format_difference_table(comparisons)
-    row = next(line for line in table.splitlines()
-               if line.startswith("| loss.name=aepg,data.label_noise=0 ") and "final accuracy" in line)
+    row = next(
+        line
+        for line in table.splitlines()
+        if line.startswith("| loss.name=aepg,data.label_noise=0 ") and "final accuracy" in line
+    )
     half = 100 * 2.776445 * 0.02 / math.sqrt(5)
     assert "+4.00" in row and f"[{4 - half:+.2f}, {4 + half:+.2f}]" in row and "5 / 0 / 0" in row
     assert numeric_grid_keys(NOISE) == ["data.label_noise"]
@@ -121,9 +145,12 @@ def test_difference_table_and_plots(tmp_path):
 
 
 def test_a_configuration_without_the_plotted_key_is_a_level(tmp_path):
-    ablation = swept({"loss.schedule=sigmoid": ({"loss.schedule": "sigmoid"}, {0: 0.8, 1: 0.7}),
-                      **{f"loss.alpha={x}": ({"loss.alpha": x}, {0: 0.6 + x / 10, 1: 0.5 + x / 10})
-                         for x in (0.0, 0.5, 1.0)}})
+    ablation = swept(
+        {
+            "loss.schedule=sigmoid": ({"loss.schedule": "sigmoid"}, {0: 0.8, 1: 0.7}),
+            **{f"loss.alpha={x}": ({"loss.alpha": x}, {0: 0.6 + x / 10, 1: 0.5 + x / 10}) for x in (0.0, 0.5, 1.0)},
+        }
+    )
     assert numeric_grid_keys(ablation) == ["loss.alpha"]
     paths = write_stats_outputs(tmp_path, ablation)
     assert paths["final_accuracy_vs_loss.alpha"].stat().st_size > 0

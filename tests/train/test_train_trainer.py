@@ -1,4 +1,5 @@
 """Smoke tests of the training loop on random, class-separable data (tiny ViT, a few steps)."""
+
 import io
 import math
 import sys
@@ -9,7 +10,6 @@ from torch.utils.data import TensorDataset
 
 from aepg_kernels.train import ClassIncrementalScenario, ContinualTrainer, config_from_dict, task_subsets
 from aepg_kernels.train.cli import main as cli_main
-
 from tests.train.tiny_vit import make_model
 
 NUM_CLASSES, PER_CLASS = 6, 8
@@ -24,13 +24,15 @@ def dataset(seed):
 
 
 def trainer(output_dir, epochs=3, peft_frozen_epochs=2, loss="aepg"):
-    cfg = config_from_dict({
-        "optim": {"lr": 1e-2, "epochs": epochs, "peft_frozen_epochs": peft_frozen_epochs},
-        "data": {"batch_size": 16, "eval_batch_size": 64, "num_workers": 0},
-        "loss": {"name": loss, "backend": "eager"},
-        "scenario": {"num_tasks": 3, "class_order": "permuted"},
-        "run": {"output_dir": str(output_dir), "progress": False},
-    })
+    cfg = config_from_dict(
+        {
+            "optim": {"lr": 1e-2, "epochs": epochs, "peft_frozen_epochs": peft_frozen_epochs},
+            "data": {"batch_size": 16, "eval_batch_size": 64, "num_workers": 0},
+            "loss": {"name": loss, "backend": "eager"},
+            "scenario": {"num_tasks": 3, "class_order": "permuted"},
+            "run": {"output_dir": str(output_dir), "progress": False},
+        }
+    )
     scenario = ClassIncrementalScenario.create(range(NUM_CLASSES), num_tasks=3, order="permuted", seed=0)
     model = make_model("lora", num_classes=())
     return ContinualTrainer(model, scenario, cfg, device="cpu", log=lambda message: None)
@@ -46,8 +48,9 @@ def test_fit_fills_the_accuracy_matrix_and_logs_per_epoch(tmp_path):
         assert math.isfinite(summary[key])
     assert summary["scenario"]["class_order"] == list(t.scenario.class_order)
     history = summary["history"]
-    assert [(h["task"], h["epoch"], h["peft_trainable"]) for h in history] == \
-        [(0, e, True) for e in range(3)] + [(task, e, e >= 2) for task in (1, 2) for e in range(3)]
+    assert [(h["task"], h["epoch"], h["peft_trainable"]) for h in history] == [(0, e, True) for e in range(3)] + [
+        (task, e, e >= 2) for task in (1, 2) for e in range(3)
+    ]
     for h in history:
         assert 0 < h["sample_weight"] <= 1 and 0 <= h["entropy"] <= math.log(2) + 1e-6
     # alpha restarts near 1 (CE) at each task and decreases within it.

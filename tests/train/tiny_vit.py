@@ -1,12 +1,16 @@
 """Test helpers: a tiny timm ViT (no download): 32x32 inputs, 8x8 patches (16 tokens), 5 blocks so the default
 PEFT blocks 0-4 exist, width 64."""
+
 import torch
 
 from aepg_kernels.train import ContinualViT, ModelConfig, PeftConfig
 from aepg_kernels.utils import intra_op_threads
 
-TINY_VIT = ModelConfig(name="vit_tiny_patch16_224", pretrained=False,
-                       kwargs=dict(img_size=32, patch_size=8, depth=5, embed_dim=64, num_heads=4))
+TINY_VIT = ModelConfig(
+    name="vit_tiny_patch16_224",
+    pretrained=False,
+    kwargs=dict(img_size=32, patch_size=8, depth=5, embed_dim=64, num_heads=4),
+)
 WIDTH, RANK = 64, 4
 
 

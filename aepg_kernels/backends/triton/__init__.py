@@ -4,6 +4,7 @@ chip), a recompute backward, an in-place scale of the fused gradient, the two ro
 Importing this registers the custom ops (op.py) without importing triton; the kernels and triton
 load on the first call (launch.py).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,8 +35,10 @@ class TritonBackend:
     def device_error(self, device: torch.device) -> Optional[str]:
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreter()):
             return None
-        return (f"backend='triton' runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before "
-                f"triton is imported; got a tensor on {device}")
+        return (
+            f"backend='triton' runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before "
+            f"triton is imported; got a tensor on {device}"
+        )
 
     def fits_on_chip(self, n_cols: int) -> bool:
         return op.launch_module().fits_on_chip(n_cols)
@@ -43,8 +46,9 @@ class TritonBackend:
     def loss(self, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags):
         if not flags & Flag.PROB_TARGET:  # the interpreter on CPU tensors: an IndexError, as the cpu backend
             check_target_range(target, logits.shape[-1], ignore_index)
-        return op.policy_loss(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags,
-                              self.fits_on_chip)
+        return op.policy_loss(
+            logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags, self.fits_on_chip
+        )
 
     def forward(self, *call, out=None):
         return op.launch_module().forward(*call, out=out)

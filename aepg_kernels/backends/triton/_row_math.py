@@ -7,6 +7,7 @@ Every formula of the loss family lives here once for the Triton backend:
   * `row_grad_coefficients` and `grad_tile`: the gradient from p, log p and those results.
 Tiles are [BLOCK_R, BLOCK_C]; per-row values are [BLOCK_R] vectors.
 """
+
 import triton
 import triton.language as tl
 
@@ -27,8 +28,20 @@ def safe_ref(m):
 
 
 @triton.jit
-def tile_sums(z, e, m_ref, r_ref, cols, y, wq, wq_smooth, q,
-              PROB_TARGET: tl.constexpr, SMOOTHING: tl.constexpr, ENTROPY: tl.constexpr):
+def tile_sums(
+    z,
+    e,
+    m_ref,
+    r_ref,
+    cols,
+    y,
+    wq,
+    wq_smooth,
+    q,
+    PROB_TARGET: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    ENTROPY: tl.constexpr,
+):
     """Sums of one tile relative to the row's max m_ref (exponential sums) and its fixed
     reference r_ref (the linear smoothing sum). Masked classes (z = -inf, e = 0) add 0."""
     s = tl.sum(e, 1)
@@ -36,14 +49,14 @@ def tile_sums(z, e, m_ref, r_ref, cols, y, wq, wq_smooth, q,
     if ENTROPY:
         t = tl.sum(tl.where(e > 0, (z - m_ref[:, None]) * e, 0.0), 1)
     s_other = tl.zeros_like(s)  # index targets: sum over k != y, for an exact 1 - p_y
-    u = tl.zeros_like(s)        # probability targets: sum_k w_k q_k e_k
-    pq = tl.zeros_like(s)       # probability targets: sum_k q_k e_k
+    u = tl.zeros_like(s)  # probability targets: sum_k w_k q_k e_k
+    pq = tl.zeros_like(s)  # probability targets: sum_k q_k e_k
     if PROB_TARGET:
         u = tl.sum(wq * e, 1)
         pq = tl.sum(q * e, 1)
     else:
         s_other = tl.sum(tl.where(cols[None, :] == y[:, None], 0.0, e), 1)
-    zs = tl.zeros_like(s)       # sum_k wq'_k (z_k - r) with 0 * log 0 = 0
+    zs = tl.zeros_like(s)  # sum_k wq'_k (z_k - r) with 0 * log 0 = 0
     if SMOOTHING or PROB_TARGET:
         zs = tl.sum(tl.where(wq_smooth != 0, wq_smooth * (z - r_ref[:, None]), 0.0), 1)
     return s, t, s_other, u, pq, zs
@@ -84,10 +97,30 @@ def focal_factors(om, p_y, logp_y, gamma):
 
 
 @triton.jit
-def row_results(m_ref, s, t, s_other, u, pq, zs, r, z_y, w_y, w_total, wq_total,
-                a, b, beta, eps, gamma, n_cols,
-                PROB_TARGET: tl.constexpr, SMOOTHING: tl.constexpr, FOCAL: tl.constexpr,
-                ENTROPY: tl.constexpr):
+def row_results(
+    m_ref,
+    s,
+    t,
+    s_other,
+    u,
+    pq,
+    zs,
+    r,
+    z_y,
+    w_y,
+    w_total,
+    wq_total,
+    a,
+    b,
+    beta,
+    eps,
+    gamma,
+    n_cols,
+    PROB_TARGET: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    FOCAL: tl.constexpr,
+    ENTROPY: tl.constexpr,
+):
     """Loss (before row masking), log S, entropy, p_target, sample weight, AUX and log p_y.
 
     m_ref: safe row max, r: reference of zs, z_y: full-precision target logit, w_y: weight of
@@ -127,9 +160,23 @@ def row_results(m_ref, s, t, s_other, u, pq, zs, r, z_y, w_y, w_total, wq_total,
 
 
 @triton.jit
-def row_grad_coefficients(a, b, beta, eps, n_cols, w_y, w_total, entropy, p_y, logp_y, aux,
-                          sample_weight, wq_total, PROB_TARGET: tl.constexpr,
-                          ENTROPY_TERM: tl.constexpr):
+def row_grad_coefficients(
+    a,
+    b,
+    beta,
+    eps,
+    n_cols,
+    w_y,
+    w_total,
+    entropy,
+    p_y,
+    logp_y,
+    aux,
+    sample_weight,
+    wq_total,
+    PROB_TARGET: tl.constexpr,
+    ENTROPY_TERM: tl.constexpr,
+):
     """Per-row coefficients of dL/dz (docs/math.md section 1); aux is 1 - p_y (index targets) or
     sum_k w_k q_k p_k (probability targets), as `row_results` returns it.
 
@@ -150,9 +197,26 @@ def row_grad_coefficients(a, b, beta, eps, n_cols, w_y, w_total, entropy, p_y, l
 
 
 @triton.jit
-def grad_tile(p, logp, entropy, c_p, c_e, c_w, g_y, g_row, cols, y, w, wq, wq_smooth,
-              a, b, PROB_TARGET: tl.constexpr, SMOOTHING: tl.constexpr,
-              ENTROPY_TERM: tl.constexpr):
+def grad_tile(
+    p,
+    logp,
+    entropy,
+    c_p,
+    c_e,
+    c_w,
+    g_y,
+    g_row,
+    cols,
+    y,
+    w,
+    wq,
+    wq_smooth,
+    a,
+    b,
+    PROB_TARGET: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    ENTROPY_TERM: tl.constexpr,
+):
     """g_row * dL/dz for a tile, from p, log p and the row coefficients."""
     grad = c_p[:, None] * p
     if ENTROPY_TERM:

@@ -1,4 +1,5 @@
 """Loads and stores shared by the Triton kernels: coefficients, per-row targets, tiles, stats."""
+
 import triton
 import triton.language as tl
 
@@ -30,8 +31,16 @@ def load_coefficient(ptr, value, FROM_PTR: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def load_coefficients(a_ptr, b_ptr, a_value, b_value, A_FROM_PTR: tl.constexpr, B_FROM_PTR: tl.constexpr,
-                      B_ONE_MINUS_A: tl.constexpr, ACC: tl.constexpr):
+def load_coefficients(
+    a_ptr,
+    b_ptr,
+    a_value,
+    b_value,
+    A_FROM_PTR: tl.constexpr,
+    B_FROM_PTR: tl.constexpr,
+    B_ONE_MINUS_A: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """The CE and EPG weights (a, b); B_ONE_MINUS_A: b = 1 - a (aEPG with a tensor alpha)."""
     a = load_coefficient(a_ptr, a_value, A_FROM_PTR, ACC)
     if B_ONE_MINUS_A:
@@ -50,8 +59,19 @@ def load_weight_total(w_total_ptr, n_cols, FROM_PTR: tl.constexpr, ACC: tl.const
 
 
 @triton.jit
-def load_row_targets(x_ptr, x_stride, y_ptr, w_ptr, rows, row_ok, ignore_index, n_cols,
-                     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+def load_row_targets(
+    x_ptr,
+    x_stride,
+    y_ptr,
+    w_ptr,
+    rows,
+    row_ok,
+    ignore_index,
+    n_cols,
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Per row: the target column (-1 when none), counted / out-of-range masks, the target logit
     in full precision and the target's class weight. Never reads outside the row."""
     if PROB_TARGET:
@@ -76,9 +96,22 @@ def load_row_targets(x_ptr, x_stride, y_ptr, w_ptr, rows, row_ok, ignore_index, 
 
 
 @triton.jit
-def load_tile(x_ptr, x_stride, q_ptr, q_stride, w_ptr, rows, row_ok, cols, n_cols, eps,
-              PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
-              ACC: tl.constexpr):
+def load_tile(
+    x_ptr,
+    x_stride,
+    q_ptr,
+    q_stride,
+    w_ptr,
+    rows,
+    row_ok,
+    cols,
+    n_cols,
+    eps,
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Logits (-inf outside the row), class weights w, and for probability targets q, w*q and
     w*q' with q' = (1 - eps) q + eps / C; for index targets with smoothing wq_smooth = w.
     Every weight-like tile is 0 outside the row, so padded lanes add nothing."""
@@ -108,8 +141,24 @@ def store_grad_tile(grad_ptr, grad_stride, rows, row_ok, cols, n_cols, grad, cou
 
 
 @triton.jit
-def store_row_stats(loss_ptr, stats_ptr, rows, row_ok, n_rows, counted, bad, loss, lse, entropy,
-                    p_target, sample_weight, row_weight, aux, row_max, log_s):
+def store_row_stats(
+    loss_ptr,
+    stats_ptr,
+    rows,
+    row_ok,
+    n_rows,
+    counted,
+    bad,
+    loss,
+    lse,
+    entropy,
+    p_target,
+    sample_weight,
+    row_weight,
+    aux,
+    row_max,
+    log_s,
+):
     """Writes every per-row output: ignored rows get 0 loss and weight, out-of-range targets NaN."""
     nan = float("nan")
     loss = tl.where(bad, nan, tl.where(counted, loss, 0.0))

@@ -1,6 +1,7 @@
 """Host side of the Triton backend: tile choice and kernel launches. No host synchronisation.
 
 A "mean" forward is three launches: the denominator, the row kernel, the reduced loss."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,11 +24,11 @@ class TileConfig:
     """Tiling policy; tests shrink it to reach the chunked path with small C."""
 
     max_one_tile_cols: int = 16384  # a row of up to this many classes stays in registers
-    chunk_cols: int = 4096          # chunk width of the streamed (large-C) path
-    tile_elements: int = 4096       # elements per program for small C (several rows each)
+    chunk_cols: int = 4096  # chunk width of the streamed (large-C) path
+    tile_elements: int = 4096  # elements per program for small C (several rows each)
     max_rows_per_program: int = 64
     scale_block: int = 4096
-    reduce_block: int = 1024        # rows per step of the one-program reductions
+    reduce_block: int = 1024  # rows per step of the one-program reductions
 
 
 CONFIG = TileConfig()
@@ -40,8 +41,9 @@ def fits_on_chip(n_cols: int) -> bool:
 def _tiling(n_rows: int, n_cols: int):
     if fits_on_chip(n_cols):
         block_c = triton.next_power_of_2(n_cols)
-        block_r = max(1, min(CONFIG.tile_elements // block_c, CONFIG.max_rows_per_program,
-                             triton.next_power_of_2(n_rows)))
+        block_r = max(
+            1, min(CONFIG.tile_elements // block_c, CONFIG.max_rows_per_program, triton.next_power_of_2(n_rows))
+        )
     else:
         block_c, block_r = CONFIG.chunk_cols, 1
     elements = block_r * block_c
@@ -67,12 +69,31 @@ def _common_args(logits, target, weight, spec: LossSpec, w_total):
     b_ptr, b_value, b_from_ptr = _coefficient_args(0.0 if one_minus else spec.epg_weight, dummy)
     q, q_stride = (target, target.stride(0)) if spec.prob_target else (dummy, 0)
     y = dummy if spec.prob_target else target
-    args = (logits, logits.stride(0), y, q, q_stride,
-            dummy if weight is None else weight, dummy if w_total is None else w_total,
-            a_ptr, b_ptr, a_value, b_value, spec.entropy_weight, spec.label_smoothing)
-    flags = dict(PROB_TARGET=spec.prob_target, HAS_WEIGHT=weight is not None,
-                 SMOOTHING=spec.label_smoothing > 0, A_FROM_PTR=a_from_ptr, B_FROM_PTR=b_from_ptr,
-                 B_ONE_MINUS_A=one_minus, MEAN=spec.reduction == Reduction.MEAN, ACC=_acc(logits.dtype))
+    args = (
+        logits,
+        logits.stride(0),
+        y,
+        q,
+        q_stride,
+        dummy if weight is None else weight,
+        dummy if w_total is None else w_total,
+        a_ptr,
+        b_ptr,
+        a_value,
+        b_value,
+        spec.entropy_weight,
+        spec.label_smoothing,
+    )
+    flags = dict(
+        PROB_TARGET=spec.prob_target,
+        HAS_WEIGHT=weight is not None,
+        SMOOTHING=spec.label_smoothing > 0,
+        A_FROM_PTR=a_from_ptr,
+        B_FROM_PTR=b_from_ptr,
+        B_ONE_MINUS_A=one_minus,
+        MEAN=spec.reduction == Reduction.MEAN,
+        ACC=_acc(logits.dtype),
+    )
     return args, flags
 
 
@@ -91,9 +112,18 @@ def _rows(logits, target, weight, spec: LossSpec):
 
 def _denominator(target, weight, spec: LossSpec, n_cols: int, acc: torch.dtype):
     denom = torch.empty((), dtype=acc, device=target.device)
-    denominator_kernel[(1,)](target, target if weight is None else weight, denom, target.shape[0], n_cols,
-                             spec.ignore_index, PROB_TARGET=spec.prob_target, HAS_WEIGHT=weight is not None,
-                             BLOCK=CONFIG.reduce_block, ACC=_acc(acc))
+    denominator_kernel[(1,)](
+        target,
+        target if weight is None else weight,
+        denom,
+        target.shape[0],
+        n_cols,
+        spec.ignore_index,
+        PROB_TARGET=spec.prob_target,
+        HAS_WEIGHT=weight is not None,
+        BLOCK=CONFIG.reduce_block,
+        ACC=_acc(acc),
+    )
     return denom
 
 
@@ -101,8 +131,15 @@ def _reduce(row_loss, denom, spec: LossSpec, dtype: torch.dtype):
     if spec.reduction == Reduction.NONE:
         return row_loss.to(dtype)
     loss = torch.empty((), dtype=dtype, device=row_loss.device)
-    reduce_rows_kernel[(1,)](row_loss, denom, loss, row_loss.shape[0], MEAN=spec.reduction == Reduction.MEAN,
-                             BLOCK=CONFIG.reduce_block, ACC=_acc(row_loss.dtype))
+    reduce_rows_kernel[(1,)](
+        row_loss,
+        denom,
+        loss,
+        row_loss.shape[0],
+        MEAN=spec.reduction == Reduction.MEAN,
+        BLOCK=CONFIG.reduce_block,
+        ACC=_acc(row_loss.dtype),
+    )
     return loss
 
 
@@ -125,11 +162,26 @@ def forward(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_i
         block_r, block_c, num_warps = _tiling(n_rows, n_cols)
         args, kernel_flags = _common_args(logits, target, weight, spec, _weight_total(weight, spec, acc))
         policy_loss_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
-            *args, spec.focal_gamma, spec.ignore_index, denom, row_loss, stats,
-            grad if write_grad else logits, n_cols if write_grad else 0, n_rows, n_cols,
-            BLOCK_R=block_r, BLOCK_C=block_c, ONE_TILE=fits_on_chip(n_cols), FOCAL=spec.focal_gamma > 0,
-            ENTROPY=bool(flags & Flag.NEED_ENTROPY) or spec.has_entropy_term, ENTROPY_TERM=spec.has_entropy_term,
-            WRITE_GRAD=write_grad, num_warps=num_warps, **kernel_flags)
+            *args,
+            spec.focal_gamma,
+            spec.ignore_index,
+            denom,
+            row_loss,
+            stats,
+            grad if write_grad else logits,
+            n_cols if write_grad else 0,
+            n_rows,
+            n_cols,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            ONE_TILE=fits_on_chip(n_cols),
+            FOCAL=spec.focal_gamma > 0,
+            ENTROPY=bool(flags & Flag.NEED_ENTROPY) or spec.has_entropy_term,
+            ENTROPY_TERM=spec.has_entropy_term,
+            WRITE_GRAD=write_grad,
+            num_warps=num_warps,
+            **kernel_flags,
+        )
     return _reduce(row_loss, denom, spec, logits.dtype), stats, grad, denom
 
 
@@ -137,13 +189,16 @@ def _grad_buffer(out, logits):
     if out is None:
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous tensor like the logits {tuple(logits.shape)} {logits.dtype}, got "
-                         f"{tuple(out.shape)} {out.dtype}")
+        raise ValueError(
+            f"out must be a contiguous tensor like the logits {tuple(logits.shape)} {logits.dtype}, got "
+            f"{tuple(out.shape)} {out.dtype}"
+        )
     return out
 
 
-def backward(grad_loss, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags, stats,
-             denom, out=None):
+def backward(
+    grad_loss, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags, stats, denom, out=None
+):
     """dL/dlogits from the saved stats (into `out` when given); grad_loss is 0-d ("mean"/"sum")
     or (R,) ("none")."""
     spec = LossSpec.unpack(ce_weight_t, epg_weight_t, scalars, ignore_index, flags)
@@ -158,9 +213,22 @@ def backward(grad_loss, logits, target, weight, ce_weight_t, epg_weight_t, scala
     args, kernel_flags = _common_args(logits, target, weight, spec, _weight_total(weight, spec, acc))
     g_stride = grad_loss.stride(0) if grad_loss.dim() else 0
     policy_loss_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
-        *args, spec.ignore_index, denom, stats, grad_loss, g_stride, grad, n_cols, n_rows, n_cols,
-        BLOCK_R=block_r, BLOCK_C=block_c, ENTROPY_TERM=spec.has_entropy_term,
-        num_warps=num_warps, **kernel_flags)
+        *args,
+        spec.ignore_index,
+        denom,
+        stats,
+        grad_loss,
+        g_stride,
+        grad,
+        n_cols,
+        n_rows,
+        n_cols,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        ENTROPY_TERM=spec.has_entropy_term,
+        num_warps=num_warps,
+        **kernel_flags,
+    )
     return grad
 
 
@@ -170,5 +238,6 @@ def scale_(grad: torch.Tensor, grad_loss: torch.Tensor) -> None:
     if numel == 0:
         return
     block = CONFIG.scale_block
-    scale_grad_kernel[(triton.cdiv(numel, block),)](grad, grad_loss, numel, BLOCK=block,
-                                                    ACC=_acc(grad.dtype), num_warps=8)
+    scale_grad_kernel[(triton.cdiv(numel, block),)](
+        grad, grad_loss, numel, BLOCK=block, ACC=_acc(grad.dtype), num_warps=8
+    )

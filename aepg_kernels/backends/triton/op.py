@@ -7,6 +7,7 @@ same forward, context and backward functions directly, since a Python custom op 
 microseconds of host time per call; tracing (Dynamo, make_fx, fake tensors) still sees the
 registered ops. Triton itself is imported on the first call, not when the ops are registered.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -23,12 +24,20 @@ _NUM_CALL_ARGS = 8  # logits, target, weight, ce_weight_t, epg_weight_t, scalars
 def launch_module():
     """The host side (launch.py), imported on first use: importing it imports triton."""
     from . import launch
+
     return launch
 
 
-def _forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], ce_weight_t: Optional[Tensor],
-             epg_weight_t: Optional[Tensor], scalars: List[float], ignore_index: int, flags: int
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _forward(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ce_weight_t: Optional[Tensor],
+    epg_weight_t: Optional[Tensor],
+    scalars: List[float],
+    ignore_index: int,
+    flags: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return launch_module().forward(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags)
 
 
@@ -45,11 +54,22 @@ def _(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, 
     return loss, stats, grad, logits.new_empty((), dtype=acc)
 
 
-def _backward_kernel(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                     ce_weight_t: Optional[Tensor], epg_weight_t: Optional[Tensor], scalars: List[float],
-                     ignore_index: int, flags: int, stats: Tensor, denom: Tensor) -> Tensor:
-    return launch_module().backward(grad_loss, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index,
-                              flags, stats, denom)
+def _backward_kernel(
+    grad_loss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ce_weight_t: Optional[Tensor],
+    epg_weight_t: Optional[Tensor],
+    scalars: List[float],
+    ignore_index: int,
+    flags: int,
+    stats: Tensor,
+    denom: Tensor,
+) -> Tensor:
+    return launch_module().backward(
+        grad_loss, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags, stats, denom
+    )
 
 
 triton_backward = torch.library.custom_op("aepg::triton_backward", _backward_kernel, mutates_args=())
@@ -118,8 +138,12 @@ class TritonPolicyLoss(torch.autograd.Function):
 def policy_loss(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags, fits_on_chip):
     """(loss, stats) of a call, differentiable; the forward writes the gradient when the loss is
     reduced, the logits need a gradient and a row fits on chip (`fits_on_chip(C)`)."""
-    write_grad = (logits.requires_grad and torch.is_grad_enabled() and flags & Flag.REDUCTION != Reduction.NONE
-                  and fits_on_chip(logits.shape[1]))
+    write_grad = (
+        logits.requires_grad
+        and torch.is_grad_enabled()
+        and flags & Flag.REDUCTION != Reduction.NONE
+        and fits_on_chip(logits.shape[1])
+    )
     flags = with_flag(flags, Flag.WRITE_GRAD, write_grad)
     op = triton_forward if is_tracing() else TritonPolicyLoss.apply
     loss, stats, _grad, _denom = op(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags)

@@ -1,14 +1,24 @@
 """The two reductions over rows around the forward kernel, each one program (deterministic, no
 atomics): the "mean" denominator before it (the fused gradient is scaled by it) and the reduced
 loss after it. They replace the handful of small torch ops (and launches) these would cost."""
+
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def denominator_kernel(y_ptr, w_ptr, denom_out_ptr, n_rows, n_cols, ignore_index,
-                       PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
-                       ACC: tl.constexpr):
+def denominator_kernel(
+    y_ptr,
+    w_ptr,
+    denom_out_ptr,
+    n_rows,
+    n_cols,
+    ignore_index,
+    PROB_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """As nn.CrossEntropyLoss: the summed class weights of the counted rows (index targets; an
     out-of-range index counts 1, its loss is NaN), or the number of rows (probability targets)."""
     if PROB_TARGET:
@@ -28,8 +38,9 @@ def denominator_kernel(y_ptr, w_ptr, denom_out_ptr, n_rows, n_cols, ignore_index
 
 
 @triton.jit
-def reduce_rows_kernel(row_loss_ptr, denom_ptr, out_ptr, n_rows, MEAN: tl.constexpr, BLOCK: tl.constexpr,
-                       ACC: tl.constexpr):
+def reduce_rows_kernel(
+    row_loss_ptr, denom_ptr, out_ptr, n_rows, MEAN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr
+):
     """out = sum of the per-row losses, divided by the denominator for "mean", in out's dtype."""
     total = tl.zeros([BLOCK], ACC)
     for start in range(0, n_rows, BLOCK):

@@ -2,6 +2,7 @@
 
 The common case g == 1 (loss.backward()) is decided on the device: every program returns at once,
 so the fused path costs 1 read + 1 write in total with no host synchronisation."""
+
 import triton
 import triton.language as tl
 
