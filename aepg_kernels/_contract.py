@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-Coefficient = Union[float, torch.Tensor]  # (and ONE_MINUS_CE_WEIGHT for the EPG weight)
+Coefficient = Union[float, torch.Tensor]
 
 
 class Reduction(enum.IntEnum):
@@ -80,6 +80,8 @@ class _OneMinusCeWeight:
 
 
 ONE_MINUS_CE_WEIGHT = _OneMinusCeWeight()
+# The EPG weight of a call: a Coefficient, or ONE_MINUS_CE_WEIGHT with a tensor CE weight.
+EpgCoefficient = Union[float, torch.Tensor, _OneMinusCeWeight]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,10 +92,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 @dataclass(frozen=True)
 class LossSpec:
     """The hyper-parameters of one call, unpacked for the Python backends. The CE and EPG
-    weights are floats or 0-d tensors."""
+    weights are floats or 0-d tensors (the EPG weight may be ONE_MINUS_CE_WEIGHT)."""
 
     ce_weight: Coefficient = 1.0
-    epg_weight: Coefficient = 0.0
+    epg_weight: EpgCoefficient = 0.0
     entropy_weight: float = 0.0
     label_smoothing: float = 0.0
     focal_gamma: float = 0.0
@@ -152,7 +154,7 @@ class LossSpec:
 
 def pack(
     ce_weight: Coefficient,
-    epg_weight: Coefficient,
+    epg_weight: EpgCoefficient,
     entropy_weight: float,
     label_smoothing: float,
     focal_gamma: float,

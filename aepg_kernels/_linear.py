@@ -16,7 +16,7 @@ their dtype with fp32 accumulation of dW.
 from __future__ import annotations
 
 import enum
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, cast
 
 import torch
 from torch import Tensor
@@ -210,7 +210,7 @@ def linear_forward(
     only for a reduced loss and where `needs` asks, else empty. token_weight (N,) in the
     accumulation dtype scales the rows of a reduced loss (None: 1). The logits are
     softcap tanh(logit_scale (input W^T + b) / softcap), softcap 0 for none."""
-    kernels: KernelBackend = REGISTRY[backend]
+    kernels = cast(KernelBackend, REGISTRY[backend])  # the linear op takes only KERNEL_BACKENDS
     n_rows, n_classes = input.shape[0], linear_weight.shape[0]
     acc = accumulation_dtype(input.dtype)
     reduction = Reduction(flags & Flag.REDUCTION)
@@ -294,6 +294,7 @@ def _finish_grads(
 ):
     """The summed-loss gradients times the logit scale, divided by the "mean" denominator, in the
     parameters' dtypes. With no counted row they are 0 (not 0 / 0), as nn.CrossEntropyLoss's."""
+    scale: Optional[Tensor]
     if reduction == Reduction.MEAN:
         scale = torch.where(denom == 0, 0.0, logit_scale / denom)
     else:
@@ -364,7 +365,7 @@ def linear_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of a per-row loss for the per-row upstream gradient
     grad_loss (N,), recomputing each chunk's logits; empty where `needs` does not ask."""
-    kernels: KernelBackend = REGISTRY[backend]
+    kernels = cast(KernelBackend, REGISTRY[backend])  # the linear op takes only KERNEL_BACKENDS
     grads = _grad_buffers(input, linear_weight, linear_bias, needs)
     chunks = _Chunks(input, linear_weight, linear_bias, chunk_size, logit_scale, softcap)
     for start, end in chunks.bounds(input.shape[0]):

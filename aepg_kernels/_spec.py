@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, Reduction, pack
+from ._contract import ONE_MINUS_CE_WEIGHT, Coefficient, EpgCoefficient, Reduction, pack
 from ._torch_private import is_fake_tensor
 
 FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
@@ -157,7 +157,7 @@ def check_options(entropy_weight, label_smoothing, focal_gamma, ignore_index, re
     )
 
 
-def check_coefficients(ce_weight, epg_weight) -> Tuple[Coefficient, Coefficient]:
+def check_coefficients(ce_weight, epg_weight) -> Tuple[Coefficient, EpgCoefficient]:
     """The CE and EPG weights, checked (see `check_coefficient`); epg_weight may be
     ONE_MINUS_CE_WEIGHT with a tensor ce_weight."""
     if ce_weight.__class__ is float and epg_weight.__class__ is float and math.isfinite(ce_weight + epg_weight):

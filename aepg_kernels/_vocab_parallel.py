@@ -13,7 +13,7 @@ backward needs no collective.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -34,9 +34,9 @@ from .backends.eager import (
 # weights, 1 without; q the probability targets, q' = (1 - eps) q + eps / C):
 # index targets: sum e, sum e z', sum over k != y of e, z'_y (owner), owner (1/0), sum w, sum w z',
 #                w_y (owner)
-_INDEX = ("S", "T", "X", "Y", "OWN", "W", "Z", "WY")
+_INDEX: Tuple[str, ...] = ("S", "T", "X", "Y", "OWN", "W", "Z", "WY")
 # probability targets: sum e, sum e z', sum w q' z', sum w q', sum w q e, sum w q, sum q e
-_PROB = ("S", "T", "A", "B", "WQE", "WQ", "QE")
+_PROB: Tuple[str, ...] = ("S", "T", "A", "B", "WQE", "WQ", "QE")
 
 
 def shard_offset(shard_sizes: Sequence[int], rank: int) -> int:

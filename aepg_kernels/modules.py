@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from . import _row_terms
 from ._contract import pack
 from ._spec import (
+    Options,
     check_chunk_size,
     check_coefficient_devices,
     check_coefficients,
@@ -32,6 +33,10 @@ class PolicyLoss(nn.Module):
 
     _OPTION_ORDER = ("entropy_weight", "label_smoothing", "focal_gamma", "ignore_index", "reduction")
     _OPTIONS = frozenset(_OPTION_ORDER)
+    # Declared for mypy, which types nn.Module attributes as `Tensor | Module` (__getattr__): the
+    # class-weight buffer, and the validated options kept in __dict__ by _check_options.
+    weight: Optional[Tensor]
+    _options: Options
 
     def __init__(
         self,
@@ -95,7 +100,8 @@ class PolicyLoss(nn.Module):
         cached = self.__dict__["_eager"]
         if cached is not None and _same(cached[0], a) and _same(cached[1], b) and cached[2] == device:
             return cached[3]
-        packed = pack(*check_coefficients(a, b), *self._options, False, False)
+        # arg-type: mypy maps the second star-tuple onto pack's parameters wrongly (it fits them)
+        packed = pack(*check_coefficients(a, b), *self._options, False, False)  # type: ignore[arg-type]
         check_coefficient_devices(packed[0], packed[1], device)
         backend = resolve(self.backend, device)
         call = (backend.loss, packed, isinstance(backend, NativeBackend))
@@ -130,7 +136,8 @@ class PolicyLoss(nn.Module):
                 elif is_plain_call(input, target):
                     return loss(input, target, None, *packed)[0]
             elif is_plain_call(input, target):  # packed once per graph, no cache to guard on
-                packed = pack(*check_coefficients(*self._coefficients()), *self._options, False, False)
+                # arg-type: as in _eager_call, a mypy limitation with two star-tuples
+                packed = pack(*check_coefficients(*self._coefficients()), *self._options, False, False)  # type: ignore[arg-type]
                 check_coefficient_devices(packed[0], packed[1], input.device)
                 return resolve(self.backend, input.device).loss(input, target, None, *packed)[0]
         ce_weight, epg_weight = self._coefficients()
@@ -199,7 +206,7 @@ class LinearPolicyLoss(PolicyLoss):
         check_logit_transform(logit_scale, softcap)
         self.logit_scale, self.softcap = logit_scale, softcap
 
-    def forward(
+    def forward(  # type: ignore[override]  # a criterion of hidden states and the head, not of logits
         self,
         input: Tensor,
         linear_weight: Tensor,

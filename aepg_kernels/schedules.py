@@ -12,7 +12,7 @@ recompiling or re-capturing.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import torch
 
@@ -46,8 +46,8 @@ class AlphaSchedule:
 
     def _refresh(self) -> None:
         """Recomputes the device tensor alpha in place after the state changed."""
-        if self._alpha is not None:
-            self._alpha.copy_(self._current())
+        if self._alpha is not None:  # with a device the step is a tensor, and so is the alpha
+            self._alpha.copy_(cast(torch.Tensor, self._current()))
 
     @property
     def alpha(self) -> Alpha:

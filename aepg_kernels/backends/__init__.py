@@ -14,7 +14,7 @@ here and lists the tensors' device type among its `auto_devices`.
 from __future__ import annotations
 
 import functools
-from typing import Dict, Tuple
+from typing import Dict, Tuple, cast
 
 import torch
 
@@ -22,7 +22,10 @@ from . import eager, native
 from .base import Backend, KernelBackend
 from .triton import TRITON, triton_interpreter
 
-REGISTRY: Dict[str, Backend] = {b.name: b for b in (native.CUDA, TRITON, native.CPU, eager.EAGER)}
+# cast: a NativeBackend's `loss` is None where the extension is not built, and then unavailable().
+REGISTRY: Dict[str, Backend] = {
+    b.name: b for b in (cast(Backend, native.CUDA), TRITON, cast(Backend, native.CPU), eager.EAGER)
+}
 BACKEND_NAMES: Tuple[str, ...] = ("auto",) + tuple(REGISTRY)
 KERNEL_BACKENDS: Tuple[str, ...] = tuple(name for name, b in REGISTRY.items() if isinstance(b, KernelBackend))
 
@@ -84,7 +87,7 @@ def resolve(backend: str, device: torch.device) -> Backend:
     return _resolve(backend, device)
 
 
-resolve.cache_clear = _resolve.cache_clear
+resolve.cache_clear = _resolve.cache_clear  # type: ignore[attr-defined]  # a function attribute, for the tests
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

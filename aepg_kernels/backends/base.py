@@ -21,9 +21,14 @@ ForwardOutputs = Tuple[Tensor, Tensor, Tensor, Tensor]  # loss, stats, grad, den
 
 @runtime_checkable
 class Backend(Protocol):
-    name: str
-    # The device types "auto" picks this backend for, in registry order (None: every device).
-    auto_devices: Optional[Tuple[str, ...]]
+    # Read-only members (properties here), so that frozen dataclasses, properties and plain class
+    # attributes of narrower types satisfy them.
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def auto_devices(self) -> Optional[Tuple[str, ...]]:
+        """The device types "auto" picks this backend for, in registry order (None: every device)."""
 
     def unavailable(self) -> Optional[str]:
         """Why this backend cannot run on this machine, or None when it can."""

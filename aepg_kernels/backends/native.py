@@ -13,15 +13,17 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable, Optional, Tuple
 
 import torch
 
-_C = None
+_C: Optional[ModuleType] = None
 _IMPORT_ERROR: Optional[str] = "it is not built (pip install . builds it where a compiler is found)"
 if importlib.util.find_spec(f"{__package__.rpartition('.')[0]}._C") is not None:  # pragma: no cover - build
     try:
-        from .. import _C  # registers the aepg:: operators
+        # registers the aepg:: operators; the compiled extension has no stub, and rebinds _C
+        from .. import _C  # type: ignore[attr-defined, no-redef]
 
         _IMPORT_ERROR = None
     except ImportError as error:
@@ -112,5 +114,5 @@ class NativeBackend:
         torch.ops.aepg.native_scale_.default(grad, grad_loss)
 
 
-CPU = NativeBackend("cpu", "cpu", max_on_chip_cols=None)
-CUDA = NativeBackend("cuda", "cuda", max_on_chip_cols=CUDA_MAX_ON_CHIP_COLS)
+CPU: NativeBackend = NativeBackend("cpu", "cpu", max_on_chip_cols=None)
+CUDA: NativeBackend = NativeBackend("cuda", "cuda", max_on_chip_cols=CUDA_MAX_ON_CHIP_COLS)

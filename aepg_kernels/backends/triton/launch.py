@@ -5,7 +5,7 @@ A "mean" forward is three launches: the denominator, the row kernel, the reduced
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import triton
@@ -99,7 +99,7 @@ def _common_args(logits, target, weight, spec: LossSpec, w_total):
 
 def _weight_total(weight: Optional[torch.Tensor], spec: LossSpec, dtype: torch.dtype):
     needed = weight is not None and (spec.label_smoothing > 0 or spec.prob_target)
-    return weight.to(dtype).sum() if needed else None
+    return cast(torch.Tensor, weight).to(dtype).sum() if needed else None  # needed: weight is not None
 
 
 def _rows(logits, target, weight, spec: LossSpec):
