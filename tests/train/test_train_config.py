@@ -99,3 +99,21 @@ def test_resolved_config_round_trips():
 
     cfg = load_config("imagenet_r_10task_adapter", ["run.seed=3"])
     assert config_from_dict(yaml.safe_load(config_to_yaml(cfg))) == cfg
+
+
+def test_the_names_of_data_sets_and_pretraining_sets_agree():
+    """The config's Literals, the data sources, the pretraining recipes and the overlap rule name
+    the same sets: one added in one place and not the others fails here."""
+    import typing
+
+    from aepg_kernels.train import config, data, pretrain
+
+    hints = typing.get_type_hints(config.DataConfig)
+    assert set(typing.get_args(hints["name"])) == set(data._SOURCES)
+    (pretrain_sets,) = [
+        typing.get_args(a)
+        for a in typing.get_args(typing.get_type_hints(config.ModelConfig)["pretrain_on"])
+        if typing.get_args(a)
+    ]
+    assert set(pretrain_sets) == set(pretrain.RECIPES) == set(config.PRETRAIN_OVERLAP)
+    assert set(config.PRETRAIN_OVERLAP.values()) <= set(data._SOURCES)
