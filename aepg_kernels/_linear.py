@@ -464,6 +464,9 @@ def _setup_context(ctx, inputs, output) -> None:
     loss, stats, grad_input, grad_weight, grad_bias, denom = output
     ctx.reduced = flags & Flag.REDUCTION != Reduction.NONE
     ctx.has_bias = linear_bias is not None
+    # Else autograd fills the outputs that take no part in the loss (stats, the saved gradients,
+    # denom) with zeros in backward: a (V, H) tensor beside the dW accumulator, the call's peak.
+    ctx.set_materialize_grads(False)
     if ctx.reduced:
         ctx.save_for_backward(grad_input, grad_weight, grad_bias)
         return
@@ -482,6 +485,8 @@ def _scaled(grad: Tensor, grad_loss: Tensor) -> Optional[Tensor]:
 
 
 def _backward(ctx, grad_loss, grad_stats, *unused):
+    if grad_loss is None:  # only the stats (or nothing of the loss) took part: no gradient
+        return (None,) * 16
     if ctx.reduced:
         grads = [_scaled(g, grad_loss) for g in ctx.saved_tensors]
     else:

@@ -497,3 +497,44 @@ def test_in_place_gradient_equals_a_separate_buffer_bitwise(backend, loss, chunk
     for got, want in zip(results[:half], results[half:]):
         for a, e in zip(got, want):
             assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a[~a.isnan()], e[~e.isnan()])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_backward_of_a_reduced_loss_allocates_nothing_of_the_weights_size(reduction):
+    """The forward of a reduced loss computed the gradients; its backward hands them over. Autograd
+    must not fill the op's other outputs (stats, the saved gradients) with zeros: a (V, H) tensor
+    beside the dW accumulator would be the call's peak memory (benchmarks/README.md, LLM head)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            seen = {t.untyped_storage().data_ptr() for t in tensors}  # views (detach) allocate nothing
+            new = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.made += [(str(func), t.numel()) for t in new if t.untyped_storage().data_ptr() not in seen]
+            return out
+
+    x, w, b, y = _case(bias=True, ignore_every=4)
+    loss = ak.linear_policy_loss(x, w, y, linear_bias=b, reduction=reduction, chunk_size=7)
+    with Sizes() as sizes:
+        loss.backward()
+    assert sizes.made and max(numel for _, numel in sizes.made) < w.numel(), sizes.made
+    ref_grads = torch.autograd.grad(_materialised(x, w, b, y, reduction=reduction), (x, w, b))
+    for got, want in zip((x.grad, w.grad, b.grad), ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_stats_alone_take_no_gradient(reduction):
+    """Backward through the stats only (the loss's gradient then arrives as None, not zeros): the
+    stats are constants of the loss, so no gradient reaches the input or the weight."""
+    x, w, _, y = _case()
+    _, stats = ak.linear_policy_loss(x, w, y, return_stats=True, reduction=reduction, chunk_size=7)
+    stats.entropy.sum().backward()
+    assert x.grad is None and w.grad is None
