@@ -7,8 +7,10 @@ chunk by chunk, through a kernel backend's row op, never the whole (N, V) (docs/
 - `aepg::linear_backward` recomputes the chunks for reduction="none" (a per-row upstream gradient).
 
 Per chunk: logits into one reused workspace; the row op's forward (writing the logits gradient
-where the backend keeps the row on chip, else its recompute backward on the same workspace);
-dX_c = dlogits @ W; dW += dlogits^T @ x_c into an fp32 accumulator; db += the column sums. On the
+where the backend keeps the row on chip, else its recompute backward on the same workspace), the
+gradient over the logits in the workspace itself where that is safe (`_grad_in_place`), else into
+a second reused buffer; dX_c = dlogits @ W; dW += dlogits^T @ x_c into an fp32 accumulator; db +=
+the column sums. On the
 CPU low-precision inputs are computed in fp32 (ATen has no fast bf16/fp16 matmul there), on CUDA in
 their dtype with fp32 accumulation of dW.
 """
@@ -73,7 +75,16 @@ class _Chunks:
     """The operands of one call in the compute dtype, the chunk loop's workspace and the logits'
     transform z = softcap tanh(logit_scale (x W^T + b) / softcap) with its chain rule."""
 
-    def __init__(self, input, linear_weight, linear_bias, chunk_size: int, logit_scale: float, softcap: float):
+    def __init__(
+        self,
+        input,
+        linear_weight,
+        linear_bias,
+        chunk_size: int,
+        logit_scale: float,
+        softcap: float,
+        in_place: bool,
+    ):
         dtype = compute_dtype(input)
         self.x = input.to(dtype)
         self.w = linear_weight.to(dtype)
@@ -82,9 +93,14 @@ class _Chunks:
         self.logit_scale, self.softcap = logit_scale, softcap
         n_rows, n_classes = input.shape[0], linear_weight.shape[0]
         self.workspace = torch.empty((min(chunk_size, n_rows), n_classes), dtype=dtype, device=input.device)
-        self.grad_buffer: Optional[Tensor] = None  # dlogits of a chunk, made on first use
+        self.in_place = in_place  # see _grad_in_place
+        self.grad_buffer: Optional[Tensor] = None  # dlogits of a chunk when not in place, made on first use
 
     def grad_out(self, n_rows: int) -> Tensor:
+        """Where the row op writes the gradient of the chunk's n_rows logits: over the logits
+        themselves (the workspace) when in place, else a second buffer of the workspace's size."""
+        if self.in_place:
+            return self.workspace[:n_rows]
         if self.grad_buffer is None:
             self.grad_buffer = torch.empty_like(self.workspace)
         return self.grad_buffer[:n_rows]
@@ -112,6 +128,15 @@ class _Chunks:
             z = self.workspace[: grad.shape[0]]
             grad.mul_(z.div_(self.softcap).square_().neg_().add_(1))
         return grad
+
+
+def _grad_in_place(kernels: KernelBackend, fused: bool, device: torch.device, softcap: float) -> bool:
+    """Whether each chunk's logits gradient overwrites its logits, so that the loop holds one chunk
+    buffer rather than two (docs/design.md section 8): where the backend's row op on this path
+    (`fused`: its forward with WRITE_GRAD, else its recompute backward) reads every value of a row
+    it needs before it writes any of the row (`grad_into_logits`, argued per backend there), and
+    without softcap, whose chain rule reads z once the row op is done (`through_softcap_`)."""
+    return softcap == 0.0 and kernels.grad_into_logits(fused, device)
 
 
 def _summed(flags: int) -> int:
@@ -220,7 +245,9 @@ def linear_forward(
         else torch.ones((), dtype=acc, device=input.device)
     )
     grads = _grad_buffers(input, linear_weight, linear_bias, needs if reduction != Reduction.NONE else 0)
-    chunks = _Chunks(input, linear_weight, linear_bias, chunk_size, logit_scale, softcap)
+    fused = kernels.fits_on_chip(n_classes)
+    in_place = _grad_in_place(kernels, fused and token_weight is None, input.device, softcap)  # _row_grad's path
+    chunks = _Chunks(input, linear_weight, linear_bias, chunk_size, logit_scale, softcap, in_place)
     keep_stats = _keeps_stats(input, flags, needs)
     rows = None if keep_stats else _kept_rows(target, ignore_index)
     x, y, tw = chunks.x, target, token_weight
@@ -229,7 +256,6 @@ def linear_forward(
         tw = None if tw is None else tw.index_select(0, rows)
     stats = torch.zeros((NUM_STATS, n_rows if keep_stats else 0), dtype=acc, device=input.device)
     losses = []
-    fused = kernels.fits_on_chip(n_classes)
     rest = (
         weight,
         ce_weight_t,
@@ -367,7 +393,8 @@ def linear_backward(
     grad_loss (N,), recomputing each chunk's logits; empty where `needs` does not ask."""
     kernels = cast(KernelBackend, REGISTRY[backend])  # the linear op takes only KERNEL_BACKENDS
     grads = _grad_buffers(input, linear_weight, linear_bias, needs)
-    chunks = _Chunks(input, linear_weight, linear_bias, chunk_size, logit_scale, softcap)
+    in_place = _grad_in_place(kernels, False, input.device, softcap)  # the recompute backward
+    chunks = _Chunks(input, linear_weight, linear_bias, chunk_size, logit_scale, softcap, in_place)
     for start, end in chunks.bounds(input.shape[0]):
         x_c = chunks.x[start:end]
         grad = kernels.backward(
@@ -437,6 +464,9 @@ def _setup_context(ctx, inputs, output) -> None:
     loss, stats, grad_input, grad_weight, grad_bias, denom = output
     ctx.reduced = flags & Flag.REDUCTION != Reduction.NONE
     ctx.has_bias = linear_bias is not None
+    # Else autograd fills the outputs that take no part in the loss (stats, the saved gradients,
+    # denom) with zeros in backward: a (V, H) tensor beside the dW accumulator, the call's peak.
+    ctx.set_materialize_grads(False)
     if ctx.reduced:
         ctx.save_for_backward(grad_input, grad_weight, grad_bias)
         return
@@ -455,6 +485,8 @@ def _scaled(grad: Tensor, grad_loss: Tensor) -> Optional[Tensor]:
 
 
 def _backward(ctx, grad_loss, grad_stats, *unused):
+    if grad_loss is None:  # only the stats (or nothing of the loss) took part: no gradient
+        return (None,) * 16
     if ctx.reduced:
         grads = [_scaled(g, grad_loss) for g in ctx.saved_tensors]
     else:

@@ -57,6 +57,13 @@ class KernelBackend(Backend, Protocol):
         """Whether a row of `n_cols` classes stays on chip, so that the forward can write the
         gradient (1 read + 1 write)."""
 
+    def grad_into_logits(self, fused: bool, device: torch.device) -> bool:
+        """Whether `out` may be the logits themselves on `device`, the gradient written over
+        them, on the path `fused` (the forward with WRITE_GRAD) or else the recompute backward:
+        only where each value of a row that the gradient needs is read before any thread writes
+        that element, and nothing reads the row after the pass (the linear op's chunks,
+        docs/design.md section 8)."""
+
     def forward(
         self,
         logits: Tensor,

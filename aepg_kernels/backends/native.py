@@ -82,6 +82,15 @@ class NativeBackend:
     def fits_on_chip(self, n_cols: int) -> bool:
         return self.max_on_chip_cols is None or n_cols <= self.max_on_chip_cols
 
+    def grad_into_logits(self, fused: bool, device: torch.device) -> bool:
+        # CPU (csrc/cpu/policy_loss_cpu_kernels.h): a row belongs to one thread. The forward reads
+        # all of it (max, sums, z_y) before its gradient pass, which reads z_k (and e_k) before it
+        # writes element k and never reads another element; the backward reads z_y, then likewise.
+        # CUDA (csrc/cuda/policy_loss_cuda.cu): every thread of a row reads the target logit x[y]
+        # from memory, after the row's reductions (forward) or before its loop (backward), with no
+        # barrier before the thread that owns column y writes it: a race, so a separate buffer.
+        return self.device_type == "cpu" and device.type == "cpu"
+
     def forward(self, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags, out=None):
         call = (logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags)
         if out is None:

@@ -43,6 +43,18 @@ class TritonBackend:
     def fits_on_chip(self, n_cols: int) -> bool:
         return op.launch_module().fits_on_chip(n_cols)
 
+    def grad_into_logits(self, fused: bool, device: torch.device) -> bool:
+        # A program owns whole rows (forward.py, backward.py). The recompute backward stores each
+        # column tile's gradient from that tile's own loads (a layout change in between goes
+        # through shared memory behind a barrier); the target logit z_y enters only the target
+        # column's value (g_y, through the entropy term), computed by the thread that stores it;
+        # the loop never reads a column it has written. The fused forward feeds z_y into every
+        # column (through the sample weight), and on a GPU the thread that writes column y need
+        # not wait for another thread's load of z_y (no barrier when a row lies within one warp):
+        # a separate buffer there. The interpreter (CPU tensors) runs a program's loads and
+        # stores one after another, on copies.
+        return not fused or device.type == "cpu"
+
     def loss(self, logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags):
         if not flags & Flag.PROB_TARGET:  # the interpreter on CPU tensors: an IndexError, as the cpu backend
             check_target_range(target, logits.shape[-1], ignore_index)
