@@ -292,13 +292,22 @@ def pytest_summary(lines: Sequence[str]) -> Optional[str]:
     return next((line.strip(" =") for line in reversed(lines) if pattern.search(line)), None)
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT to its default. An ignored SIGINT survives exec (a job
+    started with `&` or nohup has it ignored), and a Python child then never raises
+    KeyboardInterrupt, so the interrupt at the budget would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_child(argv: Sequence[str], budget: float, log_path: Path, grace: float) -> Dict:
     """Runs `argv` in its own process group with its output appended to the log; SIGINT to the
     group when `budget - grace` seconds have passed, SIGKILL `grace` seconds later."""
     start = time.monotonic()
     with log_path.open("ab") as log:
         offset = log.tell()
-        process = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            list(argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_default_sigint
+        )
         ended = "finished"
         try:
             returncode = process.wait(timeout=max(1.0, budget - grace))
