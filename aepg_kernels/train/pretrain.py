@@ -79,9 +79,10 @@ def _recipe(model: ModelConfig) -> Dict[str, object]:
     return RECIPES[model.pretrain_on]
 
 
-def _load_images(pretrain_on: str, img_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _load_images(pretrain_on: str, recipe: Dict[str, object], img_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The pretraining images as the recipe (part of the cache key) says: MNIST's cropped to its `crop`."""
     if pretrain_on == "mnist":
-        return load_mnist5k(img_size, crop=MNIST_DIGIT_BOX)
+        return load_mnist5k(img_size, crop=recipe["crop"])
     return load_digits_images(img_size)
 
 
@@ -122,7 +123,7 @@ def pretrain_backbone(
         _check_input_size(backbone, img_size)
         in_chans = backbone.patch_embed.proj.in_channels
         mean, std = backbone_normalization(backbone, in_chans)
-        images, labels = _load_images(model.pretrain_on, img_size)
+        images, labels = _load_images(model.pretrain_on, recipe, img_size)
         images = _normalize(images.expand(-1, in_chans, -1, -1), mean, std)
         train_idx, test_idx = stratified_split(labels, recipe["held_out_fraction"], seed=recipe["seed"])
         classifier = nn.Sequential(backbone, nn.Linear(backbone.num_features, NUM_CLASSES))
