@@ -5,7 +5,7 @@ Continual Fine-Tuning", arXiv 2602.14078 (2026).
 """
 
 from . import utils  # the trainer and the harness reach it as aepg_kernels.utils
-from .backends import BACKEND_NAMES, KERNEL_BACKENDS, available_backends
+from .backends import BACKEND_NAMES, KERNEL_BACKENDS, available_backends, empty_cache
 from .functional import (
     LossStats,
     aepg_loss,
@@ -41,6 +41,7 @@ __all__ = [
     "available_backends",
     "cross_entropy",
     "dft_loss",
+    "empty_cache",
     "epg_loss",
     "linear_aepg_loss",
     "linear_cross_entropy",

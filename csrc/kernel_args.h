@@ -37,6 +37,7 @@ struct KernelArgs {
   void* loss = nullptr;          // (n_rows,) per-row loss
   void* stats = nullptr;         // (kNumStats, n_rows)
   void* grad = nullptr;          // (n_rows, n_cols) contiguous, in dtype; null: no gradient
+  bool stream_grad = false;      // CPU, fp32: write the gradient with streaming stores (ops.cpp)
 
   // Backward inputs.
   const void* grad_loss = nullptr;  // 0-d (stride 0) or (n_rows,) upstream gradient

@@ -14,6 +14,7 @@
 // runs the same Autograd kernel, which records native_forward / native_backward in the graph.
 #include "contract.h"
 #include "kernel_args.h"
+#include "cpu/gradient_blocks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -22,10 +23,6 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C
@@ -173,21 +170,16 @@ Tensor new_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return options.device().is_cpu() ? Tensor(at::detail::empty_cpu(sizes, options)) : at::empty(sizes, options);
 }
 
-// A large CPU gradient is usually fresh memory from the OS, whose first touch faults one 4 KiB
-// page at a time (about 0.5 s per GiB here, as long as the kernel itself at 8192 x 32000 fp32).
-// Where transparent huge pages are enabled on request ("madvise"), ask for them before the kernel
-// touches the block: 2 MiB pages fault 512 times less often. Harmless on a block already in use.
-Tensor with_huge_pages(Tensor grad) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const size_t bytes = grad.numel() * grad.element_size();
-  if (grad.is_cpu() && bytes >= 8 * kHuge) {
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(grad.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(grad.data_ptr()) + bytes) & ~(kHuge - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  }
-#endif
-  return grad;
+// The gradient of a call. On the CPU a large one comes from memory kept between calls
+// (csrc/cpu/gradient_blocks.h) and is written with streaming stores when that memory held an
+// earlier gradient: its lines are then not in cache, and streaming stores skip reading them for
+// ownership (the forward with gradient at 8192 x 32000 fp32, into a block in use before: 307 ->
+// 256 ms at one thread, 165 -> 133 ms at two, on the machine of benchmarks/README.md "CPU
+// kernel"). Fresh pages, which the OS has just zeroed, are in cache: there plain stores merge
+// with those lines.
+cpu::gradient_blocks::Gradient new_gradient(const Tensor& logits) {
+  if (logits.is_cpu()) return cpu::gradient_blocks::empty(logits.sizes(), logits.options());
+  return {at::empty(logits.sizes(), logits.options()), false};
 }
 
 // The sum of the per-row losses in four independent accumulators (one chain of dependent adds
@@ -246,8 +238,9 @@ Tensor cuda_forward(KernelArgs& args, const Tensor& target, const std::optional<
   return (reduction == kReductionMean ? total / denom : total).to(args.dtype);
 }
 
-// The forward into `grad` (defined: the gradient is written there; undefined: not written).
-Forward run_forward(AEPG_CALL_PARAMS, Tensor grad) {
+// The forward into `grad` (defined: the gradient is written there, streamed when `stream_grad`;
+// undefined: not written).
+Forward run_forward(AEPG_CALL_PARAMS, Tensor grad, bool stream_grad) {
   std::vector<Tensor> keep;
   KernelArgs args = unpack(AEPG_CALL_ARGS, keep);
   const auto acc = logits.options().dtype(accumulation_dtype(logits.scalar_type()));
@@ -255,6 +248,7 @@ Forward run_forward(AEPG_CALL_PARAMS, Tensor grad) {
   Tensor denom = new_empty({}, acc);
   args.stats = stats.data_ptr();
   args.grad = grad.defined() ? grad.data_ptr() : nullptr;
+  args.stream_grad = stream_grad;
   Tensor loss = logits.is_cuda() ? cuda_forward(args, target, weight, ignore_index, denom, reduction_of(flags))
                                  : cpu_forward(args, denom, reduction_of(flags), logits.options());
   return {loss, stats, grad.defined() ? grad : new_empty({0}, logits.options()), denom};
@@ -277,17 +271,19 @@ Forward native_forward(AEPG_CALL_PARAMS) {
   check_call(logits, target, scalars, flags);
   const bool write_grad = flags & kWriteGrad;
   if (write_grad) check_fused_grad(logits, flags);
-  Tensor grad;
-  if (write_grad) grad = with_huge_pages(new_empty({logits.size(0), logits.size(1)}, logits.options()));
-  return run_forward(AEPG_CALL_ARGS, grad);
+  if (!write_grad) return run_forward(AEPG_CALL_ARGS, Tensor(), false);
+  auto [grad, recycled] = new_gradient(logits);
+  return run_forward(AEPG_CALL_ARGS, grad, recycled);
 }
 
-// The forward writing the gradient into a buffer the caller reuses (the chunks of the linear op).
+// The forward writing the gradient into a buffer the caller reuses (the chunks of the linear op),
+// with plain stores: the caller reads it next, and in the linear op it holds the chunk's logits,
+// just read.
 std::tuple<Tensor, Tensor, Tensor> native_forward_out(Tensor& grad, AEPG_CALL_PARAMS) {
   check_fused_grad(logits, flags);
   check_grad_out(grad, logits);
-  auto [loss, stats, unused, denom] =
-      run_forward(logits, target, weight, ce_weight_t, epg_weight_t, scalars, ignore_index, flags | kWriteGrad, grad);
+  auto [loss, stats, unused, denom] = run_forward(logits, target, weight, ce_weight_t, epg_weight_t, scalars,
+                                                  ignore_index, flags | kWriteGrad, grad, false);
   return {loss, stats, denom};
 }
 
@@ -338,7 +334,7 @@ void run_backward(Tensor& grad, const Tensor& grad_loss, AEPG_CALL_PARAMS, const
 }
 
 Tensor native_backward(const Tensor& grad_loss, AEPG_CALL_PARAMS, const Tensor& stats, const Tensor& denom) {
-  Tensor grad = with_huge_pages(new_empty({logits.size(0), logits.size(1)}, logits.options()));
+  Tensor grad = new_gradient(logits).tensor;
   run_backward(grad, grad_loss, AEPG_CALL_ARGS, stats, denom);
   return grad;
 }
@@ -532,6 +528,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.attr("CUDA_MAX_ON_CHIP_COLS") = aepg::cuda::kMaxOnChipCols;
   m.def("cpu_capability", &aepg::cpu::capability, "the instruction set the CPU kernels use");
+  m.def("release_gradient_blocks", &aepg::cpu::gradient_blocks::release,
+        "frees the CPU gradient blocks kept for reuse; returns their bytes");
+  m.def(
+      "gradient_block_usage",
+      [] {
+        const auto u = aepg::cpu::gradient_blocks::usage();
+        return py::dict(py::arg("kept_bytes") = u.kept_bytes, py::arg("live_bytes") = u.live_bytes,
+                        py::arg("peak_bytes") = u.peak_bytes);
+      },
+      "bytes of the CPU gradient blocks: kept for reuse, in use, and the most ever in use at once");
   // aepg::policy_loss through the dispatcher, without the boxed argument parsing of torch.ops.
   m.def("policy_loss", [](const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& ce_weight_t, const std::optional<at::Tensor>& epg_weight_t,

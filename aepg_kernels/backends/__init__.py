@@ -20,6 +20,7 @@ import torch
 
 from . import eager, native
 from .base import Backend, KernelBackend
+from .native import empty_cache
 from .triton import TRITON, triton_interpreter
 
 # cast: a NativeBackend's `loss` is None where the extension is not built, and then unavailable().
@@ -37,6 +38,7 @@ __all__ = [
     "REGISTRY",
     "available_backends",
     "check_backend",
+    "empty_cache",
     "resolve",
     "resolve_backend",
     "triton_interpreter",

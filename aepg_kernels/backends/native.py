@@ -44,6 +44,18 @@ def native_error() -> str:
     return "the native extension was built without these kernels"
 
 
+def empty_cache() -> int:
+    """Frees the memory that the `cpu` backend keeps for the next large gradient and returns its
+    bytes (0 without the extension).
+
+    A CPU gradient of 8 MiB or more comes from blocks that stay mapped after it is freed, so that
+    the next call of the same size skips the OS's page faults and zeroing; the blocks kept never
+    raise the process's peak beyond the most gradient memory it had in use at once
+    (csrc/cpu/gradient_blocks.h). Like `torch.cuda.empty_cache()`, this frees nothing in use and
+    changes no result."""
+    return int(_C.release_gradient_blocks()) if has_cpu_kernels() else 0  # type: ignore[union-attr]
+
+
 # Rows up to this C stay in registers on the GPU (csrc/kernel_args.h cuda::kMaxOnChipCols); longer
 # rows are streamed and their gradient recomputed. On the CPU a row is processed while it is in
 # cache whatever C (its exponentials go to a per-thread buffer), so the forward always writes the

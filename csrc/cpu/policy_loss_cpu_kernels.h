@@ -11,7 +11,7 @@
 // vector that holds it, a row's partial last vector is masked), the element loops are inlined into
 // one row function per Mode so they test no flag, the next row is prefetched while this one is
 // computed (its reads overlap the exponentials), and a gradient that is not in cache is written
-// with streaming stores (stream_grad).
+// with streaming stores (KernelArgs::stream_grad).
 #ifndef CPU_CAPABILITY
 #error "define CPU_CAPABILITY (DEFAULT, AVX2, AVX512) before including policy_loss_cpu_kernels.h"
 #endif
@@ -383,17 +383,6 @@ inline void store_grad_row(scalar_t* out, const T* values, const RowTarget& targ
   }
 }
 
-// Whether the fp32 gradient goes to memory with streaming stores. They pay where its lines are
-// not in cache: a block the heap hands out again (glibc serves blocks up to 32 MiB from the heap
-// once one was freed), larger than the caches. Measured at 4096 x 1000 (16 MiB): 5.4 -> 4.0 ms
-// for the forward with gradient. Larger blocks are fresh mmap pages that the OS has just zeroed,
-// in cache: there plain stores merge with those lines and streaming stores cost more (1 GiB:
-// 610 -> 1050 ms). Small gradients stay in cache for whatever reads them next.
-inline bool stream_grad(const KernelArgs& args) {
-  const int64_t bytes = args.n_rows * args.n_cols * static_cast<int64_t>(sizeof(float));
-  return bytes >= (int64_t(8) << 20) && bytes <= (int64_t(32) << 20);
-}
-
 // Rows of a block: their sums are computed one row after another (phase 1), their results
 // together, one row a vector lane (phase 2), then their gradients (phase 3). Per row, the scalar
 // tail of the max, the sums, the logs and the stores is a chain of dependent latencies; in a block
@@ -559,7 +548,7 @@ void forward_rows(const KernelArgs& args, const LossParams<T>& params, int64_t b
   const LossParams<T> p = specialize<T, M>(params);
   const int64_t n = args.n_cols;
   constexpr bool same = std::is_same_v<scalar_t, T>;
-  const bool stream = same && args.grad && stream_grad(args);
+  const bool stream = same && args.grad && args.stream_grad;
   const int rows = block_rows(args);
   const bool short_rows = rows == kBlockRows && n <= kMaxBlockCols;
   // Phase 3 and the sums of short rows read the block's logits again: each row keeps its
