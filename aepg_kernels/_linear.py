@@ -10,9 +10,8 @@ Per chunk: logits into one reused workspace; the row op's forward (writing the l
 where the backend keeps the row on chip, else its recompute backward on the same workspace), the
 gradient over the logits in the workspace itself where that is safe (`_grad_in_place`), else into
 a second reused buffer; dX_c = dlogits @ W; dW += dlogits^T @ x_c into an fp32 accumulator; db +=
-the column sums. On the
-CPU low-precision inputs are computed in fp32 (ATen has no fast bf16/fp16 matmul there), on CUDA in
-their dtype with fp32 accumulation of dW.
+the column sums. Low-precision inputs are multiplied in their dtype (fp32 accumulation of dW
+across chunks), except on a CPU without matrix instructions for it, where fp32 is faster.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._contract import NUM_STATS, Flag, Reduction, accumulation_dtype, with_flag
+from ._torch_private import cpu_has_native_matmul
 from .backends import REGISTRY, KernelBackend
 from .backends.eager import counted_row_weight
 
@@ -52,9 +52,16 @@ def default_chunk_rows(n_rows: int, n_classes: int, hidden: int, element_size: i
     return max(1, min(n_rows, budget // (4 * max(n_classes, 1))))
 
 
+# A CPU matmul of bf16/fp16 operands has an output of their dtype: dW's chunk product is made
+# this many bytes at a time and added to the fp32 accumulator (a small buffer, in cache).
+PRODUCT_BLOCK_BYTES = 4 << 20
+
+
 def compute_dtype(input: Tensor) -> torch.dtype:
-    """The dtype of the matmuls: fp32 for low-precision CPU inputs, else the input's."""
-    if input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16):
+    """The dtype of the matmuls: the input's, except fp16/bf16 on a CPU that has no matrix
+    instructions for it (ATen's matmul in the dtype is then slower than in fp32)."""
+    low = input.dtype in (torch.float16, torch.bfloat16)
+    if low and input.device.type == "cpu" and not cpu_has_native_matmul(input.dtype):
         return torch.float32
     return input.dtype
 
@@ -64,11 +71,16 @@ def _grad_accumulator(like: Tensor, shape) -> Tensor:
 
 
 def _add_matmul_(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b, accumulated in acc's dtype (fp32 out of bf16/fp16 operands on CUDA)."""
+    """acc += a @ b, accumulated in acc's dtype: fp32 out of bf16/fp16 operands (on the CPU each
+    block's product is rounded to the operands' dtype once, then added in fp32)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    else:
+    elif acc.device.type != "cpu":
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        rows = max(1, PRODUCT_BLOCK_BYTES // (b.shape[1] * b.element_size()))
+        for start in range(0, acc.shape[0], rows):
+            acc[start : start + rows] += torch.mm(a[start : start + rows], b)
 
 
 class _Chunks:

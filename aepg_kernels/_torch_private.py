@@ -16,6 +16,10 @@ upgrade of torch should start by running the tests named below.
 - `is_fake_tensor(t)`: a FakeTensor has no data to range-check (_spec.check_target_range).
 - `legacy_reduction(size_average, reduce)`: the string reduction of the deprecated
   `size_average`/`reduce` arguments, as torch.nn's own losses map them (modules.py).
+- `cpu_has_native_matmul(dtype)`: whether this CPU multiplies bf16/fp16 matrices natively (AMX
+  tiles, AVX-512 BF16), where ATen's matmul in that dtype beats fp32; the fused LM head
+  (_linear.compute_dtype) then computes in the dtype. If a probe disappears, the import fails; a
+  wrong answer only changes speed, and tests/test_linear.py runs both choices.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 import torch.nn._reduction
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-__all__ = ["graph_keeps_saved_tensors", "is_fake_tensor", "is_tracing", "legacy_reduction"]
+__all__ = ["cpu_has_native_matmul", "graph_keeps_saved_tensors", "is_fake_tensor", "is_tracing", "legacy_reduction"]
 
 
 def is_tracing() -> bool:
@@ -55,3 +59,13 @@ def legacy_reduction(size_average: Optional[bool], reduce: Optional[bool]) -> st
     """ "mean", "sum" or "none" for the deprecated size_average/reduce pair, as torch.nn maps it
     (with its deprecation warning)."""
     return torch.nn._reduction.legacy_get_string(size_average, reduce)
+
+
+def cpu_has_native_matmul(dtype: torch.dtype) -> bool:
+    """True where this CPU has matrix instructions for `dtype` (bf16: AMX or AVX-512 BF16; fp16:
+    AMX-FP16), which oneDNN's bf16/fp16 matmuls use."""
+    if dtype == torch.bfloat16:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.cpu._is_amx_fp16_supported())
+    return False

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import aepg_kernels as ak
+from aepg_kernels import _linear
 from tests.helpers import DEVICE, FAMILY, KERNEL_BACKENDS
 
 LINEAR_BACKENDS = KERNEL_BACKENDS  # "eager" is the materialising reference itself
@@ -123,8 +124,17 @@ def test_epg_gradient_is_dft():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.fixture(params=["native", "fp32"])
+def cpu_matmul(request, monkeypatch):
+    """Both ways of multiplying bf16/fp16 on the CPU, whatever this CPU has: in the dtype (a CPU
+    with matrix instructions for it) and in fp32 (one without)."""
+    native = request.param == "native"
+    monkeypatch.setattr(_linear, "cpu_has_native_matmul", lambda dtype: native)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_is_no_worse_than_torch(dtype):
+def test_low_precision_is_no_worse_than_torch(dtype, cpu_matmul):
     """Against a float64 truth, no worse than PyTorch's own low-precision composite (F.linear in the
     dtype, the loss of logits.float(): HF's way) plus a margin of 2x (docs/math.md section 6)."""
     x64, w64, b64, y = _case(n=64, h=32, v=211, bias=True, ignore_every=7)
@@ -142,7 +152,7 @@ def test_low_precision_is_no_worse_than_torch(dtype):
         assert (mine.double() - want).abs().max() <= 2 * (other.double() - want).abs().max() + 1e-3 * scale
 
 
-def test_confident_tokens_keep_their_gradient():
+def test_confident_tokens_keep_their_gradient(cpu_matmul):
     """p_y -> 1: the true-class term comes from 1 - p_y, never from a rounded p_y - 1, so dX and dW
     stay accurate in bf16 where the composite's cancel (docs/math.md section 2)."""
     h, v, n = 16, 64, 8
@@ -157,6 +167,26 @@ def test_confident_tokens_keep_their_gradient():
     for got, want in zip(grads, truth):
         error = (got.double() - want).norm() / want.norm()
         assert error < 2e-2, error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision_weight_gradient_accumulates_in_fp32(dtype, monkeypatch):
+    """dW += dlogits^T x_c on the CPU, where a bf16/fp16 matmul has an output of its dtype: block
+    by block, each product rounded once and added in fp32 (blocks of a few rows here), so the
+    sum over many chunks does not drift as a low-precision accumulator would."""
+    monkeypatch.setattr(_linear, "PRODUCT_BLOCK_BYTES", 3 * 8 * 2)  # 3 rows of an (., 8) product
+    v, h, rows, chunks = 10, 8, 16, 64
+    acc = torch.zeros(v, h)
+    parts = [(torch.randn(v, rows).to(dtype), torch.randn(rows, h).to(dtype)) for _ in range(chunks)]
+    for a, b in parts:
+        _linear._add_matmul_(acc, a, b)
+    exact = sum(a.double() @ b.double() for a, b in parts)
+    rounded_sum = torch.zeros(v, h, dtype=dtype)  # what a low-precision accumulator would hold
+    for a, b in parts:
+        rounded_sum += a @ b
+    error = (acc.double() - exact).abs().max()
+    assert error <= 4 * chunks**0.5 * torch.finfo(dtype).eps * exact.abs().max()
+    assert error < (rounded_sum.double() - exact).abs().max()
 
 
 def test_tied_embeddings_and_3d_input():
