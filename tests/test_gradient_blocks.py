@@ -155,6 +155,22 @@ def test_a_block_gradient_can_be_resized():
     assert u["kept_bytes"] == ROWS * c * 4 and u["kept_bytes"] + u["live_bytes"] <= u["peak_bytes"]
 
 
+def test_out_of_memory_gives_kept_blocks_back_and_keeps_the_books():
+    """A block the OS refuses: the kept blocks are freed and it is tried once more, then the
+    error comes through with the counts as they were."""
+    c = cols_for(MIN_BYTES)
+    y = torch.randint(0, c, (ROWS,))
+    grad = fused_grad(torch.randn(ROWS, 2 * c), y)
+    kept = fused_grad(torch.randn(ROWS, c), y)
+    del kept
+    before = usage()
+    assert before["kept_bytes"] == ROWS * c * 4
+    with pytest.raises(RuntimeError, match="memory"):
+        grad.resize_(1 << 30, 1 << 30)  # 4 EiB: more than any address space
+    after = usage()
+    assert after["kept_bytes"] == 0 and after["live_bytes"] == before["live_bytes"]
+
+
 def test_blocks_freed_on_other_threads_keep_the_books():
     """Autograd frees gradients on its own threads; the counts must come out exact."""
     base = usage()["live_bytes"]

@@ -62,10 +62,26 @@ class BlockAllocator final : public c10::Allocator {
       }
     }
     for (const Block& block : released) c10::free_cpu(block.data);  // unmapping outside the lock
-    return {wrap({map_block(bytes), bytes}), false};
+    return {wrap({fresh_block(bytes), bytes}), false};
   }
 
   c10::DataPtr allocate(size_t bytes) override { return take(bytes).first; }  // a resize
+
+  // A new block; out of memory, once more after giving every kept block back to the OS.
+  void* fresh_block(size_t bytes) {
+    try {
+      return map_block(bytes);
+    } catch (const c10::Error&) {
+      release();
+    }
+    try {
+      return map_block(bytes);
+    } catch (const c10::Error&) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      live_bytes_ -= bytes;
+      throw;
+    }
+  }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
