@@ -342,7 +342,8 @@ def _finish_grads(
         if key not in grads:
             out.append(_empty(input))
             continue
-        grad = grads[key] if scale is None else grads[key].mul_(scale.to(grads[key].dtype))  # in place: V x H
+        # In place (dW is V x H); the fp32 0-d scale is not rounded to a bf16/fp16 dX's dtype first.
+        grad = grads[key] if scale is None else grads[key].mul_(scale)
         out.append(grad.to(like.dtype))
     return out
 

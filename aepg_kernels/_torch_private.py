@@ -18,8 +18,10 @@ upgrade of torch should start by running the tests named below.
   `size_average`/`reduce` arguments, as torch.nn's own losses map them (modules.py).
 - `cpu_has_native_matmul(dtype)`: whether this CPU multiplies bf16/fp16 matrices natively (AMX
   tiles, AVX-512 BF16), where ATen's matmul in that dtype beats fp32; the fused LM head
-  (_linear.compute_dtype) then computes in the dtype. If a probe disappears, the import fails; a
-  wrong answer only changes speed, and tests/test_linear.py runs both choices.
+  (_linear.compute_dtype) then computes in the dtype. The probes run once, at import (a traced
+  call reads the answer, never calls them); if one disappears, the import fails. A wrong answer
+  changes speed and the rounding of the matmuls (bf16 products, as PyTorch's own composite, or
+  fp32 ones), never the op's contract: tests/test_linear.py runs both choices.
 """
 
 from __future__ import annotations
@@ -61,11 +63,14 @@ def legacy_reduction(size_average: Optional[bool], reduce: Optional[bool]) -> st
     return torch.nn._reduction.legacy_get_string(size_average, reduce)
 
 
+# Matrix instructions of this CPU for a low-precision dtype, which oneDNN's matmuls use.
+_NATIVE_MATMUL = {
+    torch.bfloat16: bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()),
+    torch.float16: bool(torch.cpu._is_amx_fp16_supported()),
+}
+
+
 def cpu_has_native_matmul(dtype: torch.dtype) -> bool:
     """True where this CPU has matrix instructions for `dtype` (bf16: AMX or AVX-512 BF16; fp16:
-    AMX-FP16), which oneDNN's bf16/fp16 matmuls use."""
-    if dtype == torch.bfloat16:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    if dtype == torch.float16:
-        return bool(torch.cpu._is_amx_fp16_supported())
-    return False
+    AMX-FP16)."""
+    return _NATIVE_MATMUL.get(dtype, False)

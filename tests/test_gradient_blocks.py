@@ -31,16 +31,18 @@ def cols_for(nbytes, dtype=torch.float32):
     return nbytes // (ROWS * itemsize(dtype))
 
 
-def fused_grad(x, y, **spec):
+def fused_grad(x, y, weight=None, **spec):
     """The forward's gradient tensor (a "mean" loss)."""
     call = LossSpec(**spec).pack()
-    _, _, grad, _ = torch.ops.aepg.native_forward(x, y, None, *call[:-1], call[-1] | Flag.WRITE_GRAD)
+    weight = None if weight is None else weight.to(torch.float32)
+    _, _, grad, _ = torch.ops.aepg.native_forward(x, y, weight, *call[:-1], call[-1] | Flag.WRITE_GRAD)
     return grad
 
 
-def reference_grad(x, y, **spec):
+def reference_grad(x, y, weight=None, **spec):
     leaf = x.double().requires_grad_(True)
-    ak.policy_loss(leaf, y, backend="eager", **spec).backward()
+    weight = None if weight is None else weight.double()
+    ak.policy_loss(leaf, y, backend="eager", weight=weight, **spec).backward()
     return leaf.grad
 
 
@@ -51,22 +53,39 @@ def no_kept_blocks():
     ak.empty_cache()
 
 
+# (rows, columns) of at least MIN_BYTES: long rows, one at a time, and rows of at most 256
+# classes, 16 a block; neither a whole number of vectors or blocks
+SHAPES = {
+    "long rows": lambda dtype: (ROWS, cols_for(MIN_BYTES, dtype) + 13),
+    "short rows": lambda dtype: (MIN_BYTES // (200 * itemsize(dtype)) + 17, 200),
+}
+SPECS = {
+    "aEPG + entropy": dict(ce_weight=0.3, epg_weight=0.7, entropy_weight=0.05),
+    "generic loops": dict(label_smoothing=0.1, focal_gamma=1.5, weighted=True),
+}
+
+
+@pytest.mark.parametrize("spec_name", SPECS)
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_freed_gradient_is_handed_out_again_with_the_right_values(dtype):
+def test_a_freed_gradient_is_handed_out_again_with_the_right_values(dtype, shape, spec_name):
     """The second call gets the first one's memory, which still holds its values; the streaming
     stores of a recycled fp32 block must overwrite every element (fresh pages are all zeros, so
-    only this test would see a missed one)."""
-    c = cols_for(MIN_BYTES, dtype) + 13  # a row length that is not a whole number of vectors
-    y = torch.randint(0, c, (ROWS,))
+    only this test would see a missed one). Row lengths that are not whole vectors, an ignored
+    row, the fast and the generic element loops."""
+    rows, c = SHAPES[shape](dtype)
+    spec = dict(SPECS[spec_name])
+    if spec.pop("weighted", False):
+        spec["weight"] = torch.rand(c) + 0.5
+    y = torch.randint(0, c, (rows,))
     y[5] = -100
-    spec = dict(ce_weight=0.3, epg_weight=0.7, entropy_weight=0.05)
-    first = fused_grad((10 * torch.randn(ROWS, c)).to(dtype), y, **spec)
+    first = fused_grad((10 * torch.randn(rows, c)).to(dtype), y, **spec)
     first.fill_(float("nan"))  # what a missed element would show
     pointer = first.data_ptr()
     del first
-    assert usage()["kept_bytes"] >= ROWS * c * itemsize(dtype)
+    assert usage()["kept_bytes"] >= MIN_BYTES
 
-    x = torch.randn(ROWS, c).to(dtype)
+    x = torch.randn(rows, c).to(dtype)
     again = fused_grad(x, y, **spec)
     assert again.data_ptr() == pointer
     assert usage()["kept_bytes"] == 0
@@ -169,6 +188,7 @@ def test_out_of_memory_gives_kept_blocks_back_and_keeps_the_books():
         grad.resize_(1 << 30, 1 << 30)  # 4 EiB: more than any address space
     after = usage()
     assert after["kept_bytes"] == 0 and after["live_bytes"] == before["live_bytes"]
+    assert after["peak_bytes"] == after["live_bytes"]  # the refused block is not counted in it
 
 
 def test_blocks_freed_on_other_threads_keep_the_books():

@@ -49,10 +49,10 @@ def empty_cache() -> int:
     bytes (0 without the extension).
 
     A CPU gradient of 8 MiB or more comes from blocks that stay mapped after it is freed, so that
-    the next call of the same size skips the OS's page faults and zeroing; the blocks kept never
-    raise the process's peak beyond the most gradient memory it had in use at once
-    (csrc/cpu/gradient_blocks.h). Like `torch.cuda.empty_cache()`, this frees nothing in use and
-    changes no result."""
+    the next gradient of the same shape and dtype skips the OS's page faults and zeroing. Kept
+    and live blocks together never exceed the most gradient memory that was in use at once, but
+    the kept ones stay mapped while other work runs, up to that much (csrc/cpu/gradient_blocks.h).
+    This frees nothing in use and changes no result."""
     return int(_C.release_gradient_blocks()) if has_cpu_kernels() else 0  # type: ignore[union-attr]
 
 

@@ -10,9 +10,13 @@
 
 #include <algorithm>
 #include <mutex>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
+#if defined(__unix__)
+#include <pthread.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -40,20 +44,35 @@ void* map_block(size_t bytes) {
 
 class BlockAllocator final : public c10::Allocator {
  public:
+  BlockAllocator() {
+#if defined(__unix__)
+    // A fork while another thread holds the lock would leave the child's copy locked: the forking
+    // thread takes it first, and both sides release it.
+    pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                   [] { instance().mutex_.unlock(); });
+#endif
+  }
+
+  // Never destroyed: a tensor freed while the process exits may still give its block back.
+  static BlockAllocator& instance() {
+    static BlockAllocator* const allocator = new BlockAllocator();
+    return *allocator;
+  }
+
   // A block of `bytes`, and whether it is a kept one.
   std::pair<c10::DataPtr, bool> take(size_t bytes) {
     std::vector<Block> released;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      live_bytes_ += bytes;
       // The most recently kept block of this size: the previous step's gradient.
       for (auto it = kept_.rbegin(); it != kept_.rend(); ++it) {
         if (it->bytes != bytes) continue;
         const Block block = *it;
         kept_.erase(std::next(it).base());
         kept_bytes_ -= bytes;
-        return {wrap(block), true};
+        return {lend(block), true};
       }
+      live_bytes_ += bytes;
       peak_bytes_ = std::max(peak_bytes_, live_bytes_);
       while (!kept_.empty() && kept_bytes_ + live_bytes_ > peak_bytes_) {  // the oldest go first
         released.push_back(kept_.front());
@@ -62,26 +81,13 @@ class BlockAllocator final : public c10::Allocator {
       }
     }
     for (const Block& block : released) c10::free_cpu(block.data);  // unmapping outside the lock
-    return {wrap({fresh_block(bytes), bytes}), false};
+    void* data = fresh_block(bytes);
+    std::lock_guard<std::mutex> lock(mutex_);
+    live_bytes_ -= bytes;  // counted again by lend
+    return {lend({data, bytes}), false};
   }
 
   c10::DataPtr allocate(size_t bytes) override { return take(bytes).first; }  // a resize
-
-  // A new block; out of memory, once more after giving every kept block back to the OS.
-  void* fresh_block(size_t bytes) {
-    try {
-      return map_block(bytes);
-    } catch (const c10::Error&) {
-      release();
-    }
-    try {
-      return map_block(bytes);
-    } catch (const c10::Error&) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      live_bytes_ -= bytes;
-      throw;
-    }
-  }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
@@ -104,35 +110,49 @@ class BlockAllocator final : public c10::Allocator {
   }
 
  private:
-  static void give_back(void* context);
-
-  c10::DataPtr wrap(const Block& block) {
-    return {block.data, new Block(block), &BlockAllocator::give_back, c10::Device(c10::DeviceType::CPU)};
+  // A new block, counted in live_bytes_ by the caller; out of memory, once more after giving
+  // every kept block back to the OS, and on a second failure the count is taken back.
+  void* fresh_block(size_t bytes) {
+    try {
+      return map_block(bytes);
+    } catch (const c10::Error&) {
+      release();
+    }
+    try {
+      return map_block(bytes);
+    } catch (const c10::Error&) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      live_bytes_ -= bytes;
+      peak_bytes_ = kept_bytes_ + live_bytes_;  // not the block that never was
+      throw;
+    }
   }
 
-  void keep(const Block& block) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    live_bytes_ -= block.bytes;
-    kept_bytes_ += block.bytes;
-    kept_.push_back(block);
+  // The block as a tensor's memory; the context is the data pointer itself, as for the default
+  // allocator (copy-on-write clones require it), and the size is looked up when it comes back.
+  c10::DataPtr lend(const Block& block) {  // under the lock
+    live_bytes_ += block.bytes;
+    lent_[block.data] = block.bytes;
+    return {block.data, block.data, &BlockAllocator::give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  static void give_back(void* data) {
+    BlockAllocator& self = instance();
+    std::lock_guard<std::mutex> lock(self.mutex_);
+    const auto it = self.lent_.find(data);
+    TORCH_INTERNAL_ASSERT_DEBUG_ONLY(it != self.lent_.end());
+    const Block block{data, it->second};
+    self.lent_.erase(it);
+    self.live_bytes_ -= block.bytes;
+    self.kept_bytes_ += block.bytes;
+    self.kept_.push_back(block);
   }
 
   std::mutex mutex_;
-  std::vector<Block> kept_;  // oldest first
+  std::vector<Block> kept_;                  // oldest first
+  std::unordered_map<void*, size_t> lent_;  // the bytes of each block in use
   size_t kept_bytes_ = 0, live_bytes_ = 0, peak_bytes_ = 0;
 };
-
-// Never destroyed: a tensor freed while the process exits may still give its block back.
-BlockAllocator& allocator() {
-  static BlockAllocator* const instance = new BlockAllocator();
-  return *instance;
-}
-
-void BlockAllocator::give_back(void* context) {
-  Block* block = static_cast<Block*>(context);
-  allocator().keep(*block);
-  delete block;
-}
 
 }  // namespace
 
@@ -140,17 +160,17 @@ Gradient empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const caffe2::TypeMeta dtype = options.dtype();
   const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(dtype.itemsize());
   if (bytes < kMinBlockBytes) return {at::detail::empty_cpu(sizes, options), false};
-  auto [data, recycled] = allocator().take(static_cast<size_t>(bytes));
+  auto [data, recycled] = BlockAllocator::instance().take(static_cast<size_t>(bytes));
   auto storage = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(), bytes, std::move(data),
-                                                       &allocator(), /*resizable=*/true);
+                                                       &BlockAllocator::instance(), /*resizable=*/true);
   at::Tensor tensor =
       at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype);
   tensor.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
   return {std::move(tensor), recycled};
 }
 
-int64_t release() { return allocator().release(); }
+int64_t release() { return BlockAllocator::instance().release(); }
 
-Usage usage() { return allocator().usage(); }
+Usage usage() { return BlockAllocator::instance().usage(); }
 
 }  // namespace aepg::cpu::gradient_blocks

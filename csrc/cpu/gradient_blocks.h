@@ -4,12 +4,14 @@
 // malloc maps it fresh from the OS and unmaps it when it is freed, so every call pays the first
 // touch of every page, which the OS zeroes: at 8192 x 32000 fp32 (1 GiB) that costs as much as the
 // kernel itself (docs/design.md section 6). Blocks of at least kMinBlockBytes come from here
-// instead: a freed block is kept and handed out again for a gradient of the same size, the next
-// step of a training loop, whose lines are then written with streaming stores.
+// instead: a freed block is kept and handed out again for a gradient of exactly its size (the
+// same shape and dtype: the next step of a training loop), whose lines are then written with
+// streaming stores.
 //
-// The blocks kept never raise the process's peak: kept plus live bytes stay at most the largest
-// live total seen (a block of another size first releases older kept blocks), as with the CUDA
-// caching allocator's reuse. release() gives every kept block back to the OS.
+// Kept plus live bytes stay at most the most gradient bytes that were ever live at once (a block
+// of another size first releases older kept blocks), so the blocks never raise the peak of the
+// gradients' own memory. They do stay mapped while other work runs (the optimizer step, an
+// evaluation), up to that peak: release() (ak.empty_cache()) gives every kept block back to the OS.
 #pragma once
 
 #include <ATen/core/Tensor.h>
