@@ -174,9 +174,9 @@ Tensor new_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
 // (csrc/cpu/gradient_blocks.h) and is written with streaming stores when that memory held an
 // earlier gradient: its lines are then not in cache, and streaming stores skip reading them for
 // ownership (the forward with gradient at 8192 x 32000 fp32, into a block in use before: 307 ->
-// 256 ms at one thread, 165 -> 133 ms at two, on the machine of benchmarks/README.md "CPU
-// kernel"). Fresh pages, which the OS has just zeroed, are in cache: there plain stores merge
-// with those lines.
+// 256 ms at one thread, 165 -> 133 ms at two, timed by hand on 2026-12-02 on the machine of
+// benchmarks/README.md "CPU kernel"). Fresh pages, which the OS has just zeroed, are in cache:
+// there plain stores merge with those lines.
 cpu::gradient_blocks::Gradient new_gradient(const Tensor& logits) {
   if (logits.is_cpu()) return cpu::gradient_blocks::empty(logits.sizes(), logits.options());
   return {at::empty(logits.sizes(), logits.options()), false};
